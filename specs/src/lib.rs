@@ -1,0 +1,90 @@
+//! Black-box acceptance harness: runs the built `tailor` and `stager-api` binaries as a
+//! platform would, and talks to them only over HTTP, the CLI and signals.
+//!
+//! The binaries are the ones cargo built next to this test executable (`target/<profile>/`);
+//! the README's test command builds them before running the suite.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// Path of a workspace binary built in the same profile as this test.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let path = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile> directory")
+        .join(name);
+    assert!(
+        path.is_file(),
+        "{} is not built; run `cargo build --workspace --bins` (the README's test command does)",
+        path.display()
+    );
+    path
+}
+
+/// A service binary we started; killed on drop if still running.
+pub struct Service {
+    pub child: Child,
+    /// `http://127.0.0.1:<port>`, from the service's start-up line.
+    pub base_url: String,
+}
+
+impl Service {
+    /// Spawns `command` and waits for its `... listening on http://...` line on stdout.
+    pub fn start(mut command: Command) -> Self {
+        command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .stdin(Stdio::null());
+        let mut child = command.spawn().expect("spawn the service");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(url) = line.split("listening on ").nth(1) {
+                    let _ = tx.send(url.trim().to_owned());
+                }
+            }
+        });
+        let base_url = rx
+            .recv_timeout(Duration::from_secs(120))
+            .expect("the service printed its listening address");
+        Self { child, base_url }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `signal` and waits for the process to exit; returns its exit code.
+    pub fn signal_and_wait(&mut self, signal: libc::c_int, timeout: Duration) -> Option<i32> {
+        // SAFETY: kill(2) on our own, unreaped child.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, signal);
+        }
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return Some(status.code().unwrap_or(-1));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "service {} did not exit within {timeout:?} of signal {signal}",
+            self.child.id()
+        );
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub use testkit::process::{alive, children_of};

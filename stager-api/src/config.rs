@@ -1,0 +1,113 @@
+//! stager-api's own settings on top of [`tailor::config::TailorSettings`].
+
+use std::net::SocketAddr;
+
+use tailor::config::{ConfigError, Secret, TailorSettings};
+
+/// Shortest API token accepted: anything shorter is guessable.
+pub const MIN_TOKEN_LEN: usize = 16;
+
+#[derive(Debug, Clone)]
+pub struct StagerSettings {
+    pub tailor: TailorSettings,
+    /// `STAGER_LISTEN`: address to listen on (port 0 picks a free one).
+    pub listen: SocketAddr,
+    /// `STAGER_API_TOKENS`: comma-separated bearer tokens callers must present.
+    pub api_tokens: Vec<Secret>,
+}
+
+impl StagerSettings {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let tailor = TailorSettings::from_lookup(&lookup)?;
+        let listen = parse_listen(lookup("STAGER_LISTEN").as_deref())?;
+        let api_tokens = parse_tokens(lookup("STAGER_API_TOKENS").as_deref())?;
+        Ok(Self {
+            tailor,
+            listen,
+            api_tokens,
+        })
+    }
+}
+
+/// `STAGER_LISTEN`, defaulting to loopback so nothing is exposed by accident.
+pub fn parse_listen(value: Option<&str>) -> Result<SocketAddr, ConfigError> {
+    let value = value
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .unwrap_or("127.0.0.1:8080");
+    value.parse().map_err(|_| ConfigError::Invalid {
+        setting: "STAGER_LISTEN",
+        problem: format!("{value:?} is not an IP:port address such as 0.0.0.0:8080"),
+    })
+}
+
+/// `STAGER_API_TOKENS`: at least one token, each at least [`MIN_TOKEN_LEN`] characters.
+pub fn parse_tokens(value: Option<&str>) -> Result<Vec<Secret>, ConfigError> {
+    let tokens: Vec<&str> = value
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .collect();
+    if tokens.is_empty() {
+        return Err(ConfigError::Missing {
+            setting: "STAGER_API_TOKENS",
+            hint: "a comma-separated list of bearer tokens, e.g. from `openssl rand -hex 32`",
+        });
+    }
+    if let Some(position) = tokens.iter().position(|t| t.len() < MIN_TOKEN_LEN) {
+        return Err(ConfigError::Invalid {
+            setting: "STAGER_API_TOKENS",
+            // Say which entry without printing it.
+            problem: format!(
+                "token #{} is shorter than {MIN_TOKEN_LEN} characters",
+                position + 1
+            ),
+        });
+    }
+    if let Some(bad) = tokens
+        .iter()
+        .position(|t| !t.chars().all(|c| c.is_ascii_graphic()))
+    {
+        return Err(ConfigError::Invalid {
+            setting: "STAGER_API_TOKENS",
+            problem: format!(
+                "token #{} contains characters that cannot travel in an HTTP header",
+                bad + 1
+            ),
+        });
+    }
+    Ok(tokens.into_iter().map(Secret::new).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_defaults_to_loopback() {
+        assert_eq!(parse_listen(None).unwrap().to_string(), "127.0.0.1:8080");
+        assert_eq!(
+            parse_listen(Some("nonsense")).unwrap_err().setting(),
+            "STAGER_LISTEN"
+        );
+    }
+
+    #[test]
+    fn tokens_are_required_long_and_never_echoed() {
+        assert_eq!(parse_tokens(None).unwrap_err().code(), "CONFIG_MISSING");
+        let err = parse_tokens(Some("0123456789abcdef, short-secret")).unwrap_err();
+        assert!(err.to_string().contains("#2"), "{err}");
+        assert!(!err.to_string().contains("short-secret"), "{err}");
+        assert_eq!(
+            parse_tokens(Some(" 0123456789abcdef ,fedcba9876543210"))
+                .unwrap()
+                .len(),
+            2
+        );
+    }
+}

@@ -1,0 +1,10 @@
+//! stager-api: the HTTP face of tailor.
+//!
+//! Transport only: routes parse requests into domain types from the `tailor` library, call it,
+//! and render JSON. Every error leaves as `{code, message}` (see [`error`]).
+
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod routes;
+pub mod startup;

@@ -1,0 +1,121 @@
+//! The `stager-api` binary: configuration in, HTTP server out.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use stager_api::config::{StagerSettings, parse_listen};
+use stager_api::startup::Application;
+use tailor::config::{Secret, TailorSettings};
+use tailor::embedded::{EmbeddedPostgres, EmbeddedRegistry, RegistryOptions};
+
+#[derive(Parser)]
+#[command(
+    name = "stager-api",
+    version,
+    about = "HTTP face of tailor: staging requests in, pinned images out"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve with configuration from the environment (the default).
+    Serve,
+    /// Single-node default: starts an ephemeral PostgreSQL and a local internal registry, then
+    /// serves. Ctrl-C stops and deletes everything it started.
+    Embedded {
+        /// Address to listen on.
+        #[arg(long, env = "STAGER_LISTEN", default_value = "127.0.0.1:8080")]
+        listen: String,
+        /// Registry that references without a host refer to.
+        #[arg(long, env = "TAILOR_DEFAULT_REGISTRY", default_value = "docker.io")]
+        default_registry: String,
+    },
+    /// Validate the configuration in the environment and exit (0 when valid).
+    CheckConfig,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tailor::tls::install_crypto_provider();
+    tailor::telemetry::init();
+    match Cli::parse().command.unwrap_or(Command::Serve) {
+        Command::Serve => {
+            let settings = StagerSettings::from_env().map_err(config_error)?;
+            serve(settings).await
+        }
+        Command::Embedded {
+            listen,
+            default_registry,
+        } => embedded(&listen, default_registry).await,
+        Command::CheckConfig => {
+            StagerSettings::from_env().map_err(config_error)?;
+            println!("configuration is valid");
+            Ok(())
+        }
+    }
+}
+
+fn config_error(error: tailor::config::ConfigError) -> anyhow::Error {
+    anyhow::anyhow!("{} ({})", error, error.code())
+}
+
+async fn serve(settings: StagerSettings) -> anyhow::Result<()> {
+    let db = tailor::db::connect(settings.tailor.database_url.expose(), 20)
+        .await
+        .context("connecting to DATABASE_URL")?;
+    tailor::db::migrate(&db)
+        .await
+        .context("running database migrations")?;
+    let app = Application::build(&settings, db)
+        .with_context(|| format!("binding STAGER_LISTEN={}", settings.listen))?;
+    // One line on stdout, for scripts and tests that start us on port 0; logs go to stderr.
+    println!("stager-api listening on http://{}", app.addr());
+    tracing::info!(addr = %app.addr(), "stager-api listening");
+    app.run_until_stopped().await?;
+    tracing::info!("stager-api stopped");
+    Ok(())
+}
+
+async fn embedded(listen: &str, default_registry: String) -> anyhow::Result<()> {
+    let listen = parse_listen(Some(listen)).map_err(config_error)?;
+    // Started on this (the main) thread: the children's parent-death signal follows it.
+    let postgres = EmbeddedPostgres::start().context("starting the embedded PostgreSQL")?;
+    let registry = EmbeddedRegistry::start(RegistryOptions::default())
+        .context("starting the embedded registry")?;
+    let token = match std::env::var("STAGER_API_TOKENS") {
+        Ok(tokens) if !tokens.trim().is_empty() => None,
+        _ => Some(uuid::Uuid::new_v4().simple().to_string()),
+    };
+    let api_tokens = match &token {
+        Some(token) => vec![Secret::new(token.clone())],
+        None => {
+            stager_api::config::parse_tokens(std::env::var("STAGER_API_TOKENS").ok().as_deref())
+                .map_err(config_error)?
+        }
+    };
+    let settings = StagerSettings {
+        tailor: TailorSettings {
+            database_url: Secret::new(postgres.url("postgres")),
+            internal_registry: registry.host(),
+            internal_registry_credentials: None,
+            insecure_registries: vec![registry.host()],
+            repo_prefix: "tailor".into(),
+            default_registry,
+        },
+        listen,
+        api_tokens,
+    };
+    eprintln!("embedded PostgreSQL:        {}", postgres.url("postgres"));
+    eprintln!("embedded internal registry: {}", registry.base_url());
+    if let Some(token) = &token {
+        eprintln!("API token (generated for this run): {token}");
+    }
+    eprintln!("Ctrl-C stops everything and deletes its data.");
+    let result = serve(settings).await;
+    // Explicit order: registry, then database; both delete their temporary directories.
+    drop(registry);
+    drop(postgres);
+    result
+}

@@ -1,0 +1,83 @@
+//! Building and running the HTTP server (zero2prod's `Application`): bind first, so a caller
+//! asking for port 0 learns the real port before the server runs.
+
+use std::net::{SocketAddr, TcpListener};
+
+use actix_web::dev::Server;
+use actix_web::{App, HttpServer, web};
+use sqlx::PgPool;
+use tailor::config::TailorSettings;
+
+use crate::auth::ApiTokens;
+use crate::config::StagerSettings;
+
+/// Shared, read-only state handed to every handler.
+pub struct AppState {
+    pub db: PgPool,
+    pub http: reqwest::Client,
+    /// `http(s)://host:port` of the internal registry.
+    pub internal_registry_url: String,
+    pub tailor: TailorSettings,
+}
+
+/// A bound, not yet running server.
+pub struct Application {
+    addr: SocketAddr,
+    server: Server,
+}
+
+impl Application {
+    /// Binds the listener and prepares the server on an already migrated database.
+    pub fn build(settings: &StagerSettings, db: PgPool) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(settings.listen)?;
+        let addr = listener.local_addr()?;
+        let scheme = if settings
+            .tailor
+            .insecure_registries
+            .iter()
+            .any(|r| r == &settings.tailor.internal_registry)
+        {
+            "http"
+        } else {
+            "https"
+        };
+        let state = web::Data::new(AppState {
+            db,
+            http: reqwest::Client::builder()
+                .user_agent(concat!("tailor-stager-api/", env!("CARGO_PKG_VERSION")))
+                .build()
+                .map_err(std::io::Error::other)?,
+            internal_registry_url: format!("{scheme}://{}", settings.tailor.internal_registry),
+            tailor: settings.tailor.clone(),
+        });
+        let tokens = web::Data::new(ApiTokens::new(
+            settings.api_tokens.iter().map(|t| t.expose()),
+        ));
+        let server = HttpServer::new(move || {
+            App::new()
+                .wrap(tracing_actix())
+                .app_data(state.clone())
+                .app_data(tokens.clone())
+                .configure(crate::routes::configure)
+                .default_service(web::to(crate::routes::not_found))
+        })
+        .listen(listener)?
+        .run();
+        Ok(Self { addr, server })
+    }
+
+    /// The address actually bound (the real port when 0 was asked for).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Serves until SIGINT/SIGTERM, then drains in-flight requests.
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        self.server.await
+    }
+}
+
+fn tracing_actix() -> actix_web::middleware::Logger {
+    // The access log; it never includes headers, so tokens stay out of it.
+    actix_web::middleware::Logger::new("%a \"%r\" %s %b %Dms")
+}

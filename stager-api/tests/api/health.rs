@@ -1,0 +1,88 @@
+use crate::helpers::{TOKEN, spawn_app};
+
+#[tokio::test]
+async fn ping_answers_without_a_token() {
+    let app = spawn_app().await;
+    let response = app.get("/_ping").send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["status"], "ok");
+}
+
+#[tokio::test]
+async fn status_needs_a_valid_bearer_token() {
+    let app = spawn_app().await;
+    for request in [
+        app.get("/_status"),
+        app.get("/_status").bearer_auth("wrong-token-0123456789"),
+        app.get("/_status").basic_auth("user", Some(TOKEN)),
+    ] {
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), 401);
+        assert!(response.headers().contains_key("www-authenticate"));
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(body["code"], "UNAUTHORIZED", "{body}");
+        assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+}
+
+#[tokio::test]
+async fn status_reports_healthy_postgres_and_registry() {
+    let app = spawn_app().await;
+    let response = app.get_authed("/_status").send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["database"]["status"], "ok", "{body}");
+    assert_eq!(body["internal_registry"]["status"], "ok", "{body}");
+}
+
+#[tokio::test]
+async fn status_is_503_with_retry_after_when_the_registry_is_down() {
+    let mut app = spawn_app().await;
+    drop(app.internal_registry.take());
+    let response = app.get_authed("/_status").send().await.unwrap();
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["retry-after"], "5");
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["status"], "unavailable");
+    assert_eq!(body["database"]["status"], "ok");
+    assert_eq!(body["internal_registry"]["status"], "unavailable", "{body}");
+}
+
+#[tokio::test]
+async fn unknown_routes_get_a_json_404() {
+    let app = spawn_app().await;
+    let response = app.get_authed("/no/such/thing").send().await.unwrap();
+    assert_eq!(response.status(), 404);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["code"], "NOT_FOUND");
+    assert!(body["message"].as_str().unwrap().contains("/no/such/thing"));
+}
+
+#[tokio::test]
+async fn served_openapi_equals_the_contract_file() {
+    let app = spawn_app().await;
+    let response = app.get_authed("/openapi.json").send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let served: serde_json::Value = response.json().await.unwrap();
+    let file = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../specs/openapi.yaml"
+    ))
+    .unwrap();
+    let contract: serde_json::Value = serde_yaml::from_str(&file).unwrap();
+    assert_eq!(served, contract);
+}
+
+#[tokio::test]
+async fn every_documented_get_without_parameters_is_routed() {
+    let app = spawn_app().await;
+    let contract = stager_api::routes::openapi_document();
+    for (path, item) in contract["paths"].as_object().unwrap() {
+        if path.contains('{') || item.get("get").is_none() {
+            continue;
+        }
+        let status = app.get_authed(path).send().await.unwrap().status();
+        assert_ne!(status, 404, "{path} is documented but not routed");
+    }
+}

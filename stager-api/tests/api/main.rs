@@ -1,0 +1,5 @@
+//! stager-api's integration tests: the app in-process, against a real PostgreSQL database of
+//! its own and a real internal registry.
+
+mod health;
+mod helpers;

@@ -1,0 +1,313 @@
+//! Settings shared by the `tailor` and `stager-api` binaries, read from the environment.
+//!
+//! Parsing happens once at start-up: a bad or missing value stops the process with a message
+//! naming the variable. Secrets (passwords, keys) are held in [`Secret`] so they never appear in
+//! `Debug` output or logs.
+
+use std::fmt;
+
+/// A value that must not be printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself, for the one place that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// A configuration problem, naming the setting at fault.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("{setting} is required: {hint}")]
+    Missing {
+        setting: &'static str,
+        hint: &'static str,
+    },
+    #[error("{setting} is invalid: {problem}")]
+    Invalid {
+        setting: &'static str,
+        problem: String,
+    },
+}
+
+impl ConfigError {
+    /// A stable, machine-readable code for this error.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Missing { .. } => "CONFIG_MISSING",
+            Self::Invalid { .. } => "CONFIG_INVALID",
+        }
+    }
+
+    /// The environment variable this error is about.
+    pub fn setting(&self) -> &'static str {
+        match self {
+            Self::Missing { setting, .. } | Self::Invalid { setting, .. } => setting,
+        }
+    }
+}
+
+/// Settings every tailor process needs: where the queue lives and where images go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TailorSettings {
+    /// `DATABASE_URL`: the PostgreSQL database holding stagings, the queue and the blob index.
+    pub database_url: Secret,
+    /// `TAILOR_INTERNAL_REGISTRY`: host:port of the internal registry images are copied into.
+    pub internal_registry: String,
+    /// `TAILOR_INTERNAL_REGISTRY_USER` / `_PASSWORD`: basic credentials for it, if it needs them.
+    pub internal_registry_credentials: Option<(String, Secret)>,
+    /// `TAILOR_INSECURE_REGISTRIES`: host:port entries spoken to over plain HTTP.
+    pub insecure_registries: Vec<String>,
+    /// `TAILOR_REPO_PREFIX`: repository path under which every app's images land.
+    pub repo_prefix: String,
+    /// `TAILOR_DEFAULT_REGISTRY`: the registry a reference without a host means.
+    pub default_registry: String,
+}
+
+impl TailorSettings {
+    /// Reads the settings from the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Reads the settings through `lookup`, so tests need not touch the real environment.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let get = |name: &str| {
+            lookup(name)
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+        };
+
+        let database_url = get("DATABASE_URL").ok_or(ConfigError::Missing {
+            setting: "DATABASE_URL",
+            hint: "a PostgreSQL URL such as postgres://tailor@db.internal:5432/tailor",
+        })?;
+        if !(database_url.starts_with("postgres://") || database_url.starts_with("postgresql://")) {
+            return Err(ConfigError::Invalid {
+                setting: "DATABASE_URL",
+                problem: "must start with postgres:// or postgresql://".into(),
+            });
+        }
+
+        let internal_registry = get("TAILOR_INTERNAL_REGISTRY").ok_or(ConfigError::Missing {
+            setting: "TAILOR_INTERNAL_REGISTRY",
+            hint: "the internal registry as host:port, e.g. registry.internal:5000",
+        })?;
+        parse_host_port("TAILOR_INTERNAL_REGISTRY", &internal_registry)?;
+
+        let internal_registry_credentials = match (
+            get("TAILOR_INTERNAL_REGISTRY_USER"),
+            get("TAILOR_INTERNAL_REGISTRY_PASSWORD"),
+        ) {
+            (None, None) => None,
+            (Some(user), Some(password)) => Some((user, Secret::new(password))),
+            (Some(_), None) => {
+                return Err(ConfigError::Missing {
+                    setting: "TAILOR_INTERNAL_REGISTRY_PASSWORD",
+                    hint: "set together with TAILOR_INTERNAL_REGISTRY_USER",
+                });
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::Missing {
+                    setting: "TAILOR_INTERNAL_REGISTRY_USER",
+                    hint: "set together with TAILOR_INTERNAL_REGISTRY_PASSWORD",
+                });
+            }
+        };
+
+        let insecure_registries = get("TAILOR_INSECURE_REGISTRIES")
+            .map(|list| {
+                list.split(',')
+                    .map(str::trim)
+                    .filter(|entry| !entry.is_empty())
+                    .map(|entry| {
+                        parse_host_port("TAILOR_INSECURE_REGISTRIES", entry)?;
+                        Ok(entry.to_owned())
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .transpose()?
+            .unwrap_or_default();
+
+        let repo_prefix = get("TAILOR_REPO_PREFIX").unwrap_or_else(|| "tailor".to_owned());
+        validate_repo_prefix(&repo_prefix)?;
+
+        let default_registry =
+            get("TAILOR_DEFAULT_REGISTRY").unwrap_or_else(|| "docker.io".to_owned());
+        if default_registry.contains('/') || default_registry.contains("://") {
+            return Err(ConfigError::Invalid {
+                setting: "TAILOR_DEFAULT_REGISTRY",
+                problem: format!(
+                    "{default_registry:?} must be a host or host:port, without scheme or path"
+                ),
+            });
+        }
+
+        Ok(Self {
+            database_url: Secret::new(database_url),
+            internal_registry,
+            internal_registry_credentials,
+            insecure_registries,
+            repo_prefix,
+            default_registry,
+        })
+    }
+}
+
+/// Checks `host:port` (or a bare host) and returns the port if one is given.
+pub fn parse_host_port(setting: &'static str, value: &str) -> Result<Option<u16>, ConfigError> {
+    let invalid = |problem: String| ConfigError::Invalid { setting, problem };
+    if value.contains("://") || value.contains('/') {
+        return Err(invalid(format!(
+            "{value:?} must be host:port, without scheme or path"
+        )));
+    }
+    let (host, port) = match value.rsplit_once(':') {
+        Some((host, port)) => {
+            let port: u16 = port
+                .parse()
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| invalid(format!("{value:?} has an invalid port {port:?}")))?;
+            (host, Some(port))
+        }
+        None => (value, None),
+    };
+    let host_ok = !host.is_empty()
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '[' | ']' | ':'));
+    if !host_ok {
+        return Err(invalid(format!("{value:?} has an invalid host {host:?}")));
+    }
+    Ok(port)
+}
+
+fn validate_repo_prefix(prefix: &str) -> Result<(), ConfigError> {
+    // The OCI distribution spec's path component grammar: [a-z0-9]+ with ., _, __, - between.
+    let component_ok = |c: &str| {
+        !c.is_empty()
+            && c.chars().all(|ch| {
+                ch.is_ascii_lowercase() || ch.is_ascii_digit() || matches!(ch, '.' | '_' | '-')
+            })
+            && c.starts_with(|ch: char| ch.is_ascii_alphanumeric())
+            && c.ends_with(|ch: char| ch.is_ascii_alphanumeric())
+    };
+    if prefix.split('/').all(component_ok) {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid {
+            setting: "TAILOR_REPO_PREFIX",
+            problem: format!(
+                "{prefix:?} must be lowercase repository path components ([a-z0-9] with . _ - inside), separated by /"
+            ),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn settings(pairs: &[(&str, &str)]) -> Result<TailorSettings, ConfigError> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        TailorSettings::from_lookup(|name| map.get(name).cloned())
+    }
+
+    const BASE: [(&str, &str); 2] = [
+        ("DATABASE_URL", "postgres://u:p@127.0.0.1:5432/db"),
+        ("TAILOR_INTERNAL_REGISTRY", "127.0.0.1:5000"),
+    ];
+
+    #[test]
+    fn defaults_apply_when_only_required_settings_are_given() {
+        let s = settings(&BASE).unwrap();
+        assert_eq!(s.repo_prefix, "tailor");
+        assert_eq!(s.default_registry, "docker.io");
+        assert!(s.insecure_registries.is_empty());
+        assert_eq!(s.internal_registry_credentials, None);
+    }
+
+    #[test]
+    fn missing_database_url_names_the_setting() {
+        let err = settings(&BASE[1..]).unwrap_err();
+        assert_eq!(err.setting(), "DATABASE_URL");
+        assert_eq!(err.code(), "CONFIG_MISSING");
+    }
+
+    #[test]
+    fn insecure_registries_are_split_and_validated() {
+        let mut pairs = BASE.to_vec();
+        pairs.push((
+            "TAILOR_INSECURE_REGISTRIES",
+            " 127.0.0.1:5000, localhost:5001 ,",
+        ));
+        assert_eq!(
+            settings(&pairs).unwrap().insecure_registries,
+            ["127.0.0.1:5000", "localhost:5001"]
+        );
+
+        pairs.pop();
+        pairs.push(("TAILOR_INSECURE_REGISTRIES", "http://127.0.0.1:5000"));
+        let err = settings(&pairs).unwrap_err();
+        assert_eq!(err.setting(), "TAILOR_INSECURE_REGISTRIES");
+    }
+
+    #[test]
+    fn a_user_without_a_password_is_refused() {
+        let mut pairs = BASE.to_vec();
+        pairs.push(("TAILOR_INTERNAL_REGISTRY_USER", "tailor"));
+        assert_eq!(
+            settings(&pairs).unwrap_err().setting(),
+            "TAILOR_INTERNAL_REGISTRY_PASSWORD"
+        );
+    }
+
+    #[test]
+    fn bad_ports_and_prefixes_are_refused() {
+        for (setting, value) in [
+            ("TAILOR_INTERNAL_REGISTRY", "127.0.0.1:99999"),
+            ("TAILOR_INTERNAL_REGISTRY", "127.0.0.1:0"),
+            ("TAILOR_REPO_PREFIX", "Upper/case"),
+            ("TAILOR_REPO_PREFIX", "trailing/"),
+        ] {
+            let mut pairs: Vec<_> = BASE
+                .iter()
+                .copied()
+                .filter(|(k, _)| *k != setting)
+                .collect();
+            pairs.push((setting, value));
+            assert_eq!(
+                settings(&pairs).unwrap_err().setting(),
+                setting,
+                "{setting}={value}"
+            );
+        }
+    }
+
+    #[test]
+    fn secrets_do_not_leak_through_debug() {
+        let mut pairs = BASE.to_vec();
+        pairs.push(("TAILOR_INTERNAL_REGISTRY_USER", "tailor"));
+        pairs.push(("TAILOR_INTERNAL_REGISTRY_PASSWORD", "hunter2"));
+        let debug = format!("{:?}", settings(&pairs).unwrap());
+        assert!(!debug.contains("hunter2"), "{debug}");
+        assert!(!debug.contains("u:p@"), "{debug}");
+    }
+}

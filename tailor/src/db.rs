@@ -1,0 +1,63 @@
+//! The database: connection pool and the embedded migrations from `migrations/`.
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+
+/// Every migration in `migrations/`, compiled into the binary.
+pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
+
+/// Why the database could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("DATABASE_URL is not a valid PostgreSQL URL: {0}")]
+    InvalidUrl(String),
+    #[error("cannot reach PostgreSQL: {0}")]
+    Unreachable(#[source] sqlx::Error),
+    #[error("database migration failed: {0}")]
+    Migration(#[from] sqlx::migrate::MigrateError),
+    #[error("database error: {0}")]
+    Query(#[from] sqlx::Error),
+}
+
+impl DbError {
+    /// A stable, machine-readable code for this error.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::InvalidUrl(_) => "CONFIG_INVALID",
+            Self::Unreachable(_) => "DATABASE_UNAVAILABLE",
+            Self::Migration(_) => "MIGRATION_FAILED",
+            Self::Query(_) => "DATABASE_ERROR",
+        }
+    }
+}
+
+/// Opens a pool. The URL's password is never echoed back in errors.
+pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, DbError> {
+    let options: PgConnectOptions = url
+        .parse()
+        .map_err(|e: sqlx::Error| DbError::InvalidUrl(redact_url_error(&e)))?;
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_with(options)
+        .await
+        .map_err(DbError::Unreachable)
+}
+
+/// Applies every pending migration. Safe to run concurrently from several processes:
+/// sqlx serialises them with an advisory lock.
+pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
+    MIGRATOR.run(pool).await?;
+    Ok(())
+}
+
+fn redact_url_error(error: &sqlx::Error) -> String {
+    // sqlx's parse errors describe the problem without repeating the URL; keep only the kind.
+    match error {
+        sqlx::Error::Configuration(inner) => inner.to_string(),
+        _ => "unparseable URL".to_owned(),
+    }
+}

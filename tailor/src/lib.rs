@@ -1,0 +1,11 @@
+//! tailor: stages container images from upstream registries into an internal OCI registry.
+//!
+//! The library holds everything the `tailor` and `stager-api` binaries share: configuration,
+//! the database (migrations and, later, the staging queue), and the embedded components the
+//! single-node default and the tests run on. See `docs/ARCHITECTURE.md` for the map.
+
+pub mod config;
+pub mod db;
+pub mod embedded;
+pub mod telemetry;
+pub mod tls;

@@ -1,0 +1,43 @@
+//! Test support shared by every test suite: real components, real images.
+//!
+//! - [`db`]: one fresh PostgreSQL database per test, cloned from a migrated template on a shared
+//!   ephemeral server (crates.io's approach), so tests run in parallel without collisions.
+//! - [`registry`]: CNCF distribution registries on loopback, anonymous, htpasswd or bearer-token
+//!   (with the small token issuer in [`token_issuer`]), plus their access logs.
+//! - [`image`]: synthetic but valid images (gzip'ed tar layers whose diff_ids match the config;
+//!   Docker schema2, OCI, manifest lists and indexes), deterministic from seeds, streamed from
+//!   disk when large, and pushed with plain HTTP calls independent of tailor's own client.
+//! - [`skopeo`]: skopeo as an independent client to check what is in a registry.
+//!
+//! Nothing is assumed to be running: every component is started here and stopped on drop.
+
+pub mod access_log;
+pub mod db;
+pub mod image;
+pub mod process;
+pub mod push;
+pub mod registry;
+pub mod skopeo;
+pub mod token_issuer;
+
+pub use db::TestDatabase;
+pub use image::{
+    BuiltImage, BuiltIndex, ImageSpec, IndexSpec, LayerSpec, ManifestFormat, Platform,
+};
+pub use push::{PushAuth, push_image, push_index};
+pub use registry::TestRegistry;
+
+/// Process-wide set-up every test helper calls first: a TLS provider and test logging.
+pub fn init() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        tailor::tls::install_crypto_provider();
+        tailor::telemetry::init();
+    });
+}
+
+/// `sha256:<hex>` of `bytes`.
+pub fn sha256_digest(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)))
+}

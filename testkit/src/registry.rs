@@ -1,0 +1,146 @@
+//! Registries for tests: the upstream "Hub" and the internal registry, in every auth mode.
+
+use std::path::PathBuf;
+
+use tailor::embedded::{EmbeddedRegistry, RegistryAuth, RegistryOptions};
+
+use crate::access_log::{self, AccessLogEntry};
+use crate::push::PushAuth;
+use crate::token_issuer::{ISSUER, IssuerPolicy, SERVICE, TokenIssuer};
+
+/// A distribution registry started for one test; stopped and deleted on drop.
+pub struct TestRegistry {
+    // Declared first so the registry stops before the issuer it depends on.
+    registry: EmbeddedRegistry,
+    credentials: Option<(String, String)>,
+    issuer: Option<TokenIssuer>,
+    _htpasswd_dir: Option<tempfile::TempDir>,
+}
+
+impl TestRegistry {
+    /// Anyone may push and pull.
+    pub fn anonymous() -> Self {
+        crate::init();
+        Self {
+            registry: EmbeddedRegistry::start(RegistryOptions::default())
+                .expect("start a registry"),
+            credentials: None,
+            issuer: None,
+            _htpasswd_dir: None,
+        }
+    }
+
+    /// HTTP basic auth with one user.
+    pub fn htpasswd(username: &str, password: &str) -> Self {
+        crate::init();
+        let dir = tempfile::tempdir().expect("htpasswd directory");
+        let htpasswd_file = dir.path().join("htpasswd");
+        let hash = bcrypt::hash(password, 4).expect("bcrypt");
+        std::fs::write(&htpasswd_file, format!("{username}:{hash}\n")).expect("write htpasswd");
+        let registry = EmbeddedRegistry::start(RegistryOptions {
+            auth: RegistryAuth::Htpasswd { htpasswd_file },
+            ..Default::default()
+        })
+        .expect("start an htpasswd registry");
+        Self {
+            registry,
+            credentials: Some((username.into(), password.into())),
+            issuer: None,
+            _htpasswd_dir: Some(dir),
+        }
+    }
+
+    /// Bearer tokens from a [`TokenIssuer`], through the real 401 challenge flow.
+    pub fn token(policy: IssuerPolicy) -> Self {
+        crate::init();
+        let issuer = TokenIssuer::start(policy.clone());
+        let registry = EmbeddedRegistry::start(RegistryOptions {
+            auth: RegistryAuth::Token {
+                realm: issuer.realm(),
+                service: SERVICE.into(),
+                issuer: ISSUER.into(),
+                root_cert_bundle: issuer.root_cert_bundle().to_owned(),
+            },
+            ..Default::default()
+        })
+        .expect("start a token-auth registry");
+        Self {
+            registry,
+            credentials: Some((policy.username, policy.password)),
+            issuer: Some(issuer),
+            _htpasswd_dir: None,
+        }
+    }
+
+    /// A token registry with user `tailor` / `s3cret-pass` and no anonymous access.
+    pub fn token_default() -> Self {
+        Self::token(IssuerPolicy {
+            username: "tailor".into(),
+            password: "s3cret-pass".into(),
+            anonymous_pull: false,
+            expires_in: 300,
+        })
+    }
+
+    /// `127.0.0.1:<port>`.
+    pub fn host(&self) -> String {
+        self.registry.host()
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn base_url(&self) -> String {
+        self.registry.base_url()
+    }
+
+    /// The user and password, when the registry needs them.
+    pub fn credentials(&self) -> Option<(&str, &str)> {
+        self.credentials
+            .as_ref()
+            .map(|(u, p)| (u.as_str(), p.as_str()))
+    }
+
+    pub fn issuer(&self) -> Option<&TokenIssuer> {
+        self.issuer.as_ref()
+    }
+
+    /// How test set-up authenticates its pushes to `repository`.
+    pub fn push_auth(&self, repository: &str) -> PushAuth {
+        match (&self.issuer, &self.credentials) {
+            (Some(issuer), _) => {
+                PushAuth::Bearer(issuer.mint(repository, &["pull", "push", "delete"]))
+            }
+            (None, Some((u, p))) => PushAuth::Basic(u.clone(), p.clone()),
+            (None, None) => PushAuth::Anonymous,
+        }
+    }
+
+    pub fn embedded(&self) -> &EmbeddedRegistry {
+        &self.registry
+    }
+
+    /// Every request served so far.
+    pub fn access_log(&self) -> Vec<AccessLogEntry> {
+        access_log::read(self.registry.access_log_path())
+    }
+
+    /// Bytes of blob content served so far, as the registry itself counted them.
+    pub fn blob_bytes_served(&self) -> u64 {
+        self.access_log()
+            .iter()
+            .filter(|e| e.is_blob_get())
+            .map(|e| e.bytes)
+            .sum()
+    }
+
+    /// Where the registry keeps the blob `digest` on disk (tests corrupt it to simulate
+    /// a registry serving bad data).
+    pub fn blob_data_path(&self, digest: &str) -> PathBuf {
+        let hex = digest.strip_prefix("sha256:").expect("a sha256 digest");
+        self.registry
+            .storage_dir()
+            .join("docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data")
+    }
+}

@@ -1,0 +1,74 @@
+//! skopeo as an independent client: what it reads from a registry is the ground truth.
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// A permissive signature policy, so skopeo needs no system-wide `/etc/containers/policy.json`.
+fn policy_path() -> &'static Path {
+    static POLICY: OnceLock<tempfile::TempPath> = OnceLock::new();
+    POLICY.get_or_init(|| {
+        let file = tempfile::NamedTempFile::new().expect("policy file");
+        std::fs::write(
+            file.path(),
+            r#"{"default":[{"type":"insecureAcceptAnything"}]}"#,
+        )
+        .expect("write policy");
+        file.into_temp_path()
+    })
+}
+
+fn skopeo() -> Command {
+    let mut command = Command::new("skopeo");
+    command.arg("--policy").arg(policy_path());
+    command
+}
+
+fn run(mut command: Command) -> Result<Vec<u8>, String> {
+    let output = command
+        .output()
+        .map_err(|e| format!("cannot run skopeo (is it installed?): {e}"))?;
+    if output.status.success() {
+        Ok(output.stdout)
+    } else {
+        Err(String::from_utf8_lossy(&output.stderr).into_owned())
+    }
+}
+
+/// The manifest bytes skopeo reads for `image` (`host:port/repo:tag` or `@digest`), over plain HTTP.
+pub fn inspect_raw(image: &str, credentials: Option<(&str, &str)>) -> Result<Vec<u8>, String> {
+    let mut command = skopeo();
+    command.args(["inspect", "--raw", "--tls-verify=false"]);
+    if let Some((user, password)) = credentials {
+        command.arg("--creds").arg(format!("{user}:{password}"));
+    }
+    command.arg(format!("docker://{image}"));
+    run(command)
+}
+
+/// The digest of the manifest skopeo reads for `image`.
+pub fn digest(image: &str, credentials: Option<(&str, &str)>) -> Result<String, String> {
+    inspect_raw(image, credentials).map(|raw| crate::sha256_digest(&raw))
+}
+
+/// Copies `image` into an OCI layout at `dir` (skopeo verifies every blob's digest on the way).
+/// With `all_platforms`, every child of an index; otherwise the host's platform.
+pub fn copy_to_oci_layout(
+    image: &str,
+    credentials: Option<(&str, &str)>,
+    dir: &Path,
+    all_platforms: bool,
+) -> Result<(), String> {
+    let mut command = skopeo();
+    command.args(["copy", "--quiet", "--src-tls-verify=false"]);
+    if all_platforms {
+        command.arg("--all");
+    }
+    if let Some((user, password)) = credentials {
+        command.arg("--src-creds").arg(format!("{user}:{password}"));
+    }
+    command
+        .arg(format!("docker://{image}"))
+        .arg(format!("oci:{}:copied", dir.display()));
+    run(command).map(|_| ())
+}
