@@ -1,11 +1,19 @@
 //! tailor: stages container images from upstream registries into an internal OCI registry.
 //!
 //! The library holds everything the `tailor` and `stager-api` binaries share: configuration,
-//! the database (migrations and, later, the staging queue), and the embedded components the
-//! single-node default and the tests run on. See `docs/ARCHITECTURE.md` for the map.
+//! the database (migrations and, later, the staging queue), the copy engine (`copy`, on top of
+//! `reference`, `manifest` and `registry`), and the embedded components the single-node default
+//! and the tests run on. See `docs/ARCHITECTURE.md` for the map.
 
 pub mod config;
+pub mod copy;
 pub mod db;
+pub mod digest;
 pub mod embedded;
+pub mod error;
+pub mod manifest;
+pub mod platform;
+pub mod reference;
+pub mod registry;
 pub mod telemetry;
 pub mod tls;

@@ -1,4 +1,6 @@
-//! The `tailor` binary: database migrations now; copy, work and prune as they land.
+//! The `tailor` binary: `copy` an image, `migrate` the database; `work` and `prune` as they land.
+
+mod cli;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -16,6 +18,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Copy an image between registries: only missing blobs, verified, pinned by digest.
+    Copy(cli::copy::CopyArgs),
     /// Apply pending database migrations to DATABASE_URL and exit.
     Migrate {
         #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
@@ -28,6 +32,7 @@ async fn main() -> anyhow::Result<()> {
     tailor::tls::install_crypto_provider();
     tailor::telemetry::init();
     match Cli::parse().command {
+        Command::Copy(args) => std::process::exit(cli::copy::run(args).await),
         Command::Migrate { database_url } => {
             let pool = tailor::db::connect(&database_url, 2)
                 .await

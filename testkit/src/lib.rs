@@ -8,11 +8,13 @@
 //!   Docker schema2, OCI, manifest lists and indexes), deterministic from seeds, streamed from
 //!   disk when large, and pushed with plain HTTP calls independent of tailor's own client.
 //! - [`skopeo`]: skopeo as an independent client to check what is in a registry.
+//! - [`fault_proxy`]: a proxy in front of a registry that injects 429s, 403s and crafted answers.
 //!
 //! Nothing is assumed to be running: every component is started here and stopped on drop.
 
 pub mod access_log;
 pub mod db;
+pub mod fault_proxy;
 pub mod image;
 pub mod process;
 pub mod push;

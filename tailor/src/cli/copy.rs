@@ -1,0 +1,231 @@
+//! `tailor copy SRC DST`: one image copy from the command line, with progress bars on a
+//! terminal and `--json` for machines.
+
+use std::collections::HashMap;
+use std::io::{BufRead, IsTerminal};
+use std::sync::{Arc, Mutex};
+
+use clap::Args;
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use tailor::copy::{CopyOptions, PlatformChoice, Progress, ProgressSink, Registries, copy_image};
+use tailor::error::CopyError;
+use tailor::platform::Platform;
+use tailor::reference::ImageReference;
+use tailor::registry::Credentials;
+
+#[derive(Args, Debug)]
+pub struct CopyArgs {
+    /// Image to copy, e.g. redis:7 or registry.example:5000/team/app@sha256:...
+    pub source: String,
+    /// Where to put it, e.g. registry.internal:5000/apps/web:v1
+    pub destination: String,
+    /// Platform to copy out of a multi-platform image.
+    #[arg(long, default_value = "linux/amd64", conflicts_with = "all_platforms")]
+    pub platform: String,
+    /// Copy the whole index and every platform's image.
+    #[arg(long)]
+    pub all_platforms: bool,
+    /// Registry (host:port) to speak plain HTTP to; repeatable.
+    #[arg(
+        long = "insecure",
+        value_name = "HOST",
+        env = "TAILOR_INSECURE_REGISTRIES",
+        value_delimiter = ','
+    )]
+    pub insecure: Vec<String>,
+    /// Source credentials USER[:PASS]; without :PASS the password comes from
+    /// TAILOR_SRC_PASSWORD or, with --src-password-stdin, from standard input.
+    #[arg(long, value_name = "USER[:PASS]")]
+    pub src_creds: Option<String>,
+    /// Destination credentials USER[:PASS]; without :PASS, TAILOR_DST_PASSWORD or stdin.
+    #[arg(long, value_name = "USER[:PASS]")]
+    pub dst_creds: Option<String>,
+    /// Read the source password from the first line of standard input.
+    #[arg(long)]
+    pub src_password_stdin: bool,
+    /// Read the destination password from standard input (after the source's, if both).
+    #[arg(long)]
+    pub dst_password_stdin: bool,
+    /// Parallel blob transfers.
+    #[arg(long, default_value_t = tailor::copy::DEFAULT_CONCURRENCY as u16, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub concurrency: u16,
+    /// Registry meant by references without a host.
+    #[arg(long, env = "TAILOR_DEFAULT_REGISTRY", default_value = "docker.io")]
+    pub default_registry: String,
+    /// Print one JSON object (the report, or {"error": {code, message}}) and no progress.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs the copy; returns the process exit code.
+pub async fn run(args: CopyArgs) -> i32 {
+    match execute(&args).await {
+        Ok(report) => {
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::to_string(&report).expect("report serialises")
+                );
+            } else {
+                println!("pinned:  {}", report.pinned);
+                println!("tagged:  {}", report.tagged);
+                println!(
+                    "blobs:   {} copied ({}), {} mounted, {} already present",
+                    report.blobs.copied,
+                    indicatif::HumanBytes(report.bytes_copied),
+                    report.blobs.mounted,
+                    report.blobs.skipped
+                );
+                if !report.foreign_layers.is_empty() {
+                    println!(
+                        "skipped non-distributable layers: {}",
+                        report.foreign_layers.join(", ")
+                    );
+                }
+            }
+            0
+        }
+        Err(error) => {
+            if args.json {
+                let body = serde_json::json!({ "error": { "code": error.code(), "message": error.to_string() } });
+                println!("{body}");
+            } else {
+                eprintln!("error: {error} ({})", error.code());
+            }
+            1
+        }
+    }
+}
+
+async fn execute(args: &CopyArgs) -> Result<tailor::copy::CopyReport, CopyError> {
+    let source = ImageReference::parse_with_default(&args.source, &args.default_registry)?;
+    let destination =
+        ImageReference::parse_with_default(&args.destination, &args.default_registry)?;
+    let platforms = if args.all_platforms {
+        PlatformChoice::All
+    } else {
+        PlatformChoice::One(Platform::parse(&args.platform).map_err(|e| {
+            CopyError::InvalidReference(tailor::reference::ReferenceError {
+                input: args.platform.clone(),
+                problem: e.to_string(),
+            })
+        })?)
+    };
+    let mut stdin_lines = std::io::stdin().lock().lines();
+    let mut read_stdin = || {
+        stdin_lines
+            .next()
+            .and_then(Result::ok)
+            .map(|l| l.trim_end_matches('\r').to_owned())
+    };
+    let mut registries = Registries::new(args.insecure.iter().map(|h| h.trim().to_owned()));
+    if let Some(creds) = credentials(
+        &args.src_creds,
+        "TAILOR_SRC_PASSWORD",
+        args.src_password_stdin,
+        &mut read_stdin,
+    )? {
+        registries = registries.with_credentials(&source.registry, creds);
+    }
+    if let Some(creds) = credentials(
+        &args.dst_creds,
+        "TAILOR_DST_PASSWORD",
+        args.dst_password_stdin,
+        &mut read_stdin,
+    )? {
+        registries = registries.with_credentials(&destination.registry, creds);
+    }
+    let show_progress = !args.json && std::io::stderr().is_terminal();
+    let options = CopyOptions {
+        platforms,
+        concurrency: usize::from(args.concurrency),
+        progress: show_progress.then(progress_bars),
+        ..CopyOptions::default()
+    };
+    copy_image(&registries, &source, &destination, &options).await
+}
+
+fn credentials(
+    spec: &Option<String>,
+    password_env: &str,
+    from_stdin: bool,
+    read_stdin: &mut impl FnMut() -> Option<String>,
+) -> Result<Option<Credentials>, CopyError> {
+    let Some(spec) = spec else { return Ok(None) };
+    let invalid = |problem: &str| {
+        CopyError::InvalidReference(tailor::reference::ReferenceError {
+            input: "credentials".into(),
+            problem: problem.to_owned(),
+        })
+    };
+    let (user, password) = match spec.split_once(':') {
+        Some((user, password)) => (user.to_owned(), password.to_owned()),
+        None if from_stdin => (
+            spec.clone(),
+            read_stdin().ok_or_else(|| invalid("no password on standard input"))?,
+        ),
+        None => (
+            spec.clone(),
+            std::env::var(password_env).map_err(|_| {
+                invalid(&format!(
+                    "no password: give USER:PASS, set {password_env}, or use --*-password-stdin"
+                ))
+            })?,
+        ),
+    };
+    if user.is_empty() {
+        return Err(invalid("the user name is empty"));
+    }
+    Ok(Some(Credentials::new(user, password)))
+}
+
+/// A total bar and one bar per blob in flight, drawn on stderr.
+fn progress_bars() -> ProgressSink {
+    let multi = MultiProgress::new();
+    let total = multi.add(ProgressBar::new(0));
+    total.set_style(
+        ProgressStyle::with_template(
+            "{prefix:>8} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} {msg}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    total.set_prefix("total");
+    let blob_style = ProgressStyle::with_template("{prefix:>8} [{bar:40}] {bytes}/{total_bytes}")
+        .expect("valid template")
+        .progress_chars("=> ");
+    let bars: Mutex<HashMap<String, ProgressBar>> = Mutex::new(HashMap::new());
+    Arc::new(move |event| match event {
+        Progress::Planned { blobs, bytes } => {
+            total.set_length(bytes);
+            total.set_message(format!("{blobs} blobs"));
+        }
+        Progress::BlobStarted { digest, size } => {
+            let bar = multi.add(ProgressBar::new(size));
+            bar.set_style(blob_style.clone());
+            bar.set_prefix(digest.trim_start_matches("sha256:")[..8].to_owned());
+            bars.lock().expect("not poisoned").insert(digest, bar);
+        }
+        Progress::BlobBytes { digest, bytes } => {
+            total.inc(bytes);
+            if let Some(bar) = bars.lock().expect("not poisoned").get(&digest) {
+                bar.inc(bytes);
+            }
+        }
+        Progress::BlobFinished {
+            digest,
+            size,
+            outcome,
+        } => {
+            if let Some(bar) = bars.lock().expect("not poisoned").remove(&digest) {
+                bar.finish_and_clear();
+            }
+            if outcome != tailor::copy::BlobOutcome::Copied {
+                total.inc(size);
+            }
+            if total.position() >= total.length().unwrap_or(0) {
+                total.finish_and_clear();
+            }
+        }
+    })
+}

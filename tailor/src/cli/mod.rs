@@ -1,0 +1,3 @@
+//! The `tailor` command line: one module per subcommand.
+
+pub mod copy;

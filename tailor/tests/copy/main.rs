@@ -1,0 +1,6 @@
+//! The copy engine against real registries, judged by skopeo and the registries' access logs.
+
+mod auth_and_faults;
+mod helpers;
+mod kinds;
+mod only_missing;
