@@ -35,6 +35,8 @@ pub enum CopyError {
     InternalRegistry { registry: String, detail: String },
     #[error("the copy was cancelled")]
     Cancelled,
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
 }
 
 impl CopyError {
@@ -53,6 +55,7 @@ impl CopyError {
             Self::Timeout { .. } => "TIMEOUT",
             Self::InternalRegistry { .. } => "INTERNAL_REGISTRY_ERROR",
             Self::Cancelled => "CANCELLED",
+            Self::InvalidArgument(_) => "INVALID_ARGUMENT",
         }
     }
 

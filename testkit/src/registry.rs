@@ -114,6 +114,32 @@ impl TestRegistry {
         }
     }
 
+    /// Pushes `image` as `repository:tag` (given as `"repository:tag"`); returns its digest.
+    pub async fn push(&self, repository_tag: &str, image: &crate::BuiltImage) -> String {
+        let (repository, tag) = repository_tag.rsplit_once(':').expect("repository:tag");
+        crate::push_image(
+            &self.base_url(),
+            repository,
+            tag,
+            image,
+            &self.push_auth(repository),
+        )
+        .await
+    }
+
+    /// Pushes `index` and its children as `repository:tag`; returns the index digest.
+    pub async fn push_index(&self, repository_tag: &str, index: &crate::BuiltIndex) -> String {
+        let (repository, tag) = repository_tag.rsplit_once(':').expect("repository:tag");
+        crate::push_index(
+            &self.base_url(),
+            repository,
+            tag,
+            index,
+            &self.push_auth(repository),
+        )
+        .await
+    }
+
     pub fn embedded(&self) -> &EmbeddedRegistry {
         &self.registry
     }

@@ -18,7 +18,8 @@ fn policy_path() -> &'static Path {
     })
 }
 
-fn skopeo() -> Command {
+/// A `skopeo` command with the permissive policy, for callers that need their own arguments.
+pub fn skopeo() -> Command {
     let mut command = Command::new("skopeo");
     command.arg("--policy").arg(policy_path());
     command

@@ -104,12 +104,10 @@ async fn execute(args: &CopyArgs) -> Result<tailor::copy::CopyReport, CopyError>
     let platforms = if args.all_platforms {
         PlatformChoice::All
     } else {
-        PlatformChoice::One(Platform::parse(&args.platform).map_err(|e| {
-            CopyError::InvalidReference(tailor::reference::ReferenceError {
-                input: args.platform.clone(),
-                problem: e.to_string(),
-            })
-        })?)
+        PlatformChoice::One(
+            Platform::parse(&args.platform)
+                .map_err(|e| CopyError::InvalidArgument(e.to_string()))?,
+        )
     };
     let mut stdin_lines = std::io::stdin().lock().lines();
     let mut read_stdin = || {
@@ -152,12 +150,7 @@ fn credentials(
     read_stdin: &mut impl FnMut() -> Option<String>,
 ) -> Result<Option<Credentials>, CopyError> {
     let Some(spec) = spec else { return Ok(None) };
-    let invalid = |problem: &str| {
-        CopyError::InvalidReference(tailor::reference::ReferenceError {
-            input: "credentials".into(),
-            problem: problem.to_owned(),
-        })
-    };
+    let invalid = |problem: &str| CopyError::InvalidArgument(format!("credentials: {problem}"));
     let (user, password) = match spec.split_once(':') {
         Some((user, password)) => (user.to_owned(), password.to_owned()),
         None if from_stdin => (

@@ -250,10 +250,7 @@ struct UploadSession {
 impl UploadSession {
     async fn cancel(&mut self) {
         self.committed = true;
-        let request = self.dest.request(Method::DELETE, &self.location);
-        if let Err(error) = self.dest.send_once(&self.scopes, request).await {
-            tracing::debug!(error = %error, "could not cancel an upload session");
-        }
+        delete_upload(&self.dest, &self.location, &self.scopes).await;
     }
 }
 
@@ -266,11 +263,27 @@ impl Drop for UploadSession {
         let location = std::mem::take(&mut self.location);
         let scopes = std::mem::take(&mut self.scopes);
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                let _ = dest
-                    .send_once(&scopes, dest.request(Method::DELETE, &location))
-                    .await;
-            });
+            runtime.spawn(async move { delete_upload(&dest, &location, &scopes).await });
+        }
+    }
+}
+
+/// Cancels an upload session. While the registry is still handling our aborted PUT it does
+/// not know the session (404) and would keep its files, so a 404 is retried briefly.
+async fn delete_upload(dest: &RegistryClient, location: &str, scopes: &[Scope]) {
+    for attempt in 1..=6u32 {
+        match dest
+            .send_once(scopes, dest.request(Method::DELETE, location))
+            .await
+        {
+            Ok(response) if response.status() == StatusCode::NOT_FOUND => {
+                tokio::time::sleep(std::time::Duration::from_millis(50 * u64::from(attempt))).await;
+            }
+            Ok(_) => return,
+            Err(error) => {
+                tracing::debug!(error = %error, "could not cancel an upload session");
+                return;
+            }
         }
     }
 }

@@ -2,10 +2,10 @@
 
 use std::io::{Seek, SeekFrom, Write};
 
+use testkit::TestRegistry;
 use testkit::fault_proxy::{FaultProxy, Rule};
 use testkit::image::{ImageSpec, ManifestFormat};
 use testkit::token_issuer::IssuerPolicy;
-use testkit::{TestRegistry, push_image};
 
 use crate::helpers::*;
 
@@ -14,14 +14,7 @@ async fn a_corrupted_upstream_blob_fails_with_digest_mismatch_and_tags_nothing()
     let (hub, internal) = (TestRegistry::anonymous(), TestRegistry::anonymous());
     let registries = registries(&[hub.host(), internal.host()]);
     let image = ImageSpec::seeded(ManifestFormat::Docker, 600, 3, 256 * 1024).build();
-    push_image(
-        &hub.base_url(),
-        "bad/app",
-        "v1",
-        &image,
-        &hub.push_auth("bad/app"),
-    )
-    .await;
+    hub.push("bad/app:v1", &image).await;
     let victim = &image.layers[1];
     let mut file = std::fs::OpenOptions::new()
         .write(true)
@@ -66,14 +59,7 @@ async fn basic_auth_on_both_sides() {
     let hub = TestRegistry::htpasswd("hub-user", "hub-secret");
     let internal = TestRegistry::htpasswd("tailor", "internal-secret");
     let image = ImageSpec::seeded(ManifestFormat::Oci, 610, 2, 8192).build();
-    push_image(
-        &hub.base_url(),
-        "private/app",
-        "v1",
-        &image,
-        &hub.push_auth("private/app"),
-    )
-    .await;
+    hub.push("private/app:v1", &image).await;
     let (src, dst) = (
         format!("{}/private/app:v1", hub.host()),
         format!("{}/t/app:s", internal.host()),
@@ -113,14 +99,7 @@ async fn bearer_tokens_through_the_challenge_flow_are_cached() {
     });
     let internal = TestRegistry::anonymous();
     let image = ImageSpec::seeded(ManifestFormat::Docker, 620, 6, 8192).build();
-    push_image(
-        &hub.base_url(),
-        "private/tok",
-        "v1",
-        &image,
-        &hub.push_auth("private/tok"),
-    )
-    .await;
+    hub.push("private/tok:v1", &image).await;
     let (src, dst) = (
         format!("{}/private/tok:v1", hub.host()),
         format!("{}/t/tok:s", internal.host()),
@@ -148,14 +127,7 @@ async fn bearer_tokens_through_the_challenge_flow_are_cached() {
 async fn registry_errors_map_to_stable_codes() {
     let (hub, internal) = (TestRegistry::anonymous(), TestRegistry::anonymous());
     let image = ImageSpec::seeded(ManifestFormat::Docker, 630, 1, 1024).build();
-    push_image(
-        &hub.base_url(),
-        "err/app",
-        "v1",
-        &image,
-        &hub.push_auth("err/app"),
-    )
-    .await;
+    hub.push("err/app:v1", &image).await;
     let proxy = FaultProxy::start(&hub.base_url());
     let registries = registries(&[hub.host(), internal.host(), proxy.host()]);
     let dst = format!("{}/t/err:s", internal.host());
@@ -233,14 +205,7 @@ fn testkit_closed_port() -> String {
 async fn a_429_with_retry_after_is_waited_out_and_retried() {
     let (hub, internal) = (TestRegistry::anonymous(), TestRegistry::anonymous());
     let image = ImageSpec::seeded(ManifestFormat::Oci, 640, 2, 4096).build();
-    push_image(
-        &hub.base_url(),
-        "slow/app",
-        "v1",
-        &image,
-        &hub.push_auth("slow/app"),
-    )
-    .await;
+    hub.push("slow/app:v1", &image).await;
     let proxy = FaultProxy::start(&hub.base_url());
     proxy.add(
         Rule::new("/manifests/v1", 429)

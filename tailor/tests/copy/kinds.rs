@@ -1,7 +1,7 @@
 //! Every manifest kind copies byte-exact, and skopeo pulls the copy back.
 
 use testkit::image::{ImageSpec, IndexSpec, ManifestFormat};
-use testkit::{TestRegistry, push_image, push_index, skopeo};
+use testkit::{TestRegistry, skopeo};
 
 use crate::helpers::*;
 
@@ -14,7 +14,7 @@ async fn docker_and_oci_images_copy_byte_exact() {
         (ManifestFormat::Oci, "org/api"),
     ] {
         let image = ImageSpec::seeded(format, 100, 3, 200 * 1024).build();
-        push_image(&hub.base_url(), name, "1.0", &image, &hub.push_auth(name)).await;
+        hub.push(&format!("{name}:1.0"), &image).await;
 
         let report = copy(
             &registries,
@@ -63,7 +63,7 @@ async fn from_an_index_the_default_platform_is_pinned_to_upstreams_platform_dige
         (ManifestFormat::Oci, "multi/index"),
     ] {
         let index = IndexSpec::seeded(format, 200, &platforms, 2, 8 * 1024).build();
-        push_index(&hub.base_url(), name, "v1", &index, &hub.push_auth(name)).await;
+        hub.push_index(&format!("{name}:v1"), &index).await;
         let src = format!("{}/{name}:v1", hub.host());
 
         let report = copy(
@@ -137,14 +137,7 @@ async fn all_platforms_copies_the_index_and_every_child() {
         4096,
     )
     .build();
-    push_index(
-        &hub.base_url(),
-        "multi/all",
-        "v1",
-        &index,
-        &hub.push_auth("multi/all"),
-    )
-    .await;
+    hub.push_index("multi/all:v1", &index).await;
 
     let report = copy_with(
         &registries,
@@ -182,14 +175,7 @@ async fn a_digest_reference_is_verified_and_a_wrong_one_is_refused() {
     let (hub, internal) = (TestRegistry::anonymous(), TestRegistry::anonymous());
     let registries = registries(&[hub.host(), internal.host()]);
     let image = ImageSpec::seeded(ManifestFormat::Docker, 400, 1, 1024).build();
-    push_image(
-        &hub.base_url(),
-        "pinned/app",
-        "v1",
-        &image,
-        &hub.push_auth("pinned/app"),
-    )
-    .await;
+    hub.push("pinned/app:v1", &image).await;
 
     let by_digest = format!("{}/pinned/app@{}", hub.host(), image.digest);
     let report = copy(

@@ -4,3 +4,4 @@ mod auth_and_faults;
 mod helpers;
 mod kinds;
 mod only_missing;
+mod resume_and_cancel;

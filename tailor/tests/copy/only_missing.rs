@@ -6,7 +6,7 @@ use futures_util::future::BoxFuture;
 use tailor::copy::BlobLedger;
 use tailor::manifest::Blob;
 use testkit::image::{ImageSpec, ManifestFormat};
-use testkit::{TestRegistry, push_image, skopeo};
+use testkit::{TestRegistry, skopeo};
 
 use crate::helpers::*;
 
@@ -16,22 +16,8 @@ async fn a_new_version_reads_only_its_new_layer_and_config_from_upstream() {
     let registries = registries(&[hub.host(), internal.host()]);
     let (v1, v2) = ImageSpec::sharing(ManifestFormat::Docker, 500, 8, 7, 128 * 1024);
     let (v1, v2) = (v1.build(), v2.build());
-    push_image(
-        &hub.base_url(),
-        "team/app",
-        "v1",
-        &v1,
-        &hub.push_auth("team/app"),
-    )
-    .await;
-    push_image(
-        &hub.base_url(),
-        "team/app",
-        "v2",
-        &v2,
-        &hub.push_auth("team/app"),
-    )
-    .await;
+    hub.push("team/app:v1", &v1).await;
+    hub.push("team/app:v2", &v2).await;
 
     let dst = |tag: &str| format!("{}/tailor/app:{tag}", internal.host());
     copy(
@@ -73,14 +59,7 @@ async fn copying_again_reads_no_blob_bytes() {
     let (hub, internal) = (TestRegistry::anonymous(), TestRegistry::anonymous());
     let registries = registries(&[hub.host(), internal.host()]);
     let image = ImageSpec::seeded(ManifestFormat::Oci, 510, 4, 64 * 1024).build();
-    push_image(
-        &hub.base_url(),
-        "team/same",
-        "v1",
-        &image,
-        &hub.push_auth("team/same"),
-    )
-    .await;
+    hub.push("team/same:v1", &image).await;
     let src = format!("{}/team/same:v1", hub.host());
     copy(
         &registries,
@@ -134,22 +113,8 @@ async fn blobs_held_by_another_internal_repository_are_mounted_not_fetched() {
     let registries = registries(&[hub.host(), internal.host()]);
     let (a, b) = ImageSpec::sharing(ManifestFormat::Oci, 520, 4, 3, 64 * 1024);
     let (a, b) = (a.build(), b.build());
-    push_image(
-        &hub.base_url(),
-        "base/a",
-        "v1",
-        &a,
-        &hub.push_auth("base/a"),
-    )
-    .await;
-    push_image(
-        &hub.base_url(),
-        "base/b",
-        "v1",
-        &b,
-        &hub.push_auth("base/b"),
-    )
-    .await;
+    hub.push("base/a:v1", &a).await;
+    hub.push("base/b:v1", &b).await;
     copy(
         &registries,
         &format!("{}/base/a:v1", hub.host()),
@@ -205,14 +170,7 @@ async fn within_one_registry_blobs_are_mounted_from_the_source_repository() {
     let registry = TestRegistry::anonymous();
     let registries = registries(&[registry.host()]);
     let image = ImageSpec::seeded(ManifestFormat::Docker, 530, 2, 4096).build();
-    push_image(
-        &registry.base_url(),
-        "src/app",
-        "v1",
-        &image,
-        &registry.push_auth("src/app"),
-    )
-    .await;
+    registry.push("src/app:v1", &image).await;
 
     let report = copy(
         &registries,

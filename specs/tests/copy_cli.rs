@@ -1,0 +1,142 @@
+//! `tailor copy` as a user runs it: exit codes, `--json`, and passwords kept off the command line.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use specs::binary;
+use testkit::TestRegistry;
+use testkit::image::{ImageSpec, ManifestFormat};
+
+fn tailor_copy(
+    args: &[&str],
+    stdin: Option<&str>,
+    env: &[(&str, &str)],
+) -> (i32, serde_json::Value, String) {
+    let mut command = Command::new(binary("tailor"));
+    command
+        .arg("copy")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let mut child = command.spawn().unwrap();
+    let mut input = child.stdin.take().unwrap();
+    if let Some(text) = stdin {
+        input.write_all(text.as_bytes()).unwrap();
+    }
+    drop(input);
+    let output = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    let json = serde_json::from_str(stdout.trim()).unwrap_or(serde_json::Value::Null);
+    (
+        output.status.code().unwrap_or(-1),
+        json,
+        format!("{stdout}{stderr}"),
+    )
+}
+
+#[tokio::test]
+async fn json_reports_success_and_failure_with_exit_codes() {
+    let (hub, internal) = (TestRegistry::anonymous(), TestRegistry::anonymous());
+    let image = ImageSpec::seeded(ManifestFormat::Docker, 800, 2, 4096).build();
+    hub.push("cli/app:v1", &image).await;
+    let insecure = format!("{},{}", hub.host(), internal.host());
+    let src = format!("{}/cli/app:v1", hub.host());
+    let dst = format!("{}/t/cli:s", internal.host());
+
+    let (code, json, output) =
+        tailor_copy(&["--json", "--insecure", &insecure, &src, &dst], None, &[]);
+    assert_eq!(code, 0, "{output}");
+    assert_eq!(json["source_digest"], image.digest.as_str());
+    assert_eq!(
+        json["pinned"],
+        format!("{}/t/cli@{}", internal.host(), image.digest)
+    );
+    assert_eq!(json["blobs"]["copied"], 3);
+    assert_eq!(json["bytes_copied"], image.blob_bytes());
+    assert!(
+        !output.contains("[="),
+        "no progress bars when not on a terminal"
+    );
+
+    let (code, json, _) = tailor_copy(&["--json", "--insecure", &insecure, &src, &dst], None, &[]);
+    assert_eq!((code, json["blobs"]["skipped"].as_u64()), (0, Some(3)));
+
+    let missing = format!("{}/cli/missing:v1", hub.host());
+    let (code, json, _) = tailor_copy(
+        &["--json", "--insecure", &insecure, &missing, &dst],
+        None,
+        &[],
+    );
+    assert_eq!(code, 1);
+    assert_eq!(json["error"]["code"], "IMAGE_NOT_FOUND");
+
+    let (code, json, _) = tailor_copy(&["--json", "Not/Valid:ref", &dst], None, &[]);
+    assert_eq!(code, 1);
+    assert_eq!(json["error"]["code"], "INVALID_REFERENCE");
+    assert!(
+        json["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("lowercase")
+    );
+
+    let (code, json, _) = tailor_copy(&["--json", "--platform", "linux", &src, &dst], None, &[]);
+    assert_eq!(code, 1);
+    assert_eq!(json["error"]["code"], "INVALID_ARGUMENT");
+    assert!(
+        json["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("os/arch")
+    );
+}
+
+#[tokio::test]
+async fn passwords_come_from_stdin_or_the_environment_and_are_never_printed() {
+    let hub = TestRegistry::htpasswd("hub-user", "pa55-from-stdin");
+    let internal = TestRegistry::anonymous();
+    let image = ImageSpec::seeded(ManifestFormat::Oci, 810, 1, 2048).build();
+    hub.push("private/cli:v1", &image).await;
+    let insecure = format!("{},{}", hub.host(), internal.host());
+    let src = format!("{}/private/cli:v1", hub.host());
+
+    let dst = format!("{}/t/one:s", internal.host());
+    let args = [
+        "--json",
+        "--insecure",
+        &insecure,
+        "--src-creds",
+        "hub-user",
+        "--src-password-stdin",
+        &src,
+        &dst,
+    ];
+    let (code, json, output) = tailor_copy(&args, Some("pa55-from-stdin\n"), &[]);
+    assert_eq!(code, 0, "{output}");
+    assert_eq!(json["source_digest"], image.digest.as_str());
+    assert!(!output.contains("pa55-from-stdin"));
+
+    let dst = format!("{}/t/two:s", internal.host());
+    let args = [
+        "--json",
+        "--insecure",
+        &insecure,
+        "--src-creds",
+        "hub-user",
+        &src,
+        &dst,
+    ];
+    let (code, _, output) = tailor_copy(&args, None, &[("TAILOR_SRC_PASSWORD", "pa55-from-stdin")]);
+    assert_eq!(code, 0, "{output}");
+
+    let (code, json, output) =
+        tailor_copy(&args, None, &[("TAILOR_SRC_PASSWORD", "wrong-password")]);
+    assert_eq!(code, 1);
+    assert_eq!(json["error"]["code"], "UNAUTHORIZED");
+    assert!(!output.contains("wrong-password"), "{output}");
+}
