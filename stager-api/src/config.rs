@@ -14,6 +14,10 @@ pub struct StagerSettings {
     pub listen: SocketAddr,
     /// `STAGER_API_TOKENS`: comma-separated bearer tokens callers must present.
     pub api_tokens: Vec<Secret>,
+    /// `STAGER_WORKERS`: workers run inside this process (0: only `tailor work` processes copy).
+    pub workers: usize,
+    /// `TAILOR_CREDENTIALS_KEY`: encrypts private-image credentials at rest.
+    pub credentials_key: Option<tailor::secrets::CredentialsKey>,
 }
 
 impl StagerSettings {
@@ -25,11 +29,37 @@ impl StagerSettings {
         let tailor = TailorSettings::from_lookup(&lookup)?;
         let listen = parse_listen(lookup("STAGER_LISTEN").as_deref())?;
         let api_tokens = parse_tokens(lookup("STAGER_API_TOKENS").as_deref())?;
+        let workers = parse_count("STAGER_WORKERS", lookup("STAGER_WORKERS").as_deref(), 2)?;
+        let credentials_key = lookup("TAILOR_CREDENTIALS_KEY")
+            .filter(|k| !k.trim().is_empty())
+            .map(|k| tailor::secrets::CredentialsKey::parse("TAILOR_CREDENTIALS_KEY", &k))
+            .transpose()?;
         Ok(Self {
             tailor,
             listen,
             api_tokens,
+            workers,
+            credentials_key,
         })
+    }
+}
+
+/// A count setting such as `STAGER_WORKERS` (0 to 256).
+pub fn parse_count(
+    setting: &'static str,
+    value: Option<&str>,
+    default: usize,
+) -> Result<usize, ConfigError> {
+    match value.map(str::trim).filter(|v| !v.is_empty()) {
+        None => Ok(default),
+        Some(text) => text
+            .parse::<usize>()
+            .ok()
+            .filter(|n| *n <= 256)
+            .ok_or_else(|| ConfigError::Invalid {
+                setting,
+                problem: format!("{text:?} is not a whole number from 0 to 256"),
+            }),
     }
 }
 

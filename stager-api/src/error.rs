@@ -70,3 +70,66 @@ impl ResponseError for ApiError {
         })
     }
 }
+
+/// A database failure as the client sees it: 503 with `Retry-After` when PostgreSQL is
+/// unreachable (nothing was written), 500 otherwise. Details go to the log, not the client.
+pub fn database_error(error: &sqlx::Error) -> ApiError {
+    match error {
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::Io(_)
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Tls(_) => {
+            tracing::warn!(%error, "database unavailable");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "DATABASE_UNAVAILABLE",
+                "the database is unavailable; retry later",
+            )
+            .with_retry_after(5)
+        }
+        _ => {
+            tracing::error!(%error, "database error");
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "INTERNAL_ERROR",
+                "internal error",
+            )
+        }
+    }
+}
+
+/// Malformed or oversized JSON bodies answer with the same `{code, message}` shape.
+pub fn json_error(
+    error: actix_web::error::JsonPayloadError,
+    _: &actix_web::HttpRequest,
+) -> actix_web::Error {
+    use actix_web::error::JsonPayloadError;
+    let api_error = match &error {
+        JsonPayloadError::OverflowKnownLength { length, limit } => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "PAYLOAD_TOO_LARGE",
+            format!("the body is {length} bytes; the limit is {limit}"),
+        ),
+        JsonPayloadError::Overflow { limit } => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "PAYLOAD_TOO_LARGE",
+            format!("the body is over the {limit}-byte limit"),
+        ),
+        JsonPayloadError::ContentType => ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "UNSUPPORTED_MEDIA_TYPE",
+            "send the body as Content-Type: application/json",
+        ),
+        JsonPayloadError::Deserialize(inner) => ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "MALFORMED_JSON",
+            format!("the body is not a valid request: {inner}"),
+        ),
+        other => ApiError::new(StatusCode::BAD_REQUEST, "MALFORMED_JSON", other.to_string()),
+    };
+    actix_web::error::InternalError::from_response(
+        error,
+        actix_web::ResponseError::error_response(&api_error),
+    )
+    .into()
+}

@@ -6,6 +6,9 @@ use stager_api::config::{StagerSettings, parse_listen};
 use stager_api::startup::Application;
 use tailor::config::{Secret, TailorSettings};
 use tailor::embedded::{EmbeddedPostgres, EmbeddedRegistry, RegistryOptions};
+use tailor::secrets::CredentialsKey;
+use tailor::staging::worker::WorkerSettings;
+use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 #[command(
@@ -62,18 +65,47 @@ fn config_error(error: tailor::config::ConfigError) -> anyhow::Error {
 }
 
 async fn serve(settings: StagerSettings) -> anyhow::Result<()> {
+    let worker_settings =
+        WorkerSettings::from_settings(&settings.tailor, settings.credentials_key.clone(), |name| {
+            std::env::var(name).ok()
+        })
+        .map_err(config_error)?;
     let db = tailor::db::connect(settings.tailor.database_url.expose(), 20)
         .await
         .context("connecting to DATABASE_URL")?;
     tailor::db::migrate(&db)
         .await
         .context("running database migrations")?;
+
+    let shutdown = CancellationToken::new();
+    let workers = if settings.workers > 0 {
+        // Workers get their own pool: a copy holds connections for its per-blob fetch locks.
+        let connections = (settings.workers * worker_settings.concurrency + 8) as u32;
+        let pool = tailor::db::connect(settings.tailor.database_url.expose(), connections).await?;
+        tracing::info!(count = settings.workers, "starting in-process workers");
+        Some(tokio::spawn(tailor::staging::worker::run(
+            pool,
+            worker_settings,
+            settings.workers,
+            shutdown.clone(),
+        )))
+    } else {
+        None
+    };
+
     let app = Application::build(&settings, db)
         .with_context(|| format!("binding STAGER_LISTEN={}", settings.listen))?;
     // One line on stdout, for scripts and tests that start us on port 0; logs go to stderr.
     println!("stager-api listening on http://{}", app.addr());
     tracing::info!(addr = %app.addr(), "stager-api listening");
-    app.run_until_stopped().await?;
+    // Returns after SIGINT/SIGTERM, once in-flight requests are answered.
+    let served = app.run_until_stopped().await;
+    shutdown.cancel();
+    if let Some(workers) = workers {
+        tracing::info!("draining workers");
+        let _ = workers.await;
+    }
+    served?;
     tracing::info!("stager-api stopped");
     Ok(())
 }
@@ -106,6 +138,13 @@ async fn embedded(listen: &str, default_registry: String) -> anyhow::Result<()> 
         },
         listen,
         api_tokens,
+        workers: stager_api::config::parse_count(
+            "STAGER_WORKERS",
+            std::env::var("STAGER_WORKERS").ok().as_deref(),
+            2,
+        )
+        .map_err(config_error)?,
+        credentials_key: Some(CredentialsKey::generate()),
     };
     eprintln!("embedded PostgreSQL:        {}", postgres.url("postgres"));
     eprintln!("embedded internal registry: {}", registry.base_url());

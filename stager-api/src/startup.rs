@@ -11,6 +11,9 @@ use tailor::config::TailorSettings;
 use crate::auth::ApiTokens;
 use crate::config::StagerSettings;
 
+/// Largest request body accepted; a staging request is a few hundred bytes.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
 /// Shared, read-only state handed to every handler.
 pub struct AppState {
     pub db: PgPool,
@@ -18,6 +21,8 @@ pub struct AppState {
     /// `http(s)://host:port` of the internal registry.
     pub internal_registry_url: String,
     pub tailor: TailorSettings,
+    /// Encrypts credentials of private images while their staging is active.
+    pub credentials_key: Option<tailor::secrets::CredentialsKey>,
 }
 
 /// A bound, not yet running server.
@@ -49,6 +54,7 @@ impl Application {
                 .map_err(std::io::Error::other)?,
             internal_registry_url: format!("{scheme}://{}", settings.tailor.internal_registry),
             tailor: settings.tailor.clone(),
+            credentials_key: settings.credentials_key.clone(),
         });
         let tokens = web::Data::new(ApiTokens::new(
             settings.api_tokens.iter().map(|t| t.expose()),
@@ -58,6 +64,11 @@ impl Application {
                 .wrap(tracing_actix())
                 .app_data(state.clone())
                 .app_data(tokens.clone())
+                .app_data(
+                    web::JsonConfig::default()
+                        .limit(MAX_BODY_BYTES)
+                        .error_handler(crate::error::json_error),
+                )
                 .configure(crate::routes::configure)
                 .default_service(web::to(crate::routes::not_found))
         })

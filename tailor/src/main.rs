@@ -20,6 +20,12 @@ struct Cli {
 enum Command {
     /// Copy an image between registries: only missing blobs, verified, pinned by digest.
     Copy(cli::copy::CopyArgs),
+    /// Run staging workers against DATABASE_URL until SIGTERM or Ctrl-C (then drain).
+    Work {
+        /// How many stagings this process copies at once.
+        #[arg(long, env = "TAILOR_WORKERS", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]
+        workers: u16,
+    },
     /// Apply pending database migrations to DATABASE_URL and exit.
     Migrate {
         #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
@@ -33,6 +39,7 @@ async fn main() -> anyhow::Result<()> {
     tailor::telemetry::init();
     match Cli::parse().command {
         Command::Copy(args) => std::process::exit(cli::copy::run(args).await),
+        Command::Work { workers } => work(usize::from(workers)).await?,
         Command::Migrate { database_url } => {
             let pool = tailor::db::connect(&database_url, 2)
                 .await
@@ -45,5 +52,43 @@ async fn main() -> anyhow::Result<()> {
             println!("database is up to date ({applied} migrations applied)");
         }
     }
+    Ok(())
+}
+
+async fn work(count: usize) -> anyhow::Result<()> {
+    let config_error = |e: tailor::config::ConfigError| anyhow::anyhow!("{e} ({})", e.code());
+    let settings = tailor::config::TailorSettings::from_env().map_err(config_error)?;
+    let key = std::env::var("TAILOR_CREDENTIALS_KEY")
+        .ok()
+        .filter(|k| !k.trim().is_empty())
+        .map(|k| tailor::secrets::CredentialsKey::parse("TAILOR_CREDENTIALS_KEY", &k))
+        .transpose()
+        .map_err(config_error)?;
+    let worker_settings =
+        tailor::staging::worker::WorkerSettings::from_settings(&settings, key, |n| {
+            std::env::var(n).ok()
+        })
+        .map_err(config_error)?;
+    let connections = (count * worker_settings.concurrency + 8) as u32;
+    let pool = tailor::db::connect(settings.database_url.expose(), connections)
+        .await
+        .context("connecting to DATABASE_URL")?;
+    tailor::db::migrate(&pool)
+        .await
+        .context("running database migrations")?;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("shutting down: no new stagings will be claimed");
+        signal.cancel();
+    });
+    println!("tailor work: {count} workers running");
+    tailor::staging::worker::run(pool, worker_settings, count, shutdown).await;
     Ok(())
 }

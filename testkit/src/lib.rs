@@ -13,6 +13,7 @@
 //! Nothing is assumed to be running: every component is started here and stopped on drop.
 
 pub mod access_log;
+pub mod callback_sink;
 pub mod db;
 pub mod fault_proxy;
 pub mod image;

@@ -1,7 +1,9 @@
 //! HTTP routes. Each module is one resource; [`configure`] mounts them all.
 
+mod diego;
 mod health;
 mod openapi;
+mod stage;
 
 use actix_web::web;
 
@@ -11,7 +13,16 @@ pub use openapi::openapi_document;
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/_ping", web::get().to(health::ping))
         .route("/_status", web::get().to(health::status))
-        .route("/openapi.json", web::get().to(openapi::serve));
+        .route("/openapi.json", web::get().to(openapi::serve))
+        .route("/stage", web::post().to(stage::create))
+        .route("/stage/{staging_guid}", web::get().to(stage::get))
+        .route("/stage/{staging_guid}", web::delete().to(stage::stop))
+        .route(
+            "/apps/{app_guid}/stagings",
+            web::get().to(stage::list_for_app),
+        )
+        .route("/v1/staging/{staging_guid}", web::put().to(diego::stage))
+        .route("/v1/staging/{staging_guid}", web::delete().to(diego::stop));
 }
 
 /// Unknown paths get the same JSON error shape as everything else.

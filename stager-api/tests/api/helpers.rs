@@ -1,16 +1,24 @@
-//! `spawn_app()`: the application on port 0 with a fresh database and internal registry.
+//! `spawn_app()`: the application on port 0 with a fresh database, an upstream "hub" and an
+//! internal registry, and in-process workers.
+
+use std::time::Duration;
 
 use stager_api::config::StagerSettings;
 use stager_api::startup::Application;
 use tailor::config::{Secret, TailorSettings};
+use tailor::staging::worker::WorkerSettings;
 use testkit::{TestDatabase, TestRegistry};
+use tokio_util::sync::CancellationToken;
 
 pub const TOKEN: &str = "test-token-0123456789abcdef";
 
 pub struct TestApp {
     pub address: String,
+    pub pool: sqlx::PgPool,
+    pub hub: TestRegistry,
     pub internal_registry: Option<TestRegistry>,
     pub client: reqwest::Client,
+    pub workers: CancellationToken,
 }
 
 impl TestApp {
@@ -21,31 +29,122 @@ impl TestApp {
     pub fn get_authed(&self, path: &str) -> reqwest::RequestBuilder {
         self.get(path).bearer_auth(TOKEN)
     }
+
+    pub fn post(&self, path: &str) -> reqwest::RequestBuilder {
+        self.client
+            .post(format!("{}{path}", self.address))
+            .bearer_auth(TOKEN)
+    }
+
+    pub fn put(&self, path: &str) -> reqwest::RequestBuilder {
+        self.client
+            .put(format!("{}{path}", self.address))
+            .bearer_auth(TOKEN)
+    }
+
+    pub fn delete(&self, path: &str) -> reqwest::RequestBuilder {
+        self.client
+            .delete(format!("{}{path}", self.address))
+            .bearer_auth(TOKEN)
+    }
+
+    pub fn internal(&self) -> &TestRegistry {
+        self.internal_registry
+            .as_ref()
+            .expect("internal registry running")
+    }
+
+    /// POSTs a staging and returns (status, body).
+    pub async fn stage(&self, body: serde_json::Value) -> (u16, serde_json::Value) {
+        let response = self.post("/stage").json(&body).send().await.unwrap();
+        let status = response.status().as_u16();
+        (
+            status,
+            response.json().await.unwrap_or(serde_json::Value::Null),
+        )
+    }
+
+    /// Polls the staging until it has finished; panics after a minute.
+    pub async fn wait_finished(&self, staging_guid: &str) -> serde_json::Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let body: serde_json::Value = self
+                .get_authed(&format!("/stage/{staging_guid}"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if matches!(
+                body["state"].as_str(),
+                Some("succeeded" | "failed" | "cancelled")
+            ) {
+                return body;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "staging {staging_guid} still {}",
+                body["state"]
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.workers.cancel();
+    }
 }
 
 pub async fn spawn_app() -> TestApp {
+    spawn_app_with(2, TestRegistry::anonymous()).await
+}
+
+/// The app with `workers` in-process workers (0: nothing is ever claimed) and `hub` upstream.
+pub async fn spawn_app_with(workers: usize, hub: TestRegistry) -> TestApp {
     testkit::init();
     let db = TestDatabase::new().await;
     let registry = TestRegistry::anonymous();
+    let key = tailor::secrets::CredentialsKey::generate();
     let settings = StagerSettings {
         tailor: TailorSettings {
             database_url: Secret::new(db.url.clone()),
             internal_registry: registry.host(),
             internal_registry_credentials: None,
-            insecure_registries: vec![registry.host()],
+            insecure_registries: vec![registry.host(), hub.host()],
             repo_prefix: "tailor".into(),
             default_registry: "docker.io".into(),
         },
         listen: "127.0.0.1:0".parse().unwrap(),
         api_tokens: vec![Secret::new(TOKEN)],
+        workers,
+        credentials_key: Some(key.clone()),
     };
     let pool = db.pool().await;
-    let app = Application::build(&settings, pool).expect("build the app");
+    let shutdown = CancellationToken::new();
+    if workers > 0 {
+        let mut worker_settings =
+            WorkerSettings::from_settings(&settings.tailor, Some(key), |_| None).unwrap();
+        worker_settings.poll_interval = Duration::from_millis(500);
+        let worker_pool = tailor::db::connect(&db.url, 40).await.unwrap();
+        tokio::spawn(tailor::staging::worker::run(
+            worker_pool,
+            worker_settings,
+            workers,
+            shutdown.clone(),
+        ));
+    }
+    let app = Application::build(&settings, pool.clone()).expect("build the app");
     let address = format!("http://{}", app.addr());
     tokio::spawn(app.run_until_stopped());
     TestApp {
         address,
+        pool,
+        hub,
         internal_registry: Some(registry),
         client: reqwest::Client::new(),
+        workers: shutdown,
     }
 }

@@ -83,6 +83,20 @@ impl BlobJob {
             }
         }
 
+        // If another copy is fetching this blob right now, wait for it: afterwards the blob
+        // is in the internal registry and a mount (or nothing) is all that is left to do.
+        let fetching = self.ledger.fetch_guard(&blob.digest).await;
+        if fetching.is_some() {
+            let head = self
+                .dest
+                .send(&push, || self.dest.request(Method::HEAD, &blob_path))
+                .await?;
+            if head.status() == StatusCode::OK {
+                self.ledger.record(blob, dst).await;
+                return Ok(BlobOutcome::Skipped);
+            }
+        }
+
         // A declined mount (202) opens an ordinary upload session. Keep the latest one for the
         // upload if every candidate declines; cancel the ones it replaces.
         let mut session: Option<UploadSession> = None;
@@ -205,6 +219,7 @@ impl BlobJob {
         }
         session.committed = true;
         self.ledger.record(blob, dst).await;
+        drop(fetching);
         Ok(BlobOutcome::Copied)
     }
 

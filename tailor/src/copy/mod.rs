@@ -43,12 +43,20 @@ impl Default for PlatformChoice {
     }
 }
 
+/// Held while a blob is fetched from upstream; dropping it lets waiting copies proceed.
+pub type FetchGuard = Box<dyn std::any::Any + Send>;
+
 /// Where else in the destination registry a blob may already be: the blob index.
 pub trait BlobLedger: Send + Sync {
     /// Repositories of the destination registry believed to hold `digest`, best first.
     fn mount_sources<'a>(&'a self, digest: &'a str) -> BoxFuture<'a, Vec<String>>;
     /// `blob` is now in `repository` of the destination registry.
     fn record<'a>(&'a self, blob: &'a Blob, repository: &'a str) -> BoxFuture<'a, ()>;
+    /// Waits until no other copy is fetching `digest`, then holds that right until the guard is
+    /// dropped. `None` when the ledger cannot coordinate (each copy then fetches on its own).
+    fn fetch_guard<'a>(&'a self, _digest: &'a str) -> BoxFuture<'a, Option<FetchGuard>> {
+        Box::pin(async { None })
+    }
 }
 
 /// A ledger that knows nothing (the CLI's default).

@@ -1,0 +1,231 @@
+//! `/stage`: create, read, cancel and list stagings.
+
+use actix_web::http::StatusCode;
+use actix_web::http::header::LOCATION;
+use actix_web::{HttpResponse, web};
+use serde::Deserialize;
+use tailor::platform::Platform;
+use tailor::reference::ImageReference;
+use tailor::registry::Credentials;
+use tailor::staging::store::{self, Created, Stopped, StoreError};
+use tailor::staging::{Api, NewStaging};
+use uuid::Uuid;
+
+use crate::auth::Authenticated;
+use crate::error::ApiError;
+use crate::startup::AppState;
+
+/// The body of `POST /stage`. Not `Debug`: it carries a password.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageRequest {
+    pub app_guid: String,
+    pub staging_guid: Option<String>,
+    pub image: String,
+    pub platform: Option<String>,
+    pub credentials: Option<CredentialsBody>,
+    pub completion_callback: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialsBody {
+    pub username: String,
+    pub password: String,
+}
+
+fn unprocessable(code: &'static str, message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
+}
+
+/// Parses a GUID from a request body field (422 when malformed).
+pub fn body_guid(field: &str, value: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(value.trim()).map_err(|_| {
+        unprocessable(
+            "INVALID_GUID",
+            format!("{field} {value:?} is not a GUID (e.g. 3f2a...-...)"),
+        )
+    })
+}
+
+/// Parses a GUID from the URL path (400 when malformed).
+pub fn path_guid(field: &str, value: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(value).map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "INVALID_GUID",
+            format!("{field} {value:?} in the URL is not a GUID"),
+        )
+    })
+}
+
+/// Validates everything a staging needs, whichever API it came through.
+#[allow(clippy::too_many_arguments)]
+pub fn new_staging(
+    state: &AppState,
+    staging_guid: Uuid,
+    app_guid: Uuid,
+    image: &str,
+    platform: Option<&str>,
+    credentials: Option<Credentials>,
+    completion_callback: Option<String>,
+    api: Api,
+) -> Result<NewStaging, ApiError> {
+    let image = ImageReference::parse_with_default(image, &state.tailor.default_registry)
+        .map_err(|e| unprocessable("INVALID_REFERENCE", e.to_string()))?;
+    let platform = match platform {
+        Some(text) => {
+            Platform::parse(text).map_err(|e| unprocessable("INVALID_PLATFORM", e.to_string()))?
+        }
+        None => Platform::default(),
+    };
+    if let Some(url) = &completion_callback {
+        let parsed = reqwest::Url::parse(url).map_err(|e| {
+            unprocessable(
+                "INVALID_CALLBACK",
+                format!("completion_callback {url:?} is not a URL: {e}"),
+            )
+        })?;
+        if !matches!(parsed.scheme(), "http" | "https") || parsed.host().is_none() {
+            return Err(unprocessable(
+                "INVALID_CALLBACK",
+                "completion_callback must be an http(s) URL with a host",
+            ));
+        }
+    }
+    if let Some(credentials) = &credentials
+        && (credentials.username.is_empty() || credentials.password.expose().is_empty())
+    {
+        return Err(unprocessable(
+            "INVALID_CREDENTIALS",
+            "credentials need a non-empty username and password",
+        ));
+    }
+    if credentials.is_some() && state.credentials_key.is_none() {
+        return Err(unprocessable(
+            "CREDENTIALS_NOT_ACCEPTED",
+            "this stager has no TAILOR_CREDENTIALS_KEY, so it cannot hold credentials",
+        ));
+    }
+    Ok(NewStaging {
+        staging_guid,
+        app_guid,
+        image,
+        platform,
+        credentials,
+        completion_callback,
+        api,
+    })
+}
+
+/// Stores `new` and answers 202 with the staging (the same one again for a repeated request).
+pub async fn accept(state: &AppState, new: &NewStaging) -> Result<HttpResponse, ApiError> {
+    let created = store::create(&state.db, new, state.credentials_key.as_ref())
+        .await
+        .map_err(|e| match e {
+            StoreError::Conflict(guid) => ApiError::new(
+                StatusCode::CONFLICT,
+                "STAGING_CONFLICT",
+                format!("staging {guid} already exists with a different request"),
+            ),
+            StoreError::NoCredentialsKey => {
+                unprocessable("CREDENTIALS_NOT_ACCEPTED", e.to_string())
+            }
+            StoreError::Database(error) => crate::error::database_error(&error),
+        })?;
+    let staging = match created {
+        Created::New(staging) => {
+            tracing::info!(staging_guid = %staging.staging_guid, app_guid = %staging.app_guid, image = %staging.source_image, "staging queued");
+            staging
+        }
+        Created::Existing(staging) => staging,
+    };
+    Ok(HttpResponse::Accepted()
+        .insert_header((LOCATION, format!("/stage/{}", staging.staging_guid)))
+        .json(staging.to_json()))
+}
+
+/// `POST /stage`
+pub async fn create(
+    _: Authenticated,
+    state: web::Data<AppState>,
+    body: web::Json<StageRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let body = body.into_inner();
+    let app_guid = body_guid("app_guid", &body.app_guid)?;
+    let staging_guid = match &body.staging_guid {
+        Some(guid) => body_guid("staging_guid", guid)?,
+        None => Uuid::new_v4(),
+    };
+    let credentials = body
+        .credentials
+        .map(|c| Credentials::new(c.username, c.password));
+    let new = new_staging(
+        &state,
+        staging_guid,
+        app_guid,
+        &body.image,
+        body.platform.as_deref(),
+        credentials,
+        body.completion_callback,
+        Api::Stage,
+    )?;
+    accept(&state, &new).await
+}
+
+/// `GET /stage/{staging_guid}`
+pub async fn get(
+    _: Authenticated,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let guid = path_guid("staging_guid", &path)?;
+    match store::get(&state.db, guid)
+        .await
+        .map_err(|e| crate::error::database_error(&e))?
+    {
+        Some(staging) => Ok(HttpResponse::Ok().json(staging.to_json())),
+        None => Err(ApiError::not_found(format!("no staging {guid}"))),
+    }
+}
+
+/// `DELETE /stage/{staging_guid}`: cancels a queued or running staging; releases a finished one.
+pub async fn stop(
+    _: Authenticated,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let guid = path_guid("staging_guid", &path)?;
+    stop_staging(&state, guid).await
+}
+
+pub async fn stop_staging(state: &AppState, guid: Uuid) -> Result<HttpResponse, ApiError> {
+    match store::stop(&state.db, guid)
+        .await
+        .map_err(|e| crate::error::database_error(&e))?
+    {
+        Stopped::Cancelled(staging) | Stopped::CancelRequested(staging) => {
+            tracing::info!(staging_guid = %guid, "staging cancellation requested");
+            Ok(HttpResponse::Accepted().json(staging.to_json()))
+        }
+        Stopped::Released(staging) => {
+            tracing::info!(staging_guid = %guid, "staging released");
+            Ok(HttpResponse::Ok().json(staging.to_json()))
+        }
+        Stopped::NotFound => Err(ApiError::not_found(format!("no staging {guid}"))),
+    }
+}
+
+/// `GET /apps/{app_guid}/stagings`
+pub async fn list_for_app(
+    _: Authenticated,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let app_guid = path_guid("app_guid", &path)?;
+    let stagings = store::list_for_app(&state.db, app_guid, 500)
+        .await
+        .map_err(|e| crate::error::database_error(&e))?;
+    let items: Vec<_> = stagings.iter().map(|s| s.to_json()).collect();
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "app_guid": app_guid, "stagings": items })))
+}

@@ -1,0 +1,209 @@
+//! Stagings: the domain record of "make this image available for this app", and the
+//! PostgreSQL-backed queue that workers take them from.
+//!
+//! - [`store`]: creating, reading, cancelling and releasing stagings (what the API does).
+//! - [`queue`]: claiming with `FOR UPDATE SKIP LOCKED`, leases and heartbeats, finishing
+//!   (what workers do); a staging's end and its callback are one transaction.
+//! - [`ledger`]: the blob index as a [`crate::copy::BlobLedger`], with a per-digest advisory
+//!   lock so that each upstream blob is fetched once across the fleet.
+//! - [`worker`]: the worker loop, LISTEN/NOTIFY wake-ups, drain on shutdown.
+//! - [`callbacks`]: the outbox deliverer.
+
+pub mod callbacks;
+pub mod ledger;
+pub mod queue;
+pub mod store;
+pub mod worker;
+
+use chrono::{DateTime, Utc};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use crate::platform::Platform;
+use crate::reference::ImageReference;
+use crate::registry::Credentials;
+
+/// Where a staging is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type, serde::Serialize)]
+#[sqlx(type_name = "staging_state", rename_all = "lowercase")]
+#[serde(rename_all = "lowercase")]
+pub enum StagingState {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl StagingState {
+    pub fn is_finished(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Running => "running",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// Which API a staging came through: it decides the completion callback's shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Api {
+    /// `POST /stage`: the callback receives the staging's JSON.
+    Stage,
+    /// `PUT /v1/staging/{guid}` from a Cloud Controller: the callback receives a StagingResponseForCC.
+    Diego,
+}
+
+impl Api {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stage => "stage",
+            Self::Diego => "diego",
+        }
+    }
+}
+
+/// A validated staging request.
+#[derive(Debug, Clone)]
+pub struct NewStaging {
+    pub staging_guid: Uuid,
+    pub app_guid: Uuid,
+    pub image: ImageReference,
+    pub platform: Platform,
+    pub credentials: Option<Credentials>,
+    pub completion_callback: Option<String>,
+    pub api: Api,
+}
+
+impl NewStaging {
+    /// What makes two requests "the same" for idempotency. The password is left out: a hash
+    /// of it at rest would be a way to guess it.
+    pub fn fingerprint(&self) -> Vec<u8> {
+        let mut hasher = Sha256::new();
+        for part in [
+            self.app_guid.to_string(),
+            self.image.to_string(),
+            self.platform.to_string(),
+            self.completion_callback.clone().unwrap_or_default(),
+            self.api.as_str().to_owned(),
+            self.credentials
+                .as_ref()
+                .map(|c| c.username.clone())
+                .unwrap_or_default(),
+        ] {
+            hasher.update(part.len().to_le_bytes());
+            hasher.update(part.as_bytes());
+        }
+        hasher.finalize().to_vec()
+    }
+}
+
+/// A staging as stored.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Staging {
+    pub staging_guid: Uuid,
+    pub app_guid: Uuid,
+    pub source_image: String,
+    pub platform: String,
+    pub api: String,
+    pub completion_callback: Option<String>,
+    pub state: StagingState,
+    pub attempts: i32,
+    pub cancel_requested: bool,
+    pub error_code: Option<String>,
+    pub error_message: Option<String>,
+    pub last_error: Option<String>,
+    pub source_digest: Option<String>,
+    pub pinned_image: Option<String>,
+    pub tagged_image: Option<String>,
+    pub bytes_total: Option<i64>,
+    pub bytes_done: i64,
+    pub bytes_copied: i64,
+    pub bytes_mounted: i64,
+    pub bytes_skipped: i64,
+    pub blobs_copied: i32,
+    pub blobs_mounted: i32,
+    pub blobs_skipped: i32,
+    pub start_command: Option<String>,
+    pub execution_metadata: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub released_at: Option<DateTime<Utc>>,
+}
+
+/// The columns [`Staging`] reads, for `SELECT`/`RETURNING` lists.
+pub const STAGING_COLUMNS: &str = "staging_guid, app_guid, source_image, platform, api, completion_callback, state, \
+     attempts, cancel_requested, error_code, error_message, last_error, source_digest, pinned_image, tagged_image, \
+     bytes_total, bytes_done, bytes_copied, bytes_mounted, bytes_skipped, blobs_copied, blobs_mounted, blobs_skipped, \
+     start_command, execution_metadata, created_at, updated_at, started_at, finished_at, released_at";
+
+impl Staging {
+    /// The staging's public JSON (the API's representation and the `stage` callback's body).
+    pub fn to_json(&self) -> Value {
+        let result = (self.state == StagingState::Succeeded).then(|| {
+            json!({
+                "pinned_image": self.pinned_image,
+                "tagged_image": self.tagged_image,
+                "source_digest": self.source_digest,
+                "blobs": { "copied": self.blobs_copied, "mounted": self.blobs_mounted, "skipped": self.blobs_skipped },
+                "bytes": { "copied": self.bytes_copied, "mounted": self.bytes_mounted, "skipped": self.bytes_skipped },
+                "process_types": { "web": self.start_command },
+            })
+        });
+        let error = self
+            .error_code
+            .as_ref()
+            .map(|code| json!({ "code": code, "message": self.error_message }));
+        json!({
+            "staging_guid": self.staging_guid,
+            "app_guid": self.app_guid,
+            "image": self.source_image,
+            "platform": self.platform,
+            "state": self.state,
+            "attempts": self.attempts,
+            "progress": { "bytes_done": self.bytes_done, "bytes_total": self.bytes_total },
+            "result": result,
+            "error": error,
+            "completion_callback": self.completion_callback,
+            "created_at": self.created_at,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "released_at": self.released_at,
+        })
+    }
+
+    /// The body POSTed to the completion callback when the staging ends.
+    pub fn callback_payload(&self) -> Value {
+        if self.api != Api::Diego.as_str() {
+            return self.to_json();
+        }
+        match self.state {
+            StagingState::Succeeded => json!({
+                "result": {
+                    "lifecycle_type": "docker",
+                    "lifecycle_metadata": { "docker_image": self.pinned_image },
+                    "process_types": { "web": self.start_command.clone().unwrap_or_default() },
+                    "execution_metadata": self.execution_metadata.clone().unwrap_or_else(|| "{}".into()),
+                }
+            }),
+            _ => json!({
+                "error": {
+                    "id": "StagingError",
+                    "message": match (&self.error_code, &self.error_message) {
+                        (Some(code), Some(message)) => format!("{code}: {message}"),
+                        _ => format!("staging {}", self.state.as_str()),
+                    },
+                }
+            }),
+        }
+    }
+}
