@@ -26,6 +26,32 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// The API token every spec uses.
+pub const TOKEN: &str = "spec-token-0123456789abcdef";
+
+/// `stager-api` configured from a clean environment: `database_url`, the internal registry
+/// `internal`, plain HTTP to every host in `insecure`, port 0, and `extra` settings.
+pub fn stager_api(
+    database_url: &str,
+    internal: &str,
+    insecure: &[String],
+    extra: &[(&str, &str)],
+) -> Command {
+    let mut command = Command::new(binary("stager-api"));
+    command
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("DATABASE_URL", database_url)
+        .env("TAILOR_INTERNAL_REGISTRY", internal)
+        .env("TAILOR_INSECURE_REGISTRIES", insecure.join(","))
+        .env("STAGER_API_TOKENS", TOKEN)
+        .env("STAGER_LISTEN", "127.0.0.1:0");
+    for (key, value) in extra {
+        command.env(key, value);
+    }
+    command
+}
+
 /// A service binary we started; killed on drop if still running.
 pub struct Service {
     pub child: Child,
@@ -36,10 +62,13 @@ pub struct Service {
 impl Service {
     /// Spawns `command` and waits for its `... listening on http://...` line on stdout.
     pub fn start(mut command: Command) -> Self {
-        command
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .stdin(Stdio::null());
+        command.stderr(Stdio::inherit());
+        Self::start_quiet(command)
+    }
+
+    /// Like [`Service::start`], leaving stderr as the caller configured it.
+    pub fn start_quiet(mut command: Command) -> Self {
+        command.stdout(Stdio::piped()).stdin(Stdio::null());
         let mut child = command.spawn().expect("spawn the service");
         let stdout = child.stdout.take().expect("piped stdout");
         let (tx, rx) = std::sync::mpsc::channel();

@@ -3,22 +3,11 @@
 use std::process::Command;
 use std::time::Duration;
 
-use specs::{Service, alive, binary, children_of};
+use specs::{Service, TOKEN, alive, binary, children_of};
 use testkit::{TestDatabase, TestRegistry};
 
-const TOKEN: &str = "spec-token-0123456789abcdef";
-
 fn configured(db: &TestDatabase, registry: &TestRegistry) -> Command {
-    let mut command = Command::new(binary("stager-api"));
-    command
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("DATABASE_URL", &db.url)
-        .env("TAILOR_INTERNAL_REGISTRY", registry.host())
-        .env("TAILOR_INSECURE_REGISTRIES", registry.host())
-        .env("STAGER_API_TOKENS", TOKEN)
-        .env("STAGER_LISTEN", "127.0.0.1:0");
-    command
+    specs::stager_api(&db.url, &registry.host(), &[registry.host()], &[])
 }
 
 #[tokio::test]

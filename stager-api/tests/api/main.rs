@@ -2,6 +2,7 @@
 //! its own and a real internal registry.
 
 mod diego;
+mod fleet;
 mod health;
 mod helpers;
 mod stage;
