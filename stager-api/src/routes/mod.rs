@@ -2,6 +2,7 @@
 
 mod diego;
 mod health;
+mod metrics;
 mod openapi;
 mod stage;
 
@@ -14,6 +15,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/_ping", web::get().to(health::ping))
         .route("/_status", web::get().to(health::status))
         .route("/openapi.json", web::get().to(openapi::serve))
+        .route("/metrics", web::get().to(metrics::serve))
         .route("/stage", web::post().to(stage::create))
         .route("/stage/{staging_guid}", web::get().to(stage::get))
         .route("/stage/{staging_guid}", web::delete().to(stage::stop))

@@ -252,3 +252,78 @@ async fn private_images_use_credentials_only_while_staging() {
             .unwrap();
     assert!(erased.is_none(), "erased when the staging ended");
 }
+
+#[tokio::test]
+async fn metrics_report_stagings_bytes_and_durations() {
+    let app = spawn_app().await;
+    let image = ImageSpec::seeded(ManifestFormat::Docker, 1030, 2, 4096).build();
+    app.hub.push("metrics/app:v1", &image).await;
+    let (_, body) = app.stage(json!({ "app_guid": Uuid::new_v4(), "image": format!("{}/metrics/app:v1", app.hub.host()) })).await;
+    app.wait_finished(body["staging_guid"].as_str().unwrap())
+        .await;
+
+    assert_eq!(app.get("/metrics").send().await.unwrap().status(), 401);
+    let text = app
+        .get_authed("/metrics")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "tailor_stagings{state=\"succeeded\"} 1".to_owned(),
+        "tailor_queue_depth 0".to_owned(),
+        format!(
+            "tailor_blob_bytes_total{{kind=\"copied\"}} {}",
+            image.blob_bytes()
+        ),
+        "tailor_copy_duration_seconds_count 1".to_owned(),
+        "tailor_copy_duration_seconds_bucket{le=\"+Inf\"} 1".to_owned(),
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing {line:?} in\n{text}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn database_outage_answers_503_with_retry_after_and_writes_nothing() {
+    // A database of its own, so that stopping it disturbs no other test.
+    let postgres = tailor::embedded::EmbeddedPostgres::start().unwrap();
+    let url = postgres.url("postgres");
+    let pool = tailor::db::connect(&url, 2).await.unwrap();
+    tailor::db::migrate(&pool).await.unwrap();
+    let registry = TestRegistry::anonymous();
+    let settings = stager_api::config::StagerSettings {
+        tailor: tailor::config::TailorSettings {
+            database_url: tailor::config::Secret::new(url.clone()),
+            internal_registry: registry.host(),
+            internal_registry_credentials: None,
+            insecure_registries: vec![registry.host()],
+            repo_prefix: "tailor".into(),
+            default_registry: "docker.io".into(),
+        },
+        listen: "127.0.0.1:0".parse().unwrap(),
+        api_tokens: vec![tailor::config::Secret::new(crate::helpers::TOKEN)],
+        workers: 0,
+        credentials_key: None,
+    };
+    let app = stager_api::startup::Application::build(&settings, pool).unwrap();
+    let base = format!("http://{}", app.addr());
+    tokio::spawn(app.run_until_stopped());
+    drop(postgres);
+
+    let response = reqwest::Client::new()
+        .post(format!("{base}/stage"))
+        .bearer_auth(crate::helpers::TOKEN)
+        .json(&json!({ "app_guid": Uuid::new_v4(), "image": "redis" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    assert!(response.headers().contains_key("retry-after"));
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["code"], "DATABASE_UNAVAILABLE");
+}

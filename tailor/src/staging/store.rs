@@ -195,3 +195,55 @@ pub async fn count_by_state(pool: &PgPool) -> Result<Vec<(StagingState, i64)>, s
         .fetch_all(pool)
         .await
 }
+
+/// Cluster-wide figures for `/metrics`, read from the database so that every stager reports
+/// the same numbers whichever process did the work.
+#[derive(Debug, Default)]
+pub struct MetricsSnapshot {
+    pub by_state: Vec<(StagingState, i64)>,
+    pub bytes_copied: i64,
+    pub bytes_mounted: i64,
+    pub bytes_skipped: i64,
+    /// Cumulative counts of successful copy durations at or under each bound, in seconds.
+    pub duration_buckets: Vec<(f64, i64)>,
+    pub duration_count: i64,
+    pub duration_sum_seconds: f64,
+    pub callbacks_pending: i64,
+}
+
+/// Histogram bounds for copy durations, in seconds.
+pub const DURATION_BUCKETS: [f64; 9] = [0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0];
+
+pub async fn metrics_snapshot(pool: &PgPool) -> Result<MetricsSnapshot, sqlx::Error> {
+    let by_state = count_by_state(pool).await?;
+    let (bytes_copied, bytes_mounted, bytes_skipped, count, sum): (i64, i64, i64, i64, f64) = sqlx::query_as(
+        "SELECT coalesce(sum(bytes_copied), 0)::bigint, coalesce(sum(bytes_mounted), 0)::bigint, \
+         coalesce(sum(bytes_skipped), 0)::bigint, count(*), \
+         coalesce(sum(extract(epoch FROM finished_at - started_at)), 0)::float8 \
+         FROM stagings WHERE state = 'succeeded'",
+    )
+    .fetch_one(pool)
+    .await?;
+    let bounds: Vec<f64> = DURATION_BUCKETS.to_vec();
+    let counts: Vec<i64> = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM stagings WHERE state = 'succeeded' \
+                 AND extract(epoch FROM finished_at - started_at) <= b) FROM unnest($1::float8[]) AS b",
+    )
+    .bind(&bounds)
+    .fetch_all(pool)
+    .await?;
+    let callbacks_pending: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM callbacks WHERE delivered_at IS NULL")
+            .fetch_one(pool)
+            .await?;
+    Ok(MetricsSnapshot {
+        by_state,
+        bytes_copied,
+        bytes_mounted,
+        bytes_skipped,
+        duration_buckets: bounds.into_iter().zip(counts).collect(),
+        duration_count: count,
+        duration_sum_seconds: sum,
+        callbacks_pending,
+    })
+}
