@@ -56,6 +56,13 @@ impl FromRequest for Authenticated {
 }
 
 fn authenticate(req: &HttpRequest) -> Result<Authenticated, ApiError> {
+    // Under mutual TLS the handshake already verified the client's certificate.
+    if req
+        .conn_data::<crate::tls::VerifiedClientCertificate>()
+        .is_some()
+    {
+        return Ok(Authenticated);
+    }
     let tokens = req
         .app_data::<web::Data<ApiTokens>>()
         .expect("ApiTokens are registered by startup");

@@ -18,6 +18,8 @@ pub struct StagerSettings {
     pub workers: usize,
     /// `TAILOR_CREDENTIALS_KEY`: encrypts private-image credentials at rest.
     pub credentials_key: Option<tailor::secrets::CredentialsKey>,
+    /// `STAGER_TLS_CERT` / `STAGER_TLS_KEY` / `STAGER_TLS_CLIENT_CA`: HTTPS, optionally mutual.
+    pub tls: Option<crate::tls::TlsSettings>,
 }
 
 impl StagerSettings {
@@ -40,6 +42,7 @@ impl StagerSettings {
             api_tokens,
             workers,
             credentials_key,
+            tls: crate::tls::TlsSettings::from_lookup(&lookup)?,
         })
     }
 }

@@ -96,7 +96,7 @@ async fn serve(settings: StagerSettings) -> anyhow::Result<()> {
     let app = Application::build(&settings, db)
         .with_context(|| format!("binding STAGER_LISTEN={}", settings.listen))?;
     // One line on stdout, for scripts and tests that start us on port 0; logs go to stderr.
-    println!("stager-api listening on http://{}", app.addr());
+    println!("stager-api listening on {}", app.base_url());
     tracing::info!(addr = %app.addr(), "stager-api listening");
     // Returns after SIGINT/SIGTERM, once in-flight requests are answered.
     let served = app.run_until_stopped().await;
@@ -145,6 +145,7 @@ async fn embedded(listen: &str, default_registry: String) -> anyhow::Result<()> 
         )
         .map_err(config_error)?,
         credentials_key: Some(CredentialsKey::generate()),
+        tls: None,
     };
     eprintln!("embedded PostgreSQL:        {}", postgres.url("postgres"));
     eprintln!("embedded internal registry: {}", registry.base_url());

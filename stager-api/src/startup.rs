@@ -29,6 +29,7 @@ pub struct AppState {
 pub struct Application {
     addr: SocketAddr,
     server: Server,
+    https: bool,
 }
 
 impl Application {
@@ -71,15 +72,36 @@ impl Application {
                 )
                 .configure(crate::routes::configure)
                 .default_service(web::to(crate::routes::not_found))
-        })
-        .listen(listener)?
+        });
+        let server = match &settings.tls {
+            Some(tls) => {
+                let config = tls.server_config().map_err(std::io::Error::other)?;
+                server
+                    .on_connect(crate::tls::record_client_certificate)
+                    .listen_rustls_0_23(listener, config)?
+            }
+            None => server.listen(listener)?,
+        }
         .run();
-        Ok(Self { addr, server })
+        Ok(Self {
+            addr,
+            server,
+            https: settings.tls.is_some(),
+        })
     }
 
     /// The address actually bound (the real port when 0 was asked for).
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// `http(s)://<addr>`.
+    pub fn base_url(&self) -> String {
+        format!(
+            "{}://{}",
+            if self.https { "https" } else { "http" },
+            self.addr
+        )
     }
 
     /// Serves until SIGINT/SIGTERM, then drains in-flight requests.

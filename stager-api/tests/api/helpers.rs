@@ -121,6 +121,7 @@ pub async fn spawn_app_with(workers: usize, hub: TestRegistry) -> TestApp {
         api_tokens: vec![Secret::new(TOKEN)],
         workers,
         credentials_key: Some(key.clone()),
+        tls: None,
     };
     let pool = db.pool().await;
     let shutdown = CancellationToken::new();

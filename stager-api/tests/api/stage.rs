@@ -309,6 +309,7 @@ async fn database_outage_answers_503_with_retry_after_and_writes_nothing() {
         api_tokens: vec![tailor::config::Secret::new(crate::helpers::TOKEN)],
         workers: 0,
         credentials_key: None,
+        tls: None,
     };
     let app = stager_api::startup::Application::build(&settings, pool).unwrap();
     let base = format!("http://{}", app.addr());
