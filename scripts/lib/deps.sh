@@ -24,7 +24,7 @@ _have_postgres() {
     compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null
 }
 
-# ensure_deps NAME... where NAME is postgres, registry or skopeo.
+# ensure_deps NAME... where NAME is postgres, registry, skopeo or wrk.
 ensure_deps() {
     local missing=()
     for dep in "$@"; do
@@ -32,6 +32,7 @@ ensure_deps() {
             postgres) _have_postgres || missing+=(postgresql) ;;
             registry) command -v docker-registry >/dev/null 2>&1 || missing+=(docker-registry) ;;
             skopeo) command -v skopeo >/dev/null 2>&1 || missing+=(skopeo) ;;
+            wrk) command -v wrk >/dev/null 2>&1 || missing+=(wrk) ;;
             *) echo "ensure_deps: unknown dependency $dep" >&2; return 2 ;;
         esac
     done
