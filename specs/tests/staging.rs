@@ -122,6 +122,119 @@ async fn a_worker_killed_mid_copy_is_replaced_and_the_staging_finishes() {
     );
     let pinned = done["result"]["pinned_image"].as_str().unwrap();
     assert_eq!(skopeo::digest(pinned, None).unwrap(), image.digest);
+    let layout = tempfile::tempdir().unwrap();
+    skopeo::copy_to_oci_layout(pinned, None, layout.path(), false).unwrap();
+}
+
+/// Waits until a worker has claimed the staging (its copy starts at once).
+async fn wait_running(api: &Service, guid: &str) {
+    loop {
+        let body = get(api, guid).await;
+        if body["state"] == "running" {
+            return;
+        }
+        assert_eq!(body["state"], "queued", "{body}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn sigterm_drains_a_worker_and_the_staging_goes_back_to_the_queue() {
+    let db = TestDatabase::new().await;
+    let (hub, internal) = (TestRegistry::anonymous(), TestRegistry::anonymous());
+    let insecure = [hub.host(), internal.host()];
+    let image = tokio::task::spawn_blocking(|| {
+        ImageSpec::seeded(ManifestFormat::Oci, 1330, 3, 128 * 1024 * 1024).build()
+    })
+    .await
+    .unwrap();
+    hub.push("drain/app:v1", &image).await;
+    let api = Service::start(stager_api(
+        &db.url,
+        &internal.host(),
+        &insecure,
+        &[("STAGER_WORKERS", "0")],
+    ));
+    let mut draining = Command::new(binary("tailor"))
+        .args(["work", "--workers", "1"])
+        .env("DATABASE_URL", &db.url)
+        .env("TAILOR_INTERNAL_REGISTRY", internal.host())
+        .env("TAILOR_INSECURE_REGISTRIES", insecure.join(","))
+        // No time to finish: the copy is cancelled and handed back at once.
+        .env("TAILOR_DRAIN_SECONDS", "0")
+        .env("TAILOR_POLL_SECONDS", "1")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let staged = stage(
+        &api,
+        json!({ "app_guid": Uuid::new_v4(), "image": format!("{}/drain/app:v1", hub.host()) }),
+    )
+    .await;
+    let guid = staged["staging_guid"].as_str().unwrap().to_owned();
+    wait_running(&api, &guid).await;
+
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(draining.id() as libc::pid_t, libc::SIGTERM) };
+    let status = draining.wait().unwrap();
+    assert!(
+        status.success(),
+        "the worker exits cleanly after draining: {status}"
+    );
+    let body = get(&api, &guid).await;
+    assert_eq!(body["state"], "queued", "handed back, not lost: {body}");
+    assert_eq!(body["attempts"], 0, "a drained attempt does not count");
+
+    let mut next = worker(&db, &internal.host(), &insecure);
+    let done = wait_finished(&api, &guid, Duration::from_secs(120)).await;
+    next.kill().ok();
+    next.wait().ok();
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(done["result"]["source_digest"], image.digest.as_str());
+}
+
+#[tokio::test]
+async fn cancelling_a_running_staging_stops_its_copy() {
+    let db = TestDatabase::new().await;
+    let (hub, internal) = (TestRegistry::anonymous(), TestRegistry::anonymous());
+    let insecure = [hub.host(), internal.host()];
+    let image = tokio::task::spawn_blocking(|| {
+        ImageSpec::seeded(ManifestFormat::Docker, 1340, 3, 128 * 1024 * 1024).build()
+    })
+    .await
+    .unwrap();
+    hub.push("cancel/app:v1", &image).await;
+    let api = Service::start(stager_api(
+        &db.url,
+        &internal.host(),
+        &insecure,
+        &[("STAGER_WORKERS", "1")],
+    ));
+    let app_guid = Uuid::new_v4();
+    let staged = stage(
+        &api,
+        json!({ "app_guid": app_guid, "image": format!("{}/cancel/app:v1", hub.host()) }),
+    )
+    .await;
+    let guid = staged["staging_guid"].as_str().unwrap().to_owned();
+    wait_running(&api, &guid).await;
+
+    let response = reqwest::Client::new()
+        .delete(format!("{}/stage/{guid}", api.base_url))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let done = wait_finished(&api, &guid, Duration::from_secs(60)).await;
+    assert_eq!(done["state"], "cancelled", "{done}");
+    let tag = reqwest::get(format!(
+        "{}/v2/tailor/{app_guid}/manifests/{guid}",
+        internal.base_url()
+    ))
+    .await
+    .unwrap();
+    assert_eq!(tag.status(), 404, "a cancelled staging tags nothing");
 }
 
 #[tokio::test]

@@ -19,7 +19,11 @@ use uuid::Uuid;
 
 const MIB: u64 = 1024 * 1024;
 
-async fn wait_all(client: &reqwest::Client, base: &str, guids: &[String]) -> Vec<serde_json::Value> {
+async fn wait_all(
+    client: &reqwest::Client,
+    base: &str,
+    guids: &[String],
+) -> Vec<serde_json::Value> {
     let mut done = Vec::new();
     for guid in guids {
         loop {
@@ -32,7 +36,10 @@ async fn wait_all(client: &reqwest::Client, base: &str, guids: &[String]) -> Vec
                 .json()
                 .await
                 .unwrap();
-            if matches!(body["state"].as_str(), Some("succeeded" | "failed" | "cancelled")) {
+            if matches!(
+                body["state"].as_str(),
+                Some("succeeded" | "failed" | "cancelled")
+            ) {
                 done.push(body);
                 break;
             }
@@ -53,13 +60,20 @@ async fn main() {
     let (hub, internal) = (TestRegistry::anonymous(), TestRegistry::anonymous());
     let insecure = [hub.host(), internal.host()];
     eprintln!("building a 256 MiB image (4 x 64 MiB layers)...");
-    let image = tokio::task::spawn_blocking(|| ImageSpec::seeded(ManifestFormat::Docker, 7000, 4, 64 * MIB).build())
-        .await
-        .unwrap();
+    let image = tokio::task::spawn_blocking(|| {
+        ImageSpec::seeded(ManifestFormat::Docker, 7000, 4, 64 * MIB).build()
+    })
+    .await
+    .unwrap();
     hub.push("bench/app:v1", &image).await;
     let source = format!("{}/bench/app:v1", hub.host());
     let api = Service::start_quiet({
-        let mut command = stager_api(&db.url, &internal.host(), &insecure, &[("STAGER_WORKERS", "8"), ("RUST_LOG", "warn")]);
+        let mut command = stager_api(
+            &db.url,
+            &internal.host(),
+            &insecure,
+            &[("STAGER_WORKERS", "8"), ("RUST_LOG", "warn")],
+        );
         command.stderr(Stdio::null());
         command
     });
@@ -72,9 +86,18 @@ async fn main() {
         let url = format!("{}/stage", api.base_url);
         let body = json!({ "app_guid": Uuid::new_v4(), "image": source });
         async move {
-            let response = client.post(url).bearer_auth(TOKEN).json(&body).send().await.unwrap();
+            let response = client
+                .post(url)
+                .bearer_auth(TOKEN)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
             assert_eq!(response.status(), 202);
-            response.json::<serde_json::Value>().await.unwrap()["staging_guid"].as_str().unwrap().to_owned()
+            response.json::<serde_json::Value>().await.unwrap()["staging_guid"]
+                .as_str()
+                .unwrap()
+                .to_owned()
         }
     });
     let guids: Vec<String> = futures_util::future::join_all(posts).await;
@@ -83,7 +106,10 @@ async fn main() {
     let succeeded = done.iter().filter(|d| d["state"] == "succeeded").count();
     let served = hub.blob_bytes_served();
     let (copied, mounted): (u64, u64) = done.iter().fold((0, 0), |(c, m), d| {
-        (c + d["result"]["blobs"]["copied"].as_u64().unwrap_or(0), m + d["result"]["blobs"]["mounted"].as_u64().unwrap_or(0))
+        (
+            c + d["result"]["blobs"]["copied"].as_u64().unwrap_or(0),
+            m + d["result"]["blobs"]["mounted"].as_u64().unwrap_or(0),
+        )
     });
 
     // 2. Restage latency: the image is already staged for this app.
@@ -98,7 +124,10 @@ async fn main() {
             .send()
             .await
             .unwrap();
-        let guid = response.json::<serde_json::Value>().await.unwrap()["staging_guid"].as_str().unwrap().to_owned();
+        let guid = response.json::<serde_json::Value>().await.unwrap()["staging_guid"]
+            .as_str()
+            .unwrap()
+            .to_owned();
         let result = wait_all(&client, &api.base_url, std::slice::from_ref(&guid)).await;
         assert_eq!(result[0]["state"], "succeeded");
         restage.push(started.elapsed());
@@ -107,7 +136,12 @@ async fn main() {
 
     // 3. Acceptance under load, on a stager without workers.
     let acceptor = Service::start_quiet({
-        let mut command = stager_api(&db.url, &internal.host(), &insecure, &[("STAGER_WORKERS", "0"), ("RUST_LOG", "error")]);
+        let mut command = stager_api(
+            &db.url,
+            &internal.host(),
+            &insecure,
+            &[("STAGER_WORKERS", "0"), ("RUST_LOG", "error")],
+        );
         command.stderr(Stdio::null());
         command
     });
@@ -149,17 +183,23 @@ end
     };
     let accepted: i64 = {
         let pool = tailor::db::connect(&db.url, 1).await.unwrap();
-        sqlx::query_scalar("SELECT count(*) FROM stagings WHERE source_image = 'docker.io/library/redis:7'")
-            .fetch_one(&pool)
-            .await
-            .unwrap()
+        sqlx::query_scalar(
+            "SELECT count(*) FROM stagings WHERE source_image = 'docker.io/library/redis:7'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap()
     };
 
     println!("tailor staging benchmark");
     println!();
     println!("| measurement | result | target |");
     println!("|---|---|---|");
-    println!("| 100 concurrent stagings of one new {} MiB image: succeeded | {succeeded}/100 in {:.1} s | 100/100 |", image.blob_bytes() / MIB, fleet_time.as_secs_f64());
+    println!(
+        "| 100 concurrent stagings of one new {} MiB image: succeeded | {succeeded}/100 in {:.1} s | 100/100 |",
+        image.blob_bytes() / MIB,
+        fleet_time.as_secs_f64()
+    );
     println!(
         "| upstream bytes served (registry access log) / image bytes | {served} / {} = {:.3}x | <= 1.05x |",
         image.blob_bytes(),
@@ -172,5 +212,7 @@ end
         percentile(&restage, 0.9).as_secs_f64() * 1000.0,
         restage.last().unwrap().as_secs_f64() * 1000.0
     );
-    println!("| POST /stage under wrk (2 threads, 32 connections, 10 s) | {wrk_line}; {accepted} rows written | >= 1000 rps, p99 < 50 ms |");
+    println!(
+        "| POST /stage under wrk (2 threads, 32 connections, 10 s) | {wrk_line}; {accepted} rows written | >= 1000 rps, p99 < 50 ms |"
+    );
 }

@@ -74,25 +74,22 @@ impl WorkerSettings {
         credentials_key: Option<CredentialsKey>,
         lookup: impl Fn(&str) -> Option<String>,
     ) -> Result<Self, crate::config::ConfigError> {
-        let number = |setting: &'static str,
-                      default: u64,
-                      max: u64|
-         -> Result<u64, crate::config::ConfigError> {
-            match lookup(setting)
-                .map(|v| v.trim().to_owned())
-                .filter(|v| !v.is_empty())
-            {
-                None => Ok(default),
-                Some(text) => text
-                    .parse::<u64>()
-                    .ok()
-                    .filter(|n| (1..=max).contains(n))
-                    .ok_or_else(|| crate::config::ConfigError::Invalid {
-                        setting,
-                        problem: format!("{text:?} is not a whole number from 1 to {max}"),
-                    }),
-            }
+        let ranged = |setting: &'static str, default: u64, min: u64, max: u64| match lookup(setting)
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+        {
+            None => Ok(default),
+            Some(text) => text
+                .parse::<u64>()
+                .ok()
+                .filter(|n| (min..=max).contains(n))
+                .ok_or_else(|| crate::config::ConfigError::Invalid {
+                    setting,
+                    problem: format!("{text:?} is not a whole number from {min} to {max}"),
+                }),
         };
+        let number =
+            |setting: &'static str, default: u64, max: u64| ranged(setting, default, 1, max);
         let mut worker = Self::new(&settings.internal_registry, &settings.repo_prefix);
         worker.internal_credentials = settings
             .internal_registry_credentials
@@ -104,7 +101,8 @@ impl WorkerSettings {
         worker.poll_interval = Duration::from_secs(number("TAILOR_POLL_SECONDS", 5, 600)?);
         worker.max_attempts = number("TAILOR_MAX_ATTEMPTS", 5, 100)? as i32;
         worker.concurrency = number("TAILOR_COPY_CONCURRENCY", 8, 64)? as usize;
-        worker.drain_timeout = Duration::from_secs(number("TAILOR_DRAIN_SECONDS", 60, 3600)?);
+        // 0: on shutdown, hand in-flight stagings back at once.
+        worker.drain_timeout = Duration::from_secs(ranged("TAILOR_DRAIN_SECONDS", 60, 0, 3600)?);
         Ok(worker)
     }
 }
@@ -502,7 +500,8 @@ async fn keep_alive(
             .get_or_insert(reason);
         cancel.cancel();
     };
-    let mut ticker = tokio::time::interval(lease / 3);
+    // Progress is published every second (GET /stage shows it); the lease needs far less.
+    let mut ticker = tokio::time::interval((lease / 3).min(Duration::from_secs(1)));
     ticker.tick().await;
     let mut drain_deadline = None;
     loop {
