@@ -52,6 +52,52 @@ pub fn stager_api(
     command
 }
 
+/// `POST /stage` with `body`; asserts 202 and returns the staging.
+pub async fn stage(api: &Service, body: serde_json::Value) -> serde_json::Value {
+    let response = reqwest::Client::new()
+        .post(format!("{}/stage", api.base_url))
+        .bearer_auth(TOKEN)
+        .json(&body)
+        .send()
+        .await
+        .expect("POST /stage");
+    assert_eq!(response.status(), 202);
+    response.json().await.expect("a staging")
+}
+
+/// `GET /stage/{guid}`.
+pub async fn get(api: &Service, guid: &str) -> serde_json::Value {
+    reqwest::Client::new()
+        .get(format!("{}/stage/{guid}", api.base_url))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("GET /stage")
+        .json()
+        .await
+        .expect("a staging")
+}
+
+/// Polls every few milliseconds until the staging has finished; panics after `timeout`.
+pub async fn wait_finished(api: &Service, guid: &str, timeout: Duration) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let body = get(api, guid).await;
+        if matches!(
+            body["state"].as_str(),
+            Some("succeeded" | "failed" | "cancelled")
+        ) {
+            return body;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "staging {guid} still {}",
+            body["state"]
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
 /// A service binary we started; killed on drop if still running.
 pub struct Service {
     pub child: Child,

@@ -6,56 +6,13 @@ use std::time::Duration;
 
 use base64::Engine;
 use serde_json::json;
-use specs::{Service, TOKEN, binary, stager_api};
+use specs::{Service, TOKEN, binary, get, stage, stager_api, wait_finished};
 use testkit::callback_sink::CallbackSink;
 use testkit::image::{ImageSpec, ManifestFormat};
 use testkit::{TestDatabase, TestRegistry, skopeo};
 use uuid::Uuid;
 
 const KEY: &str = "q83vEjRWeJq83vEjRWeJq83vEjRWeJq83vEjRWeJq80=";
-
-async fn stage(api: &Service, body: serde_json::Value) -> serde_json::Value {
-    let response = reqwest::Client::new()
-        .post(format!("{}/stage", api.base_url))
-        .bearer_auth(TOKEN)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 202);
-    response.json().await.unwrap()
-}
-
-async fn get(api: &Service, guid: &str) -> serde_json::Value {
-    reqwest::Client::new()
-        .get(format!("{}/stage/{guid}", api.base_url))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
-async fn wait_finished(api: &Service, guid: &str, timeout: Duration) -> serde_json::Value {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        let body = get(api, guid).await;
-        if matches!(
-            body["state"].as_str(),
-            Some("succeeded" | "failed" | "cancelled")
-        ) {
-            return body;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "still {}",
-            body["state"]
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 fn worker(db: &TestDatabase, internal: &str, insecure: &[String]) -> std::process::Child {
     Command::new(binary("tailor"))

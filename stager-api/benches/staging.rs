@@ -19,32 +19,10 @@ use uuid::Uuid;
 
 const MIB: u64 = 1024 * 1024;
 
-async fn wait_all(
-    client: &reqwest::Client,
-    base: &str,
-    guids: &[String],
-) -> Vec<serde_json::Value> {
+async fn wait_all(api: &Service, guids: &[String]) -> Vec<serde_json::Value> {
     let mut done = Vec::new();
     for guid in guids {
-        loop {
-            let body: serde_json::Value = client
-                .get(format!("{base}/stage/{guid}"))
-                .bearer_auth(TOKEN)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            if matches!(
-                body["state"].as_str(),
-                Some("succeeded" | "failed" | "cancelled")
-            ) {
-                done.push(body);
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
+        done.push(specs::wait_finished(api, guid, Duration::from_secs(600)).await);
     }
     done
 }
@@ -101,7 +79,7 @@ async fn main() {
         }
     });
     let guids: Vec<String> = futures_util::future::join_all(posts).await;
-    let done = wait_all(&client, &api.base_url, &guids).await;
+    let done = wait_all(&api, &guids).await;
     let fleet_time = started.elapsed();
     let succeeded = done.iter().filter(|d| d["state"] == "succeeded").count();
     let served = hub.blob_bytes_served();
@@ -128,7 +106,7 @@ async fn main() {
             .as_str()
             .unwrap()
             .to_owned();
-        let result = wait_all(&client, &api.base_url, std::slice::from_ref(&guid)).await;
+        let result = wait_all(&api, std::slice::from_ref(&guid)).await;
         assert_eq!(result[0]["state"], "succeeded");
         restage.push(started.elapsed());
     }

@@ -98,6 +98,28 @@ impl Drop for TestApp {
     }
 }
 
+/// Settings for an app on port 0 with `TOKEN`, the internal registry `internal`, plain HTTP to
+/// it and to `also_insecure`, and no workers, credentials key or TLS.
+pub fn settings(database_url: &str, internal: &str, also_insecure: &[String]) -> StagerSettings {
+    let mut insecure_registries = vec![internal.to_owned()];
+    insecure_registries.extend_from_slice(also_insecure);
+    StagerSettings {
+        tailor: TailorSettings {
+            database_url: Secret::new(database_url),
+            internal_registry: internal.to_owned(),
+            internal_registry_credentials: None,
+            insecure_registries,
+            repo_prefix: "tailor".into(),
+            default_registry: "docker.io".into(),
+        },
+        listen: "127.0.0.1:0".parse().unwrap(),
+        api_tokens: vec![Secret::new(TOKEN)],
+        workers: 0,
+        credentials_key: None,
+        tls: None,
+    }
+}
+
 pub async fn spawn_app() -> TestApp {
     spawn_app_with(2, TestRegistry::anonymous()).await
 }
@@ -109,19 +131,9 @@ pub async fn spawn_app_with(workers: usize, hub: TestRegistry) -> TestApp {
     let registry = TestRegistry::anonymous();
     let key = tailor::secrets::CredentialsKey::generate();
     let settings = StagerSettings {
-        tailor: TailorSettings {
-            database_url: Secret::new(db.url.clone()),
-            internal_registry: registry.host(),
-            internal_registry_credentials: None,
-            insecure_registries: vec![registry.host(), hub.host()],
-            repo_prefix: "tailor".into(),
-            default_registry: "docker.io".into(),
-        },
-        listen: "127.0.0.1:0".parse().unwrap(),
-        api_tokens: vec![Secret::new(TOKEN)],
         workers,
         credentials_key: Some(key.clone()),
-        tls: None,
+        ..settings(&db.url, &registry.host(), &[hub.host()])
     };
     let pool = db.pool().await;
     let shutdown = CancellationToken::new();

@@ -296,21 +296,7 @@ async fn database_outage_answers_503_with_retry_after_and_writes_nothing() {
     let pool = tailor::db::connect(&url, 2).await.unwrap();
     tailor::db::migrate(&pool).await.unwrap();
     let registry = TestRegistry::anonymous();
-    let settings = stager_api::config::StagerSettings {
-        tailor: tailor::config::TailorSettings {
-            database_url: tailor::config::Secret::new(url.clone()),
-            internal_registry: registry.host(),
-            internal_registry_credentials: None,
-            insecure_registries: vec![registry.host()],
-            repo_prefix: "tailor".into(),
-            default_registry: "docker.io".into(),
-        },
-        listen: "127.0.0.1:0".parse().unwrap(),
-        api_tokens: vec![tailor::config::Secret::new(crate::helpers::TOKEN)],
-        workers: 0,
-        credentials_key: None,
-        tls: None,
-    };
+    let settings = crate::helpers::settings(&url, &registry.host(), &[]);
     let app = stager_api::startup::Application::build(&settings, pool).unwrap();
     let base = format!("http://{}", app.addr());
     tokio::spawn(app.run_until_stopped());

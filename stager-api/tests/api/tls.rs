@@ -4,7 +4,6 @@ use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
 use stager_api::config::StagerSettings;
 use stager_api::startup::Application;
 use stager_api::tls::TlsSettings;
-use tailor::config::{Secret, TailorSettings};
 use testkit::{TestDatabase, TestRegistry};
 
 use crate::helpers::TOKEN;
@@ -55,19 +54,8 @@ async fn spawn_tls(pki: &Pki, mutual: bool) -> (String, TestRegistry) {
         client_ca: mutual.then(|| pki.dir.path().join("ca.pem")),
     };
     let settings = StagerSettings {
-        tailor: TailorSettings {
-            database_url: Secret::new(db.url.clone()),
-            internal_registry: registry.host(),
-            internal_registry_credentials: None,
-            insecure_registries: vec![registry.host()],
-            repo_prefix: "tailor".into(),
-            default_registry: "docker.io".into(),
-        },
-        listen: "127.0.0.1:0".parse().unwrap(),
-        api_tokens: vec![Secret::new(TOKEN)],
-        workers: 0,
-        credentials_key: None,
         tls: Some(tls),
+        ..crate::helpers::settings(&db.url, &registry.host(), &[])
     };
     let app = Application::build(&settings, db.pool().await).unwrap();
     let url = app.base_url();
