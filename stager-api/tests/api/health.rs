@@ -1,3 +1,5 @@
+//! Liveness, dependency health, the API contract and authentication of every route.
+
 use crate::helpers::{TOKEN, spawn_app};
 
 #[tokio::test]

@@ -1,3 +1,5 @@
+//! Shared set-up for the copy tests: registries with quick retries, copying by reference text.
+
 use std::sync::Arc;
 
 use tailor::copy::{BlobLedger, CopyOptions, CopyReport, PlatformChoice, Registries, copy_image};
