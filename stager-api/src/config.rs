@@ -32,10 +32,7 @@ impl StagerSettings {
         let listen = parse_listen(lookup("STAGER_LISTEN").as_deref())?;
         let api_tokens = parse_tokens(lookup("STAGER_API_TOKENS").as_deref())?;
         let workers = parse_count("STAGER_WORKERS", lookup("STAGER_WORKERS").as_deref(), 2)?;
-        let credentials_key = lookup("TAILOR_CREDENTIALS_KEY")
-            .filter(|k| !k.trim().is_empty())
-            .map(|k| tailor::secrets::CredentialsKey::parse("TAILOR_CREDENTIALS_KEY", &k))
-            .transpose()?;
+        let credentials_key = tailor::secrets::CredentialsKey::from_lookup(&lookup)?;
         Ok(Self {
             tailor,
             listen,

@@ -116,16 +116,16 @@ async fn embedded(listen: &str, default_registry: String) -> anyhow::Result<()> 
     let postgres = EmbeddedPostgres::start().context("starting the embedded PostgreSQL")?;
     let registry = EmbeddedRegistry::start(RegistryOptions::default())
         .context("starting the embedded registry")?;
-    let token = match std::env::var("STAGER_API_TOKENS") {
-        Ok(tokens) if !tokens.trim().is_empty() => None,
-        _ => Some(uuid::Uuid::new_v4().simple().to_string()),
-    };
+    // The operator's tokens if given, else one generated for this run (printed below).
+    let configured = std::env::var("STAGER_API_TOKENS")
+        .ok()
+        .filter(|t| !t.trim().is_empty());
+    let token = configured
+        .is_none()
+        .then(|| uuid::Uuid::new_v4().simple().to_string());
     let api_tokens = match &token {
         Some(token) => vec![Secret::new(token.clone())],
-        None => {
-            stager_api::config::parse_tokens(std::env::var("STAGER_API_TOKENS").ok().as_deref())
-                .map_err(config_error)?
-        }
+        None => stager_api::config::parse_tokens(configured.as_deref()).map_err(config_error)?,
     };
     let settings = StagerSettings {
         tailor: TailorSettings {

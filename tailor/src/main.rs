@@ -58,11 +58,7 @@ async fn main() -> anyhow::Result<()> {
 async fn work(count: usize) -> anyhow::Result<()> {
     let config_error = |e: tailor::config::ConfigError| anyhow::anyhow!("{e} ({})", e.code());
     let settings = tailor::config::TailorSettings::from_env().map_err(config_error)?;
-    let key = std::env::var("TAILOR_CREDENTIALS_KEY")
-        .ok()
-        .filter(|k| !k.trim().is_empty())
-        .map(|k| tailor::secrets::CredentialsKey::parse("TAILOR_CREDENTIALS_KEY", &k))
-        .transpose()
+    let key = tailor::secrets::CredentialsKey::from_lookup(|n| std::env::var(n).ok())
         .map_err(config_error)?;
     let worker_settings =
         tailor::staging::worker::WorkerSettings::from_settings(&settings, key, |n| {

@@ -46,6 +46,16 @@ impl CredentialsKey {
         }
     }
 
+    /// `TAILOR_CREDENTIALS_KEY` read through `lookup`; `None` when unset or empty.
+    pub fn from_lookup(
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<Option<Self>, ConfigError> {
+        lookup("TAILOR_CREDENTIALS_KEY")
+            .filter(|k| !k.trim().is_empty())
+            .map(|k| Self::parse("TAILOR_CREDENTIALS_KEY", &k))
+            .transpose()
+    }
+
     /// A random key, for the embedded single-node mode.
     pub fn generate() -> Self {
         let mut key = [0u8; 32];

@@ -19,23 +19,13 @@ pub struct Claimed {
     pub encrypted_credentials: Option<Vec<u8>>,
 }
 
-fn prefixed_columns() -> String {
-    STAGING_COLUMNS
+/// The claim statement, built once: it needs [`STAGING_COLUMNS`] qualified with `s.`.
+static CLAIM_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let columns: Vec<String> = STAGING_COLUMNS
         .split(", ")
         .map(|c| format!("s.{}", c.trim()))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-/// Claims the oldest claimable staging: queued and due, or running with an expired lease.
-pub async fn claim(
-    pool: &PgPool,
-    worker: &str,
-    lease: Duration,
-    max_attempts: i32,
-) -> Result<Option<Claimed>, sqlx::Error> {
-    fail_exhausted(pool, max_attempts).await?;
-    let sql = format!(
+        .collect();
+    format!(
         "WITH next AS ( \
              SELECT staging_guid FROM stagings \
              WHERE ((state = 'queued' AND run_after <= now()) \
@@ -49,9 +39,19 @@ pub async fn claim(
              started_at = coalesce(s.started_at, now()), updated_at = now() \
          FROM next WHERE s.staging_guid = next.staging_guid \
          RETURNING {}, s.encrypted_credentials",
-        prefixed_columns()
-    );
-    let row = sqlx::query(AssertSqlSafe(sql))
+        columns.join(", ")
+    )
+});
+
+/// Claims the oldest claimable staging: queued and due, or running with an expired lease.
+pub async fn claim(
+    pool: &PgPool,
+    worker: &str,
+    lease: Duration,
+    max_attempts: i32,
+) -> Result<Option<Claimed>, sqlx::Error> {
+    fail_exhausted(pool, max_attempts).await?;
+    let row = sqlx::query(AssertSqlSafe(CLAIM_SQL.as_str()))
         .bind(worker)
         .bind(lease.as_secs_f64())
         .bind(max_attempts)

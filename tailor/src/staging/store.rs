@@ -214,36 +214,44 @@ pub struct MetricsSnapshot {
 /// Histogram bounds for copy durations, in seconds.
 pub const DURATION_BUCKETS: [f64; 9] = [0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0];
 
-pub async fn metrics_snapshot(pool: &PgPool) -> Result<MetricsSnapshot, sqlx::Error> {
-    let by_state = count_by_state(pool).await?;
-    let (bytes_copied, bytes_mounted, bytes_skipped, count, sum): (i64, i64, i64, i64, f64) = sqlx::query_as(
+/// Sums and cumulative duration buckets of successful stagings, in one scan of the table.
+static SUCCESS_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let buckets: Vec<String> = DURATION_BUCKETS
+        .iter()
+        .map(|b| format!("count(*) FILTER (WHERE secs <= {b})"))
+        .collect();
+    format!(
         "SELECT coalesce(sum(bytes_copied), 0)::bigint, coalesce(sum(bytes_mounted), 0)::bigint, \
-         coalesce(sum(bytes_skipped), 0)::bigint, count(*), \
-         coalesce(sum(extract(epoch FROM finished_at - started_at)), 0)::float8 \
-         FROM stagings WHERE state = 'succeeded'",
+         coalesce(sum(bytes_skipped), 0)::bigint, count(*), coalesce(sum(secs), 0)::float8, {} \
+         FROM (SELECT bytes_copied, bytes_mounted, bytes_skipped, \
+               extract(epoch FROM finished_at - started_at)::float8 AS secs \
+               FROM stagings WHERE state = 'succeeded') AS succeeded",
+        buckets.join(", ")
     )
-    .fetch_one(pool)
-    .await?;
-    let bounds: Vec<f64> = DURATION_BUCKETS.to_vec();
-    let counts: Vec<i64> = sqlx::query_scalar(
-        "SELECT (SELECT count(*) FROM stagings WHERE state = 'succeeded' \
-                 AND extract(epoch FROM finished_at - started_at) <= b) FROM unnest($1::float8[]) AS b",
-    )
-    .bind(&bounds)
-    .fetch_all(pool)
-    .await?;
+});
+
+pub async fn metrics_snapshot(pool: &PgPool) -> Result<MetricsSnapshot, sqlx::Error> {
+    use sqlx::Row;
+    let by_state = count_by_state(pool).await?;
+    let row = sqlx::query(AssertSqlSafe(SUCCESS_SQL.as_str()))
+        .fetch_one(pool)
+        .await?;
+    let mut duration_buckets = Vec::with_capacity(DURATION_BUCKETS.len());
+    for (i, bound) in DURATION_BUCKETS.iter().enumerate() {
+        duration_buckets.push((*bound, row.try_get::<i64, _>(5 + i)?));
+    }
     let callbacks_pending: i64 =
         sqlx::query_scalar("SELECT count(*) FROM callbacks WHERE delivered_at IS NULL")
             .fetch_one(pool)
             .await?;
     Ok(MetricsSnapshot {
         by_state,
-        bytes_copied,
-        bytes_mounted,
-        bytes_skipped,
-        duration_buckets: bounds.into_iter().zip(counts).collect(),
-        duration_count: count,
-        duration_sum_seconds: sum,
+        bytes_copied: row.try_get(0)?,
+        bytes_mounted: row.try_get(1)?,
+        bytes_skipped: row.try_get(2)?,
+        duration_buckets,
+        duration_count: row.try_get(3)?,
+        duration_sum_seconds: row.try_get(4)?,
         callbacks_pending,
     })
 }

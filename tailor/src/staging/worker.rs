@@ -124,6 +124,9 @@ struct Shared {
     /// Cancellation handles of the stagings running in this process.
     running: Mutex<HashMap<Uuid, CancellationToken>>,
     http: reqwest::Client,
+    /// One HTTP connection pool for every copy this process runs, with the internal
+    /// registry's credentials; each staging adds its own source credentials to a clone.
+    registries: Registries,
 }
 
 /// Runs `count` workers and a callback deliverer until `shutdown` is cancelled and every
@@ -137,11 +140,12 @@ pub async fn run(
     let (notify_tx, new_work) = watch::channel(0u64);
     let shared = Arc::new(Shared {
         pool: pool.clone(),
-        settings,
         shutdown: shutdown.clone(),
         new_work,
         running: Mutex::new(HashMap::new()),
         http: reqwest::Client::new(),
+        registries: base_registries(&settings),
+        settings,
     });
     let listener = tokio::spawn(listen(shared.clone(), notify_tx));
     let deliverer = tokio::spawn(super::callbacks::run_deliverer(
@@ -414,6 +418,16 @@ async fn process(shared: &Shared, worker: &str, claimed: Claimed) {
 
 type Prepared = (Registries, ImageReference, Platform);
 
+fn base_registries(settings: &WorkerSettings) -> Registries {
+    let registries = Registries::new(settings.insecure_registries.iter().cloned());
+    match &settings.internal_credentials {
+        Some(credentials) => {
+            registries.with_credentials(&settings.internal_registry, credentials.clone())
+        }
+        None => registries,
+    }
+}
+
 fn prepare(
     shared: &Shared,
     source_image: &str,
@@ -423,12 +437,8 @@ fn prepare(
     let src =
         ImageReference::parse(source_image).map_err(|e| ("INVALID_REFERENCE", e.to_string()))?;
     let platform = Platform::parse(platform).map_err(|e| ("INVALID_PLATFORM", e.to_string()))?;
-    let settings = &shared.settings;
-    let mut registries = Registries::new(settings.insecure_registries.iter().cloned());
-    if let Some(credentials) = &settings.internal_credentials {
-        registries = registries.with_credentials(&settings.internal_registry, credentials.clone());
-    }
-    match (sealed, &settings.credentials_key) {
+    let mut registries = shared.registries.clone();
+    match (sealed, &shared.settings.credentials_key) {
         (None, _) => {}
         (Some(sealed), Some(key)) => {
             let credentials = key
