@@ -101,14 +101,10 @@ impl BlobJob {
         // upload if every candidate declines; cancel the ones it replaces.
         let mut session: Option<UploadSession> = None;
         for from in self.mount_candidates(blob).await {
-            let scopes = [Scope::push(dst), Scope::pull(&from)];
+            let scopes = vec![Scope::push(dst), Scope::pull(&from)];
             let path = format!("/v2/{dst}/blobs/uploads/?mount={}&from={from}", blob.digest);
-            let response = self
-                .dest
-                .send(&scopes, || self.dest.request(Method::POST, &path))
-                .await?;
-            match response.status() {
-                StatusCode::CREATED => {
+            match self.start_upload(scopes, path).await? {
+                UploadStart::Mounted => {
                     tracing::debug!(digest = %blob.digest, from = %from, "mounted");
                     if let Some(mut declined) = session.take() {
                         declined.cancel().await;
@@ -116,13 +112,13 @@ impl BlobJob {
                     self.ledger.record(blob, dst).await;
                     return Ok(BlobOutcome::Mounted);
                 }
-                StatusCode::ACCEPTED => {
-                    if let Some(mut replaced) = session.replace(self.session_from(&response)?) {
+                UploadStart::Session(opened) => {
+                    if let Some(mut replaced) = session.replace(opened) {
                         replaced.cancel().await;
                     }
                 }
-                status => {
-                    tracing::debug!(digest = %blob.digest, from = %from, %status, "mount refused")
+                UploadStart::Refused(response) => {
+                    tracing::debug!(digest = %blob.digest, from = %from, status = %response.status(), "mount refused")
                 }
             }
         }
@@ -130,14 +126,18 @@ impl BlobJob {
             Some(session) => session,
             None => {
                 let path = format!("/v2/{dst}/blobs/uploads/");
-                let response = self
-                    .dest
-                    .send(&push, || self.dest.request(Method::POST, &path))
-                    .await?;
-                if response.status() != StatusCode::ACCEPTED {
-                    return Err(self.dest.status_error(response, "start upload").await);
+                match self.start_upload(push.to_vec(), path).await? {
+                    UploadStart::Session(opened) => opened,
+                    UploadStart::Mounted => {
+                        return Err(CopyError::InternalRegistry {
+                            registry: self.dest.name().to_owned(),
+                            detail: "a plain upload POST answered 201 Created".into(),
+                        });
+                    }
+                    UploadStart::Refused(response) => {
+                        return Err(self.dest.status_error(response, "start upload").await);
+                    }
                 }
-                self.session_from(&response)?
             }
         };
 
@@ -235,22 +235,45 @@ impl BlobJob {
         candidates
     }
 
-    fn session_from(&self, response: &Response) -> Result<UploadSession, CopyError> {
-        let location = response
-            .headers()
-            .get(LOCATION)
-            .and_then(|l| l.to_str().ok())
-            .ok_or_else(|| CopyError::InternalRegistry {
-                registry: self.dest.name().to_owned(),
-                detail: "upload session without a Location header".into(),
-            })?;
-        Ok(UploadSession {
-            dest: self.dest.clone(),
-            location: self.dest.url(location),
-            scopes: vec![Scope::push(&self.dst_repo)],
-            committed: false,
-        })
+    /// Sends an upload POST (plain or mount) from a task of its own. If the copy is cancelled
+    /// while the POST is in flight, the registry may still open a session; the task sees the
+    /// response through, and the session it returns to nobody is dropped, which cancels it.
+    async fn start_upload(
+        &self,
+        scopes: Vec<Scope>,
+        path: String,
+    ) -> Result<UploadStart, CopyError> {
+        let dest = self.dest.clone();
+        let session_scopes = vec![Scope::push(&self.dst_repo)];
+        let task = tokio::spawn(async move {
+            let response = dest
+                .send(&scopes, || dest.request(Method::POST, &path))
+                .await?;
+            Ok(match response.status() {
+                StatusCode::CREATED => UploadStart::Mounted,
+                StatusCode::ACCEPTED => UploadStart::Session(UploadSession::from_response(
+                    &dest,
+                    &response,
+                    session_scopes,
+                )?),
+                _ => UploadStart::Refused(response),
+            })
+        });
+        task.await.map_err(|error| CopyError::InternalRegistry {
+            registry: self.dest.name().to_owned(),
+            detail: format!("the upload task failed: {error}"),
+        })?
     }
+}
+
+/// How the registry answered an upload POST.
+enum UploadStart {
+    /// 201: the blob was mounted from another repository.
+    Mounted,
+    /// 202: an upload session is open.
+    Session(UploadSession),
+    /// Anything else, for the caller to judge.
+    Refused(Response),
 }
 
 /// An open upload session in the destination; cancelled (DELETE) unless committed, also when
@@ -263,6 +286,27 @@ struct UploadSession {
 }
 
 impl UploadSession {
+    fn from_response(
+        dest: &Arc<RegistryClient>,
+        response: &Response,
+        scopes: Vec<Scope>,
+    ) -> Result<Self, CopyError> {
+        let location = response
+            .headers()
+            .get(LOCATION)
+            .and_then(|l| l.to_str().ok())
+            .ok_or_else(|| CopyError::InternalRegistry {
+                registry: dest.name().to_owned(),
+                detail: "upload session without a Location header".into(),
+            })?;
+        Ok(Self {
+            dest: dest.clone(),
+            location: dest.url(location),
+            scopes,
+            committed: false,
+        })
+    }
+
     async fn cancel(&mut self) {
         self.committed = true;
         delete_upload(&self.dest, &self.location, &self.scopes).await;
