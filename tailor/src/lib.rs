@@ -1,7 +1,7 @@
 //! tailor: stages container images from upstream registries into an internal OCI registry.
 //!
 //! The library holds everything the `tailor` and `stager-api` binaries share: configuration,
-//! the database (migrations and, later, the staging queue), the copy engine (`copy`, on top of
+//! the database (migrations, the staging queue, the reference ledger), the pruner, the copy engine (`copy`, on top of
 //! `reference`, `manifest` and `registry`), and the embedded components the single-node default
 //! and the tests run on. See `docs/ARCHITECTURE.md` for the map.
 
@@ -14,6 +14,7 @@ pub mod error;
 pub mod image_config;
 pub mod manifest;
 pub mod platform;
+pub mod prune;
 pub mod reference;
 pub mod registry;
 pub mod secrets;

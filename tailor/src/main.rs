@@ -1,4 +1,5 @@
-//! The `tailor` binary: `copy` an image, `migrate` the database; `work` and `prune` as they land.
+//! The `tailor` binary: `copy` an image, `work` the staging queue, `prune` the internal
+//! registry, `migrate` the database.
 
 mod cli;
 
@@ -26,6 +27,9 @@ enum Command {
         #[arg(long, env = "TAILOR_WORKERS", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]
         workers: u16,
     },
+    /// Delete images nothing uses any more from the internal registry (for cron). Exit status:
+    /// 0 pruned, 3 nothing to do, 1 error.
+    Prune(cli::prune::PruneArgs),
     /// Apply pending database migrations to DATABASE_URL and exit.
     Migrate {
         #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
@@ -39,6 +43,7 @@ async fn main() -> anyhow::Result<()> {
     tailor::telemetry::init();
     match Cli::parse().command {
         Command::Copy(args) => std::process::exit(cli::copy::run(args).await),
+        Command::Prune(args) => std::process::exit(cli::prune::run(args).await),
         Command::Work { workers } => work(usize::from(workers)).await?,
         Command::Migrate { database_url } => {
             let pool = tailor::db::connect(&database_url, 2)

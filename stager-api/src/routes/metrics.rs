@@ -77,6 +77,39 @@ pub async fn serve(_: Authenticated, state: web::Data<AppState>) -> Result<HttpR
         "tailor_callbacks_pending {}",
         snapshot.callbacks_pending
     );
+    let prune = tailor::prune::metrics(&state.db)
+        .await
+        .map_err(|e| crate::error::database_error(&e))?;
+    out.push_str("# HELP tailor_prune_images_pruned_total Staged images the pruner removed from the internal registry.\n# TYPE tailor_prune_images_pruned_total counter\n");
+    let _ = writeln!(
+        out,
+        "tailor_prune_images_pruned_total {}",
+        prune.images_pruned_total
+    );
+    out.push_str("# HELP tailor_prune_manifests_deleted_total Manifest deletions the pruner sent to the internal registry.\n# TYPE tailor_prune_manifests_deleted_total counter\n");
+    let _ = writeln!(
+        out,
+        "tailor_prune_manifests_deleted_total {}",
+        prune.manifests_deleted_total
+    );
+    out.push_str("# HELP tailor_prune_bytes_reclaimable Bytes the last prune run left for the registry's garbage collection.\n# TYPE tailor_prune_bytes_reclaimable gauge\n");
+    let _ = writeln!(
+        out,
+        "tailor_prune_bytes_reclaimable {}",
+        prune.bytes_reclaimable
+    );
+    if let Some((finished, outcome)) = &prune.last_run {
+        out.push_str("# HELP tailor_prune_last_run_timestamp_seconds When the last prune run finished.\n# TYPE tailor_prune_last_run_timestamp_seconds gauge\n");
+        let _ = writeln!(out, "tailor_prune_last_run_timestamp_seconds {finished}");
+        out.push_str("# HELP tailor_prune_last_run_outcome The last prune run's outcome (1 for the one it had).\n# TYPE tailor_prune_last_run_outcome gauge\n");
+        for candidate in ["pruned", "nothing_to_do", "error"] {
+            let _ = writeln!(
+                out,
+                "tailor_prune_last_run_outcome{{outcome=\"{candidate}\"}} {}",
+                u8::from(candidate == outcome)
+            );
+        }
+    }
     Ok(HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
         .body(out))

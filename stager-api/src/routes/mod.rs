@@ -4,6 +4,7 @@ mod diego;
 mod health;
 mod metrics;
 mod openapi;
+mod references;
 mod stage;
 
 use actix_web::web;
@@ -22,6 +23,16 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route(
             "/apps/{app_guid}/stagings",
             web::get().to(stage::list_for_app),
+        )
+        .route("/apps/{app_guid}", web::delete().to(references::delete_app))
+        .service(
+            web::resource("/references")
+                .app_data(
+                    web::JsonConfig::default()
+                        .limit(references::MAX_REFERENCES_BODY_BYTES)
+                        .error_handler(crate::error::json_error),
+                )
+                .route(web::put().to(references::sync)),
         )
         .route("/v1/staging/{staging_guid}", web::put().to(diego::stage))
         .route("/v1/staging/{staging_guid}", web::delete().to(diego::stop));

@@ -5,5 +5,7 @@ mod diego;
 mod fleet;
 mod health;
 mod helpers;
+mod prune;
+mod references;
 mod stage;
 mod tls;

@@ -1,3 +1,4 @@
 //! The `tailor` command line: one module per subcommand.
 
 pub mod copy;
+pub mod prune;

@@ -145,6 +145,16 @@ pub struct CopyReport {
     pub foreign_layers: Vec<String>,
     /// The config blob of the copied image (for an index, of the default platform's child).
     pub config_digest: Option<String>,
+    /// Every object the image is made of in the destination: its manifests, configs and
+    /// (distributable) layers. What the pruner weighs when the image goes.
+    pub objects: Vec<StoredObject>,
+}
+
+/// One manifest or blob in the destination registry.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct StoredObject {
+    pub digest: String,
+    pub size: u64,
 }
 
 /// The registries a process talks to: one HTTP connection pool, which hosts are plain HTTP,
@@ -340,6 +350,18 @@ async fn copy_unguarded(
     let tag = dst.tag_or_latest();
     push_manifest(&dest, &dst.repository, tag, &tagged).await?;
 
+    let objects = children
+        .iter()
+        .chain(std::iter::once(&tagged))
+        .map(|m| StoredObject {
+            digest: m.digest.clone(),
+            size: m.bytes.len() as u64,
+        })
+        .chain(outcomes.iter().map(|(blob, _)| StoredObject {
+            digest: blob.digest.clone(),
+            size: blob.size,
+        }))
+        .collect();
     let mut report = CopyReport {
         source_digest: tagged.digest.clone(),
         pinned: dst.pinned(&tagged.digest),
@@ -351,6 +373,7 @@ async fn copy_unguarded(
         bytes_skipped: 0,
         foreign_layers: foreign,
         config_digest,
+        objects,
     };
     for (blob, outcome) in outcomes {
         match outcome {

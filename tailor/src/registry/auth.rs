@@ -109,6 +109,14 @@ impl Scope {
         }
     }
 
+    /// Deleting manifests (the pruner).
+    pub fn delete(repository: &str) -> Self {
+        Self {
+            repository: repository.to_owned(),
+            actions: "delete",
+        }
+    }
+
     pub fn as_param(&self) -> String {
         format!("repository:{}:{}", self.repository, self.actions)
     }

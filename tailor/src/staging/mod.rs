@@ -8,10 +8,13 @@
 //!   lock so that each upstream blob is fetched once across the fleet.
 //! - [`worker`]: the worker loop, LISTEN/NOTIFY wake-ups, drain on shutdown.
 //! - [`callbacks`]: the outbox deliverer.
+//! - [`references`]: the reference ledger the platform feeds (released apps, the periodic
+//!   sync of stagings in use), which the pruner reads.
 
 pub mod callbacks;
 pub mod ledger;
 pub mod queue;
+pub mod references;
 pub mod store;
 pub mod worker;
 
@@ -138,13 +141,16 @@ pub struct Staging {
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
     pub released_at: Option<DateTime<Utc>>,
+    pub unreferenced_at: Option<DateTime<Utc>>,
+    pub pruned_at: Option<DateTime<Utc>>,
 }
 
 /// The columns [`Staging`] reads, for `SELECT`/`RETURNING` lists.
 pub const STAGING_COLUMNS: &str = "staging_guid, app_guid, source_image, platform, api, completion_callback, state, \
      attempts, cancel_requested, error_code, error_message, last_error, source_digest, pinned_image, tagged_image, \
      bytes_total, bytes_done, bytes_copied, bytes_mounted, bytes_skipped, blobs_copied, blobs_mounted, blobs_skipped, \
-     start_command, execution_metadata, created_at, updated_at, started_at, finished_at, released_at";
+     start_command, execution_metadata, created_at, updated_at, started_at, finished_at, released_at, \
+     unreferenced_at, pruned_at";
 
 impl Staging {
     /// The staging's public JSON (the API's representation and the `stage` callback's body).
@@ -178,6 +184,8 @@ impl Staging {
             "started_at": self.started_at,
             "finished_at": self.finished_at,
             "released_at": self.released_at,
+            "unreferenced_at": self.unreferenced_at,
+            "pruned_at": self.pruned_at,
         })
     }
 

@@ -122,7 +122,7 @@ pub async fn heartbeat(
 }
 
 /// How a held staging ends.
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 pub enum Outcome<'a> {
     Succeeded {
         report: &'a CopyReport,
@@ -145,8 +145,11 @@ pub async fn finish(
     outcome: Outcome<'_>,
 ) -> Result<Option<Staging>, sqlx::Error> {
     let mut tx = pool.begin().await?;
+    // An app deleted while its staging ran: the staging's image is released as it ends.
     let common = "lease_owner = NULL, lease_expires_at = NULL, encrypted_credentials = NULL, \
-                  finished_at = now(), updated_at = now()";
+                  finished_at = now(), updated_at = now(), \
+                  released_at = CASE WHEN EXISTS (SELECT 1 FROM deleted_apps d \
+                      WHERE d.app_guid = stagings.app_guid) THEN now() ELSE released_at END";
     let guard = "WHERE staging_guid = $1 AND lease_owner = $2 AND state = 'running'";
     let staging: Option<Staging> = match outcome {
         Outcome::Succeeded { report, tagged, run } => {
@@ -154,7 +157,7 @@ pub async fn finish(
                 "UPDATE stagings SET state = 'succeeded', {common}, source_digest = $3, pinned_image = $4, \
                  tagged_image = $5, bytes_copied = $6, bytes_mounted = $7, bytes_skipped = $8, blobs_copied = $9, \
                  blobs_mounted = $10, blobs_skipped = $11, start_command = $12, execution_metadata = $13, \
-                 bytes_done = $6 + $7 + $8, bytes_total = $6 + $7 + $8, error_code = NULL, error_message = NULL \
+                 bytes_done = $6 + $7 + $8, bytes_total = $6 + $7 + $8, error_code = NULL, error_message = NULL  \
                  {guard} RETURNING {STAGING_COLUMNS}"
             )))
             .bind(staging_guid)
@@ -196,11 +199,38 @@ pub async fn finish(
             .await?
         }
     };
+    if let (Some(staging), Outcome::Succeeded { report, .. }) = (&staging, &outcome) {
+        record_objects(&mut tx, staging.staging_guid, report).await?;
+    }
     if let Some(staging) = &staging {
         enqueue_callback(&mut tx, staging).await?;
     }
     tx.commit().await?;
     Ok(staging)
+}
+
+/// Records what the staged image is made of, for the pruner's reclaimable bytes.
+async fn record_objects(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    staging_guid: Uuid,
+    report: &CopyReport,
+) -> Result<(), sqlx::Error> {
+    let (digests, sizes): (Vec<&str>, Vec<i64>) = report
+        .objects
+        .iter()
+        .map(|o| (o.digest.as_str(), o.size as i64))
+        .unzip();
+    sqlx::query(
+        "INSERT INTO staging_objects (staging_guid, digest, size) \
+         SELECT $1, d, s FROM unnest($2::text[], $3::bigint[]) AS o(d, s) \
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(staging_guid)
+    .bind(&digests)
+    .bind(&sizes)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 /// Puts a staging back in the queue to be tried again after `delay` (a transient failure).

@@ -67,6 +67,11 @@ pub async fn create(
     .fetch_optional(&mut *tx)
     .await?;
     if let Some(staging) = inserted {
+        // A new staging means the app is alive, even if it was deleted once.
+        sqlx::query("DELETE FROM deleted_apps WHERE app_guid = $1")
+            .bind(new.app_guid)
+            .execute(&mut *tx)
+            .await?;
         sqlx::query("SELECT pg_notify($1, $2)")
             .bind(NEW_WORK_CHANNEL)
             .bind(staging.staging_guid.to_string())

@@ -326,7 +326,20 @@ async fn process(shared: &Shared, worker: &str, claimed: Claimed) {
         progress: Some(progress),
         cancel: cancel.clone(),
     };
-    let result = copy_image(&registries, &src, &dst, &options).await;
+    // Held until the outcome is committed, so the pruner never deletes what this copy tags.
+    let repository_lock = tokio::select! {
+        held = crate::prune::locks::hold_repository(&shared.pool, &dst.repository) => Some(held),
+        () = cancel.cancelled() => None,
+    };
+    let result = match &repository_lock {
+        None => Err(CopyError::Cancelled),
+        Some(Ok(_)) => copy_image(&registries, &src, &dst, &options).await,
+        // Transient: the staging is retried once the database answers again.
+        Some(Err(error)) => Err(CopyError::InternalRegistry {
+            registry: dst.registry.clone(),
+            detail: format!("could not hold the repository against the pruner: {error}"),
+        }),
+    };
     let result = match result {
         Ok(report) => {
             match fetch_run_info(&registries, &dst, report.config_digest.as_deref()).await {
@@ -413,6 +426,9 @@ async fn process(shared: &Shared, worker: &str, claimed: Claimed) {
     };
     if let Err(error) = recorded {
         tracing::error!(%error, "could not record the staging's outcome; its lease will expire and it will be retried");
+    }
+    if let Some(Ok(lock)) = repository_lock {
+        lock.release().await;
     }
 }
 

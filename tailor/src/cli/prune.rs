@@ -1,0 +1,133 @@
+//! `tailor prune`: one pruning run for cron. A table (or `--json`) of what was, or with
+//! `--dry-run` would be, deleted per app, and the exit status says which of "pruned",
+//! "nothing to do" and "error" happened.
+
+use clap::Args;
+use tailor::config::TailorSettings;
+use tailor::copy::Registries;
+use tailor::prune::{PruneOptions, PruneOutcome, PruneReport};
+use tailor::registry::Credentials;
+
+/// Exit status: images were (or, dry, would be) pruned.
+pub const EXIT_PRUNED: i32 = 0;
+/// Exit status: something failed; what could be done was done.
+pub const EXIT_ERROR: i32 = 1;
+/// Exit status: nothing was prunable.
+pub const EXIT_NOTHING_TO_DO: i32 = 3;
+
+#[derive(Args, Debug)]
+pub struct PruneArgs {
+    /// Decide and report; delete nothing and write nothing.
+    #[arg(long, env = "TAILOR_PRUNE_DRY_RUN")]
+    pub dry_run: bool,
+    /// How long an image is kept after it was released or left unreferenced: 90s, 30m, 24h, 7d.
+    #[arg(long, env = "TAILOR_PRUNE_GRACE", default_value = "24h", value_parser = tailor::prune::duration::parse_duration)]
+    pub grace: std::time::Duration,
+    /// Print one JSON object (the report, or {"error": {code, message}}).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs the pruner once; returns the process exit code.
+pub async fn run(args: PruneArgs) -> i32 {
+    match execute(&args).await {
+        Ok(report) => {
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::to_string(&report).expect("report serialises")
+                );
+            } else {
+                print_table(&report);
+            }
+            match report.outcome {
+                PruneOutcome::Pruned => EXIT_PRUNED,
+                PruneOutcome::NothingToDo => EXIT_NOTHING_TO_DO,
+                PruneOutcome::Error => EXIT_ERROR,
+            }
+        }
+        Err((code, message)) => {
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "error": { "code": code, "message": message } })
+                );
+            } else {
+                eprintln!("error: {message} ({code})");
+            }
+            EXIT_ERROR
+        }
+    }
+}
+
+async fn execute(args: &PruneArgs) -> Result<PruneReport, (&'static str, String)> {
+    let settings = TailorSettings::from_env().map_err(|e| (e.code(), e.to_string()))?;
+    let pool = tailor::db::connect(settings.database_url.expose(), 4)
+        .await
+        .map_err(|e| ("DATABASE_UNAVAILABLE", e.to_string()))?;
+    let mut registries = Registries::new(settings.insecure_registries.iter().cloned());
+    if let Some((user, password)) = &settings.internal_registry_credentials {
+        registries = registries.with_credentials(
+            &settings.internal_registry,
+            Credentials::new(user.clone(), password.expose()),
+        );
+    }
+    let options = PruneOptions {
+        grace: args.grace,
+        dry_run: args.dry_run,
+    };
+    tailor::prune::prune(&pool, &registries, &settings.internal_registry, &options)
+        .await
+        .map_err(|e| (e.code(), e.to_string()))
+}
+
+fn print_table(report: &PruneReport) {
+    let dry = if report.dry_run { " (dry run)" } else { "" };
+    if report.decisions.is_empty() {
+        println!("nothing to prune{dry}");
+    } else {
+        println!(
+            "{:<36}  {:<36}  {:<12}  {:<12}  ACTION",
+            "APP", "STAGING", "DIGEST", "REASON"
+        );
+        for d in &report.decisions {
+            let digest = d.digest.trim_start_matches("sha256:");
+            println!(
+                "{:<36}  {:<36}  {:<12}  {:<12}  {}{}",
+                d.app_guid,
+                d.staging_guid,
+                &digest[..digest.len().min(12)],
+                d.reason.as_str(),
+                d.action.as_str(),
+                d.detail
+                    .as_deref()
+                    .map(|detail| format!(": {detail}"))
+                    .unwrap_or_default()
+            );
+        }
+        let mut apps: Vec<_> = report.decisions.iter().map(|d| d.app_guid).collect();
+        apps.sort();
+        apps.dedup();
+        println!();
+        for app in apps {
+            let of_app = report.decisions.iter().filter(|d| d.app_guid == app);
+            let pruned = of_app.clone().filter(|d| d.action.prunes()).count();
+            let kept = of_app.count() - pruned;
+            println!("app {app}: {pruned} pruned, {kept} kept");
+        }
+    }
+    let verb = if report.dry_run {
+        "would prune"
+    } else {
+        "pruned"
+    };
+    println!(
+        "{verb} {} images ({} manifests deleted); {} reclaimable by the registry's garbage collection{dry}",
+        report.images_pruned,
+        report.manifests_deleted,
+        indicatif::HumanBytes(report.bytes_reclaimable)
+    );
+    for error in &report.errors {
+        eprintln!("error: {error}");
+    }
+}

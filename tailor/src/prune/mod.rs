@@ -1,0 +1,602 @@
+//! The pruner: deletes from the internal registry the staged images nothing uses any more, and
+//! never one that something does.
+//!
+//! A succeeded staging's image is *prunable* when
+//! - it was released (`DELETE /stage/{guid}`, `DELETE /apps/{guid}`) or a reference sync left it
+//!   out, more than `grace` ago, and
+//! - it is not the newest successful staging of an app that still exists.
+//!
+//! The registry deletes manifests by digest, and with one every tag in the repository that
+//! points at it; so a manifest is deleted only when every staging pinned to it (same
+//! repository, same digest) is prunable. Pruning and staging are kept apart by [`locks`]; two
+//! runs never overlap. Each deletion is written to `prune_audit` with its reason.
+//!
+//! Blob storage is reclaimed later by the registry's own garbage collector, run in a
+//! maintenance window (`scripts/registry-gc`). `bytes_reclaimable` is what it will free as far
+//! as the blob index knows: the objects (manifests, configs, layers) that only pruned images use.
+
+pub mod duration;
+pub mod locks;
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
+use sqlx::{PgPool, Postgres, Transaction};
+use uuid::Uuid;
+
+use crate::copy::Registries;
+use crate::error::{CopyError, Side};
+use crate::reference::ImageReference;
+use crate::registry::{RegistryClient, Scope};
+
+/// How a run behaves.
+#[derive(Debug, Clone)]
+pub struct PruneOptions {
+    /// How long an image stays after it stopped being used.
+    pub grace: Duration,
+    /// Decide and report, change nothing.
+    pub dry_run: bool,
+}
+
+/// Why an image is no longer needed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    Released,
+    Unreferenced,
+    AppDeleted,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Released => "released",
+            Self::Unreferenced => "unreferenced",
+            Self::AppDeleted => "app_deleted",
+        }
+    }
+
+    fn parse(text: &str) -> Self {
+        match text {
+            "released" => Self::Released,
+            "app_deleted" => Self::AppDeleted,
+            _ => Self::Unreferenced,
+        }
+    }
+}
+
+/// What the run did with a prunable image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    /// The manifest was deleted.
+    Deleted,
+    /// The registry no longer had the manifest; the staging is recorded as pruned.
+    AlreadyGone,
+    /// Dry run: would be deleted.
+    WouldDelete,
+    /// Another staging still in use is pinned to the same manifest: kept.
+    KeptShared,
+    /// A staging is copying into the repository right now: left for the next run.
+    SkippedBusy,
+    /// Deleting failed; see `detail`.
+    Failed,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Deleted => "deleted",
+            Self::AlreadyGone => "already gone",
+            Self::WouldDelete => "would delete",
+            Self::KeptShared => "kept (shared)",
+            Self::SkippedBusy => "skipped (staging)",
+            Self::Failed => "failed",
+        }
+    }
+
+    /// The image is (or, in a dry run, would be) gone from the registry.
+    pub fn prunes(self) -> bool {
+        matches!(self, Self::Deleted | Self::AlreadyGone | Self::WouldDelete)
+    }
+}
+
+/// One prunable image and what became of it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Decision {
+    pub app_guid: Uuid,
+    pub staging_guid: Uuid,
+    pub repository: String,
+    pub digest: String,
+    pub reason: Reason,
+    pub action: Action,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// How a run ended, for the exit status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PruneOutcome {
+    NothingToDo,
+    Pruned,
+    Error,
+}
+
+impl PruneOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NothingToDo => "nothing_to_do",
+            Self::Pruned => "pruned",
+            Self::Error => "error",
+        }
+    }
+}
+
+/// What a run did (or, dry, would do).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PruneReport {
+    pub dry_run: bool,
+    pub outcome: PruneOutcome,
+    pub grace_seconds: u64,
+    /// The `prune_runs` row (none for a dry run, which writes nothing).
+    pub run_id: Option<i64>,
+    /// Stagings whose image is (would be) gone.
+    pub images_pruned: usize,
+    /// Manifest deletions sent to the registry.
+    pub manifests_deleted: usize,
+    /// What the registry's garbage collection will free afterwards, per the blob index.
+    pub bytes_reclaimable: u64,
+    pub decisions: Vec<Decision>,
+    pub errors: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PruneError {
+    #[error("another prune run holds the prune lock; try again when it has finished")]
+    AlreadyRunning,
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+impl PruneError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::AlreadyRunning => "PRUNE_ALREADY_RUNNING",
+            Self::Database(_) => "DATABASE_UNAVAILABLE",
+        }
+    }
+}
+
+/// A prunable staging, as the database sees it now.
+#[derive(Debug, Clone)]
+struct Candidate {
+    staging_guid: Uuid,
+    app_guid: Uuid,
+    pinned_image: String,
+    reason: Reason,
+}
+
+/// The prunable stagings (of one app, or all): see the module docs for the rules.
+const CANDIDATES_SQL: &str = "\
+    WITH newest AS ( \
+        SELECT DISTINCT ON (app_guid) staging_guid FROM stagings \
+        WHERE state = 'succeeded' AND ($2::uuid IS NULL OR app_guid = $2) \
+        ORDER BY app_guid, finished_at DESC, created_at DESC) \
+    SELECT s.staging_guid, s.app_guid, s.pinned_image, \
+        CASE WHEN d.app_guid IS NOT NULL THEN 'app_deleted' \
+             WHEN s.released_at <= now() - make_interval(secs => $1) THEN 'released' \
+             ELSE 'unreferenced' END \
+    FROM stagings s LEFT JOIN deleted_apps d ON d.app_guid = s.app_guid \
+    WHERE s.state = 'succeeded' AND s.pruned_at IS NULL \
+      AND ($2::uuid IS NULL OR s.app_guid = $2) \
+      AND least(s.released_at, s.unreferenced_at) <= now() - make_interval(secs => $1) \
+      AND (d.app_guid IS NOT NULL OR s.staging_guid NOT IN (SELECT staging_guid FROM newest)) \
+    ORDER BY s.app_guid, s.finished_at";
+
+async fn candidates<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
+    grace: Duration,
+    app: Option<Uuid>,
+) -> Result<Vec<Candidate>, sqlx::Error> {
+    let rows: Vec<(Uuid, Uuid, String, String)> = sqlx::query_as(CANDIDATES_SQL)
+        .bind(grace.as_secs_f64())
+        .bind(app)
+        .fetch_all(executor)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(staging_guid, app_guid, pinned_image, reason)| Candidate {
+            staging_guid,
+            app_guid,
+            pinned_image,
+            reason: Reason::parse(&reason),
+        })
+        .collect())
+}
+
+/// Of `candidates`' pinned images, those a staging outside `candidates` still uses.
+async fn shared_with_live<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
+    candidates: &[Candidate],
+) -> Result<HashSet<String>, sqlx::Error> {
+    let pinned: Vec<&str> = candidates.iter().map(|c| c.pinned_image.as_str()).collect();
+    let guids: Vec<Uuid> = candidates.iter().map(|c| c.staging_guid).collect();
+    let shared: Vec<String> = sqlx::query_scalar(
+        "SELECT DISTINCT pinned_image FROM stagings \
+         WHERE state = 'succeeded' AND pruned_at IS NULL AND pinned_image = ANY($1) \
+           AND NOT (staging_guid = ANY($2))",
+    )
+    .bind(&pinned)
+    .bind(&guids)
+    .fetch_all(executor)
+    .await?;
+    Ok(shared.into_iter().collect())
+}
+
+/// Bytes of the objects that the stagings in `pruned` use and no other image in the registry does.
+async fn reclaimable_bytes(pool: &PgPool, pruned: &[Uuid]) -> Result<u64, sqlx::Error> {
+    let bytes: i64 = sqlx::query_scalar(
+        "SELECT coalesce(sum(size), 0)::bigint FROM ( \
+             SELECT DISTINCT o.digest, o.size FROM staging_objects o \
+             WHERE o.staging_guid = ANY($1) AND NOT EXISTS ( \
+                 SELECT 1 FROM staging_objects other \
+                 JOIN stagings s ON s.staging_guid = other.staging_guid \
+                 WHERE other.digest = o.digest AND s.state = 'succeeded' \
+                   AND s.pruned_at IS NULL AND NOT (s.staging_guid = ANY($1)))) AS only_pruned",
+    )
+    .bind(pruned)
+    .fetch_one(pool)
+    .await?;
+    Ok(bytes as u64)
+}
+
+/// Runs the pruner once against the internal registry `internal_registry` (host:port).
+pub async fn prune(
+    pool: &PgPool,
+    registries: &Registries,
+    internal_registry: &str,
+    options: &PruneOptions,
+) -> Result<PruneReport, PruneError> {
+    let lock = locks::try_prune_lock(pool)
+        .await?
+        .ok_or(PruneError::AlreadyRunning)?;
+    let result = run_locked(pool, registries, internal_registry, options).await;
+    lock.release().await;
+    result
+}
+
+async fn run_locked(
+    pool: &PgPool,
+    registries: &Registries,
+    internal_registry: &str,
+    options: &PruneOptions,
+) -> Result<PruneReport, PruneError> {
+    let run_id: Option<i64> = if options.dry_run {
+        None
+    } else {
+        Some(
+            sqlx::query_scalar("INSERT INTO prune_runs (grace_seconds) VALUES ($1) RETURNING id")
+                .bind(options.grace.as_secs() as i64)
+                .fetch_one(pool)
+                .await?,
+        )
+    };
+    let mut run = Run {
+        pool,
+        registries,
+        internal_registry,
+        options,
+        run_id,
+        decisions: Vec::new(),
+        errors: Vec::new(),
+        manifests_deleted: 0,
+    };
+    let result = run.prune_all().await;
+    if let Err(error) = &result {
+        run.errors.push(error.to_string());
+    }
+    let pruned: Vec<Uuid> = run
+        .decisions
+        .iter()
+        .filter(|d| d.action.prunes())
+        .map(|d| d.staging_guid)
+        .collect();
+    let bytes_reclaimable = match reclaimable_bytes(pool, &pruned).await {
+        Ok(bytes) => bytes,
+        Err(error) => {
+            run.errors
+                .push(format!("reclaimable bytes unknown: {error}"));
+            0
+        }
+    };
+    let outcome = if !run.errors.is_empty() {
+        PruneOutcome::Error
+    } else if pruned.is_empty() {
+        PruneOutcome::NothingToDo
+    } else {
+        PruneOutcome::Pruned
+    };
+    let report = PruneReport {
+        dry_run: options.dry_run,
+        outcome,
+        grace_seconds: options.grace.as_secs(),
+        run_id,
+        images_pruned: pruned.len(),
+        manifests_deleted: run.manifests_deleted,
+        bytes_reclaimable,
+        decisions: run.decisions,
+        errors: run.errors,
+    };
+    if let Some(id) = run_id {
+        sqlx::query(
+            "UPDATE prune_runs SET finished_at = now(), outcome = $2, images_pruned = $3, \
+             manifests_deleted = $4, bytes_reclaimable = $5, error = $6 WHERE id = $1",
+        )
+        .bind(id)
+        .bind(outcome.as_str())
+        .bind(report.images_pruned as i32)
+        .bind(report.manifests_deleted as i32)
+        .bind(bytes_reclaimable as i64)
+        .bind((!report.errors.is_empty()).then(|| report.errors.join("; ")))
+        .execute(pool)
+        .await?;
+    }
+    result.map(|()| report)
+}
+
+/// One run's state.
+struct Run<'a> {
+    pool: &'a PgPool,
+    registries: &'a Registries,
+    internal_registry: &'a str,
+    options: &'a PruneOptions,
+    run_id: Option<i64>,
+    decisions: Vec<Decision>,
+    errors: Vec<String>,
+    manifests_deleted: usize,
+}
+
+impl Run<'_> {
+    async fn prune_all(&mut self) -> Result<(), PruneError> {
+        let all = candidates(self.pool, self.options.grace, None).await?;
+        let mut by_repository: BTreeMap<(Uuid, String), Vec<Candidate>> = BTreeMap::new();
+        for candidate in all {
+            match self.repository_of(&candidate) {
+                Ok(repository) => by_repository
+                    .entry((candidate.app_guid, repository))
+                    .or_default()
+                    .push(candidate),
+                Err(problem) => {
+                    self.errors.push(problem.clone());
+                    self.decide(&candidate, "", Action::Failed, Some(problem));
+                }
+            }
+        }
+        for ((app_guid, repository), group) in by_repository {
+            let result = if self.options.dry_run {
+                self.plan_repository(&repository, &group).await
+            } else {
+                self.prune_repository(app_guid, &repository).await
+            };
+            if let Err(error) = result {
+                self.errors.push(format!("{repository}: {error}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The repository of a candidate's pinned image, which must be in the internal registry.
+    fn repository_of(&self, candidate: &Candidate) -> Result<String, String> {
+        let reference = ImageReference::parse(&candidate.pinned_image)
+            .map_err(|e| format!("staging {}: {e}", candidate.staging_guid))?;
+        if reference.registry != self.internal_registry {
+            return Err(format!(
+                "staging {} is pinned to {}, outside the internal registry {}; not pruning it",
+                candidate.staging_guid, candidate.pinned_image, self.internal_registry
+            ));
+        }
+        Ok(reference.repository)
+    }
+
+    fn decide(
+        &mut self,
+        candidate: &Candidate,
+        repository: &str,
+        action: Action,
+        detail: Option<String>,
+    ) {
+        self.decisions.push(Decision {
+            app_guid: candidate.app_guid,
+            staging_guid: candidate.staging_guid,
+            repository: repository.to_owned(),
+            digest: digest_of(&candidate.pinned_image).to_owned(),
+            reason: candidate.reason,
+            action,
+            detail,
+        });
+    }
+
+    /// Dry run: what `prune_repository` would do, without locks or changes.
+    async fn plan_repository(
+        &mut self,
+        repository: &str,
+        group: &[Candidate],
+    ) -> Result<(), PruneError> {
+        let shared = shared_with_live(self.pool, group).await?;
+        for candidate in group {
+            let action = if shared.contains(&candidate.pinned_image) {
+                Action::KeptShared
+            } else {
+                Action::WouldDelete
+            };
+            self.decide(candidate, repository, action, None);
+        }
+        Ok(())
+    }
+
+    /// Holding the repository against stagings, re-reads its prunable stagings, deletes each
+    /// manifest no live staging shares, and records it, all in one transaction.
+    async fn prune_repository(&mut self, app: Uuid, repository: &str) -> Result<(), PruneError> {
+        let mut tx = self.pool.begin().await?;
+        // Re-read under the lock: a staging may have finished, or been referenced again.
+        if !locks::try_lock_repository(&mut tx, repository).await? {
+            for candidate in candidates(&mut *tx, self.options.grace, Some(app)).await? {
+                self.decide(&candidate, repository, Action::SkippedBusy, None);
+            }
+            return Ok(());
+        }
+        let group: Vec<Candidate> = candidates(&mut *tx, self.options.grace, Some(app))
+            .await?
+            .into_iter()
+            .filter(|c| self.repository_of(c).is_ok_and(|r| r == repository))
+            .collect();
+        let shared = shared_with_live(&mut *tx, &group).await?;
+        let mut by_manifest: BTreeMap<&str, Vec<&Candidate>> = BTreeMap::new();
+        for candidate in &group {
+            by_manifest
+                .entry(candidate.pinned_image.as_str())
+                .or_default()
+                .push(candidate);
+        }
+        let client = self.client(repository);
+        for (pinned, stagings) in by_manifest {
+            if shared.contains(pinned) {
+                for candidate in stagings {
+                    self.decide(candidate, repository, Action::KeptShared, None);
+                }
+                continue;
+            }
+            let action = match delete_manifest(&client, repository, digest_of(pinned)).await {
+                Ok(action) => action,
+                Err(error) => {
+                    let detail = format!("{}: {error}", error.code());
+                    self.errors
+                        .push(format!("{repository}@{}: {detail}", digest_of(pinned)));
+                    for candidate in stagings {
+                        self.decide(candidate, repository, Action::Failed, Some(detail.clone()));
+                    }
+                    continue;
+                }
+            };
+            if action == Action::Deleted {
+                self.manifests_deleted += 1;
+            }
+            self.record(&mut tx, repository, &stagings, action).await?;
+            for candidate in stagings {
+                self.decide(candidate, repository, action, None);
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn record(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        repository: &str,
+        stagings: &[&Candidate],
+        action: Action,
+    ) -> Result<(), sqlx::Error> {
+        let guids: Vec<Uuid> = stagings.iter().map(|c| c.staging_guid).collect();
+        let reasons: Vec<&str> = stagings.iter().map(|c| c.reason.as_str()).collect();
+        sqlx::query(
+            "UPDATE stagings SET pruned_at = now(), updated_at = now() WHERE staging_guid = ANY($1)",
+        )
+        .bind(&guids)
+        .execute(&mut **tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO prune_audit (run_id, staging_guid, app_guid, repository, manifest_digest, reason, action) \
+             SELECT $1, g, s.app_guid, $4, split_part(s.pinned_image, '@', 2), r, $5 \
+             FROM unnest($2::uuid[], $3::text[]) AS u(g, r) JOIN stagings s ON s.staging_guid = u.g",
+        )
+        .bind(self.run_id)
+        .bind(&guids)
+        .bind(&reasons)
+        .bind(repository)
+        .bind(match action {
+            Action::AlreadyGone => "already_gone",
+            _ => "deleted",
+        })
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+
+    fn client(&self, repository: &str) -> std::sync::Arc<RegistryClient> {
+        let reference = ImageReference {
+            registry: self.internal_registry.to_owned(),
+            repository: repository.to_owned(),
+            tag: None,
+            digest: None,
+        };
+        self.registries.client(&reference, Side::Destination)
+    }
+}
+
+fn digest_of(pinned_image: &str) -> &str {
+    pinned_image
+        .rsplit_once('@')
+        .map_or(pinned_image, |(_, d)| d)
+}
+
+/// Deletes one manifest revision (and with it every tag on it) from `repository`.
+async fn delete_manifest(
+    client: &RegistryClient,
+    repository: &str,
+    digest: &str,
+) -> Result<Action, CopyError> {
+    let path = format!("/v2/{repository}/manifests/{digest}");
+    let response = client
+        .send(&[Scope::delete(repository)], || {
+            client.request(Method::DELETE, &path)
+        })
+        .await?;
+    match response.status() {
+        StatusCode::ACCEPTED | StatusCode::OK | StatusCode::NO_CONTENT => Ok(Action::Deleted),
+        StatusCode::NOT_FOUND => Ok(Action::AlreadyGone),
+        StatusCode::METHOD_NOT_ALLOWED => Err(CopyError::InternalRegistry {
+            registry: client.name().to_owned(),
+            detail: "the registry refuses deletes: enable storage.delete.enabled \
+                     (or it is in read-only maintenance)"
+                .into(),
+        }),
+        _ => Err(client
+            .status_error(response, &format!("DELETE manifest {digest}"))
+            .await),
+    }
+}
+
+/// Prune figures for `/metrics`, from the runs recorded in the database.
+#[derive(Debug, Default, Clone)]
+pub struct PruneMetrics {
+    pub images_pruned_total: i64,
+    pub manifests_deleted_total: i64,
+    /// The last finished run's reclaimable bytes.
+    pub bytes_reclaimable: i64,
+    /// Unix time the last run finished, and its outcome.
+    pub last_run: Option<(f64, String)>,
+}
+
+pub async fn metrics(pool: &PgPool) -> Result<PruneMetrics, sqlx::Error> {
+    let (images_pruned_total, manifests_deleted_total): (i64, i64) = sqlx::query_as(
+        "SELECT coalesce(sum(images_pruned), 0)::bigint, coalesce(sum(manifests_deleted), 0)::bigint \
+         FROM prune_runs",
+    )
+    .fetch_one(pool)
+    .await?;
+    let last: Option<(f64, String, i64)> = sqlx::query_as(
+        "SELECT extract(epoch FROM finished_at)::float8, outcome, bytes_reclaimable FROM prune_runs \
+         WHERE finished_at IS NOT NULL ORDER BY finished_at DESC LIMIT 1",
+    )
+    .fetch_optional(pool)
+    .await?;
+    Ok(PruneMetrics {
+        images_pruned_total,
+        manifests_deleted_total,
+        bytes_reclaimable: last.as_ref().map_or(0, |l| l.2),
+        last_run: last.map(|(at, outcome, _)| (at, outcome)),
+    })
+}

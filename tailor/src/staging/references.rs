@@ -1,0 +1,174 @@
+//! The reference ledger: what the platform tells tailor about which images are still in use.
+//!
+//! Two feeds: releases (`DELETE /stage/{guid}` on a finished staging, see
+//! [`super::store::stop`], and [`release_app`] for a deleted app), and the periodic
+//! [`sync`] with the complete list of stagings in use, after which every finished staging
+//! that is not listed is *unreferenced*. The pruner only ever reads this ledger.
+
+use sqlx::PgPool;
+use uuid::Uuid;
+
+/// A sync may not unreference more than this share of the images in use without `force`...
+const SUSPICIOUS_SHARE: f64 = 0.5;
+/// ...once there are at least this many (small deployments churn a large share legitimately).
+const SUSPICIOUS_MIN_IN_USE: i64 = 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReferenceError {
+    #[error(
+        "the list would unreference {would_unreference} of the {in_use} images in use; \
+         if that is intended, repeat the request with ?force=true"
+    )]
+    Suspicious { in_use: i64, would_unreference: i64 },
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+impl ReferenceError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Suspicious { .. } => "SUSPICIOUS_REFERENCE_LIST",
+            Self::Database(_) => "DATABASE_UNAVAILABLE",
+        }
+    }
+}
+
+/// What a sync changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct SyncReport {
+    /// GUIDs in the list that name a staging tailor knows.
+    pub listed: i64,
+    /// GUIDs in the list that tailor has never seen (ignored).
+    pub unknown: i64,
+    /// Stagings that were unreferenced and are referenced again.
+    pub rereferenced: i64,
+    /// Finished stagings this sync marked unreferenced.
+    pub unreferenced: i64,
+}
+
+/// Applies the platform's complete list of stagings in use. Refuses, unless `force`, a list
+/// that would unreference most images in use (an empty list when any is in use, or more than
+/// half of at least ten), so that a bug upstream cannot wipe the registry.
+pub async fn sync(
+    pool: &PgPool,
+    in_use: &[Uuid],
+    force: bool,
+) -> Result<SyncReport, ReferenceError> {
+    let mut tx = pool.begin().await?;
+    // One sync at a time: two concurrent lists must not interleave their marks.
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('tailor-reference-sync', 7))")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("CREATE TEMPORARY TABLE listed (staging_guid uuid PRIMARY KEY) ON COMMIT DROP")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("INSERT INTO listed SELECT DISTINCT unnest($1::uuid[])")
+        .bind(in_use)
+        .execute(&mut *tx)
+        .await?;
+    let (images_in_use, would_unreference): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE NOT EXISTS \
+             (SELECT 1 FROM listed l WHERE l.staging_guid = s.staging_guid)) \
+         FROM stagings s WHERE state = 'succeeded' AND pruned_at IS NULL \
+           AND released_at IS NULL AND unreferenced_at IS NULL",
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    let suspicious = would_unreference > 0
+        && (would_unreference == images_in_use && in_use.is_empty()
+            || images_in_use >= SUSPICIOUS_MIN_IN_USE
+                && would_unreference as f64 > images_in_use as f64 * SUSPICIOUS_SHARE);
+    if suspicious && !force {
+        return Err(ReferenceError::Suspicious {
+            in_use: images_in_use,
+            would_unreference,
+        });
+    }
+    let (listed, unknown): (i64, i64) = sqlx::query_as(
+        "SELECT count(s.staging_guid), count(*) - count(s.staging_guid) \
+         FROM listed l LEFT JOIN stagings s USING (staging_guid)",
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    let rereferenced = sqlx::query(
+        "UPDATE stagings s SET unreferenced_at = NULL, updated_at = now() FROM listed l \
+         WHERE s.staging_guid = l.staging_guid AND s.unreferenced_at IS NOT NULL",
+    )
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    // Only finished stagings: one still running has no image yet, and the next sync will
+    // judge it once the platform has had a chance to record it.
+    let unreferenced = sqlx::query(
+        "UPDATE stagings s SET unreferenced_at = now(), updated_at = now() \
+         WHERE s.unreferenced_at IS NULL AND s.state IN ('succeeded', 'failed', 'cancelled') \
+           AND NOT EXISTS (SELECT 1 FROM listed l WHERE l.staging_guid = s.staging_guid)",
+    )
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    tx.commit().await?;
+    Ok(SyncReport {
+        listed,
+        unknown,
+        rereferenced: rereferenced as i64,
+        unreferenced: unreferenced as i64,
+    })
+}
+
+/// What deleting an app did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct AppReleased {
+    /// Finished stagings released now (including queued ones this call cancelled).
+    pub released: i64,
+    /// Queued stagings cancelled, and running ones asked to stop.
+    pub cancelled: i64,
+}
+
+/// The platform deleted the app: stop its queued and running stagings, release every finished
+/// one, and stop protecting its newest image. `None` if tailor never staged the app.
+pub async fn release_app(
+    pool: &PgPool,
+    app_guid: Uuid,
+) -> Result<Option<AppReleased>, sqlx::Error> {
+    // Recorded first, so that a running staging that ends after this is released as it ends.
+    let known: bool = sqlx::query_scalar(
+        "WITH known AS (SELECT EXISTS (SELECT 1 FROM stagings WHERE app_guid = $1) AS known), \
+         recorded AS (INSERT INTO deleted_apps (app_guid) SELECT $1 FROM known WHERE known \
+                      ON CONFLICT DO NOTHING) \
+         SELECT known FROM known",
+    )
+    .bind(app_guid)
+    .fetch_one(pool)
+    .await?;
+    if !known {
+        return Ok(None);
+    }
+    let active: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT staging_guid FROM stagings WHERE app_guid = $1 AND state IN ('queued', 'running')",
+    )
+    .bind(app_guid)
+    .fetch_all(pool)
+    .await?;
+    let mut cancelled = 0;
+    for staging_guid in active {
+        if matches!(
+            super::store::stop(pool, staging_guid).await?,
+            super::store::Stopped::Cancelled(_) | super::store::Stopped::CancelRequested(_)
+        ) {
+            cancelled += 1;
+        }
+    }
+    let released = sqlx::query(
+        "UPDATE stagings SET released_at = now(), updated_at = now() \
+         WHERE app_guid = $1 AND released_at IS NULL AND state IN ('succeeded', 'failed', 'cancelled')",
+    )
+    .bind(app_guid)
+    .execute(pool)
+    .await?
+    .rows_affected();
+    Ok(Some(AppReleased {
+        released: released as i64,
+        cancelled,
+    }))
+}
