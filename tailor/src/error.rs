@@ -33,6 +33,8 @@ pub enum CopyError {
     Timeout { registry: String, detail: String },
     #[error("internal registry {registry}: {detail}")]
     InternalRegistry { registry: String, detail: String },
+    #[error("internal registry {registry} is read-only (a maintenance window); try again later")]
+    ReadOnly { registry: String },
     #[error("the copy was cancelled")]
     Cancelled,
     #[error("invalid argument: {0}")]
@@ -54,6 +56,7 @@ impl CopyError {
             Self::UpstreamUnreachable { .. } => "UPSTREAM_UNREACHABLE",
             Self::Timeout { .. } => "TIMEOUT",
             Self::InternalRegistry { .. } => "INTERNAL_REGISTRY_ERROR",
+            Self::ReadOnly { .. } => "INTERNAL_REGISTRY_READ_ONLY",
             Self::Cancelled => "CANCELLED",
             Self::InvalidArgument(_) => "INVALID_ARGUMENT",
         }
@@ -67,6 +70,7 @@ impl CopyError {
                 | Self::UpstreamUnreachable { .. }
                 | Self::Timeout { .. }
                 | Self::InternalRegistry { .. }
+                | Self::ReadOnly { .. }
         )
     }
 }

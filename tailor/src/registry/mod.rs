@@ -323,6 +323,11 @@ impl RegistryClient {
                 registry: name,
                 detail: format!("{what}: unexpected {detail}"),
             },
+            // Distribution unregisters its write handlers in read-only mode: the garbage
+            // collection window (scripts/registry-gc).
+            (Side::Destination, StatusCode::METHOD_NOT_ALLOWED) => {
+                CopyError::ReadOnly { registry: name }
+            }
             (Side::Destination, _) => CopyError::InternalRegistry {
                 registry: name,
                 detail: format!("{what}: {detail}"),

@@ -255,18 +255,28 @@ pub async fn retry_later(
     Ok(updated.rows_affected() == 1)
 }
 
-/// Gives a staging back without counting the attempt (a worker draining on shutdown).
-pub async fn release(pool: &PgPool, staging_guid: Uuid, worker: &str) -> Result<bool, sqlx::Error> {
+/// Gives a staging back without counting the attempt, to be claimed again after `delay`: a
+/// worker draining on shutdown, or an internal registry in a maintenance window.
+pub async fn release(
+    pool: &PgPool,
+    staging_guid: Uuid,
+    worker: &str,
+    delay: Duration,
+    reason: Option<&str>,
+) -> Result<bool, sqlx::Error> {
     let updated = sqlx::query(
         "UPDATE stagings SET state = 'queued', lease_owner = NULL, lease_expires_at = NULL, \
-         attempts = greatest(attempts - 1, 0), run_after = now(), updated_at = now() \
+         attempts = greatest(attempts - 1, 0), run_after = now() + make_interval(secs => $3), \
+         last_error = coalesce($4, last_error), updated_at = now() \
          WHERE staging_guid = $1 AND lease_owner = $2 AND state = 'running'",
     )
     .bind(staging_guid)
     .bind(worker)
+    .bind(delay.as_secs_f64())
+    .bind(reason)
     .execute(pool)
     .await?;
-    if updated.rows_affected() == 1 {
+    if updated.rows_affected() == 1 && delay.is_zero() {
         sqlx::query("SELECT pg_notify($1, $2)")
             .bind(super::store::NEW_WORK_CHANNEL)
             .bind(staging_guid.to_string())

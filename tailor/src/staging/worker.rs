@@ -46,6 +46,8 @@ pub struct WorkerSettings {
     /// Parallel blob transfers per staging.
     pub concurrency: usize,
     pub drain_timeout: Duration,
+    /// How long a staging waits before trying again when the internal registry is read-only.
+    pub read_only_retry: Duration,
 }
 
 impl WorkerSettings {
@@ -61,6 +63,7 @@ impl WorkerSettings {
             max_attempts: 5,
             concurrency: crate::copy::DEFAULT_CONCURRENCY,
             drain_timeout: Duration::from_secs(60),
+            read_only_retry: Duration::from_secs(15),
         }
     }
 }
@@ -68,7 +71,8 @@ impl WorkerSettings {
 impl WorkerSettings {
     /// Settings for workers of a deployment configured by `settings`, with the tunables
     /// `TAILOR_LEASE_SECONDS` (30), `TAILOR_POLL_SECONDS` (5), `TAILOR_MAX_ATTEMPTS` (5),
-    /// `TAILOR_COPY_CONCURRENCY` (8) and `TAILOR_DRAIN_SECONDS` (60) read through `lookup`.
+    /// `TAILOR_COPY_CONCURRENCY` (8), `TAILOR_DRAIN_SECONDS` (60) and
+    /// `TAILOR_READ_ONLY_RETRY_SECONDS` (15) read through `lookup`.
     pub fn from_settings(
         settings: &crate::config::TailorSettings,
         credentials_key: Option<CredentialsKey>,
@@ -103,6 +107,8 @@ impl WorkerSettings {
         worker.concurrency = number("TAILOR_COPY_CONCURRENCY", 8, 64)? as usize;
         // 0: on shutdown, hand in-flight stagings back at once.
         worker.drain_timeout = Duration::from_secs(ranged("TAILOR_DRAIN_SECONDS", 60, 0, 3600)?);
+        worker.read_only_retry =
+            Duration::from_secs(number("TAILOR_READ_ONLY_RETRY_SECONDS", 15, 3600)?);
         Ok(worker)
     }
 }
@@ -380,7 +386,9 @@ async fn process(shared: &Shared, worker: &str, claimed: Claimed) {
         Err(CopyError::Cancelled) => match stop {
             Some(StopReason::Draining) => {
                 tracing::info!("shutting down: staging released back to the queue");
-                queue::release(&shared.pool, guid, worker).await.map(|_| ())
+                queue::release(&shared.pool, guid, worker, Duration::ZERO, None)
+                    .await
+                    .map(|_| ())
             }
             Some(StopReason::LeaseLost) => {
                 tracing::warn!("lease lost to another worker; abandoning this attempt");
@@ -393,6 +401,20 @@ async fn process(shared: &Shared, worker: &str, claimed: Claimed) {
                     .map(|_| ())
             }
         },
+        // A garbage collection window can outlast every retry: wait it out, uncounted.
+        Err(error @ CopyError::ReadOnly { .. }) => {
+            let delay = shared.settings.read_only_retry;
+            tracing::info!(%error, retry_in_ms = delay.as_millis() as u64, "internal registry read-only; staging handed back");
+            queue::release(
+                &shared.pool,
+                guid,
+                worker,
+                delay,
+                Some(&format!("{}: {error}", error.code())),
+            )
+            .await
+            .map(|_| ())
+        }
         Err(error) if error.is_transient() && staging.attempts < shared.settings.max_attempts => {
             let delay = RetryPolicy::default()
                 .backoff(staging.attempts as u32)
