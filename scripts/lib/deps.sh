@@ -24,7 +24,8 @@ _have_postgres() {
     compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null
 }
 
-# ensure_deps NAME... where NAME is postgres, registry, skopeo or wrk.
+# ensure_deps NAME... where NAME is postgres, registry, skopeo, wrk, ruby (the BOSH template
+# harness) or curl (scripts/registry-gc).
 ensure_deps() {
     local missing=()
     for dep in "$@"; do
@@ -33,6 +34,8 @@ ensure_deps() {
             registry) command -v docker-registry >/dev/null 2>&1 || missing+=(docker-registry) ;;
             skopeo) command -v skopeo >/dev/null 2>&1 || missing+=(skopeo) ;;
             wrk) command -v wrk >/dev/null 2>&1 || missing+=(wrk) ;;
+            ruby) command -v ruby >/dev/null 2>&1 || missing+=(ruby) ;;
+            curl) command -v curl >/dev/null 2>&1 || missing+=(curl) ;;
             *) echo "ensure_deps: unknown dependency $dep" >&2; return 2 ;;
         esac
     done

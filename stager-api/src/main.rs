@@ -53,7 +53,12 @@ async fn main() -> anyhow::Result<()> {
             default_registry,
         } => embedded(&listen, default_registry).await,
         Command::CheckConfig => {
-            StagerSettings::from_env().map_err(config_error)?;
+            let settings = StagerSettings::from_env().map_err(config_error)?;
+            // The in-process workers' tunables too: serve would refuse them at start-up.
+            WorkerSettings::from_settings(&settings.tailor, settings.credentials_key.clone(), |n| {
+                std::env::var(n).ok()
+            })
+            .map_err(config_error)?;
             println!("configuration is valid");
             Ok(())
         }

@@ -30,6 +30,9 @@ enum Command {
     /// Delete images nothing uses any more from the internal registry (for cron). Exit status:
     /// 0 pruned, 3 nothing to do, 1 error.
     Prune(cli::prune::PruneArgs),
+    /// Validate the configuration in the environment (everything `work` and `prune` read) and
+    /// exit: 0 and "configuration is valid", or 1 and a message naming the setting.
+    CheckConfig,
     /// Apply pending database migrations to DATABASE_URL and exit.
     Migrate {
         #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
@@ -45,6 +48,11 @@ async fn main() -> anyhow::Result<()> {
         Command::Copy(args) => std::process::exit(cli::copy::run(args).await),
         Command::Prune(args) => std::process::exit(cli::prune::run(args).await),
         Command::Work { workers } => work(usize::from(workers)).await?,
+        Command::CheckConfig => {
+            check_config(|name| std::env::var(name).ok())
+                .map_err(|e| anyhow::anyhow!("{e} ({})", e.code()))?;
+            println!("configuration is valid");
+        }
         Command::Migrate { database_url } => {
             let pool = tailor::db::connect(&database_url, 2)
                 .await
@@ -56,6 +64,50 @@ async fn main() -> anyhow::Result<()> {
                     .await?;
             println!("database is up to date ({applied} migrations applied)");
         }
+    }
+    Ok(())
+}
+
+/// Everything `tailor work` and `tailor prune` would refuse at start-up, without starting.
+fn check_config(
+    lookup: impl Fn(&str) -> Option<String> + Copy,
+) -> Result<(), tailor::config::ConfigError> {
+    use tailor::config::ConfigError;
+    let settings = tailor::config::TailorSettings::from_lookup(lookup)?;
+    let key = tailor::secrets::CredentialsKey::from_lookup(lookup)?;
+    tailor::staging::worker::WorkerSettings::from_settings(&settings, key, lookup)?;
+    if let Some(text) = lookup("TAILOR_WORKERS").filter(|t| !t.trim().is_empty())
+        && !text
+            .trim()
+            .parse::<u16>()
+            .is_ok_and(|n| (1..=256).contains(&n))
+    {
+        return Err(ConfigError::Invalid {
+            setting: "TAILOR_WORKERS",
+            problem: format!("{text:?} is not a whole number from 1 to 256"),
+        });
+    }
+    if let Some(text) = lookup("TAILOR_PRUNE_GRACE").filter(|t| !t.trim().is_empty()) {
+        tailor::prune::duration::parse_duration(&text).map_err(|problem| ConfigError::Invalid {
+            setting: "TAILOR_PRUNE_GRACE",
+            problem,
+        })?;
+    }
+    if let Some(text) = lookup("TAILOR_PRUNE_SCHEDULE").filter(|t| !t.trim().is_empty()) {
+        tailor::prune::schedule::Schedule::parse(&text).map_err(|problem| {
+            ConfigError::Invalid {
+                setting: "TAILOR_PRUNE_SCHEDULE",
+                problem,
+            }
+        })?;
+    }
+    if let Some(text) = lookup("TAILOR_PRUNE_DRY_RUN").filter(|t| !t.trim().is_empty())
+        && !matches!(text.trim(), "true" | "false")
+    {
+        return Err(ConfigError::Invalid {
+            setting: "TAILOR_PRUNE_DRY_RUN",
+            problem: format!("{text:?} is not true or false"),
+        });
     }
     Ok(())
 }

@@ -21,6 +21,7 @@ pub mod process;
 pub mod push;
 pub mod registry;
 pub mod skopeo;
+pub mod supervised_registry;
 pub mod token_issuer;
 
 pub use db::TestDatabase;

@@ -1,6 +1,7 @@
 //! `tailor prune`: one pruning run for cron. A table (or `--json`) of what was, or with
 //! `--dry-run` would be, deleted per app, and the exit status says which of "pruned",
-//! "nothing to do" and "error" happened.
+//! "nothing to do" and "error" happened. With `--schedule`, a long-running process that prunes
+//! on a cron schedule (how the BOSH job runs it, supervised like any other process).
 
 use clap::Args;
 use tailor::config::TailorSettings;
@@ -23,14 +24,55 @@ pub struct PruneArgs {
     /// How long an image is kept after it was released or left unreferenced: 90s, 30m, 24h, 7d.
     #[arg(long, env = "TAILOR_PRUNE_GRACE", default_value = "24h", value_parser = tailor::prune::duration::parse_duration)]
     pub grace: std::time::Duration,
-    /// Print one JSON object (the report, or {"error": {code, message}}).
+    /// Print one JSON object (the report, or {"error": {code, message}}); one line per run
+    /// with --schedule.
     #[arg(long)]
     pub json: bool,
+    /// Keep running and prune on this cron schedule (5 fields, UTC), e.g. "0 * * * *"; stops
+    /// on SIGTERM or Ctrl-C, after the run in progress.
+    #[arg(long, env = "TAILOR_PRUNE_SCHEDULE", value_parser = tailor::prune::schedule::Schedule::parse)]
+    pub schedule: Option<tailor::prune::schedule::Schedule>,
 }
 
-/// Runs the pruner once; returns the process exit code.
+/// Runs the pruner once, or on its schedule until stopped; returns the process exit code.
 pub async fn run(args: PruneArgs) -> i32 {
-    match execute(&args).await {
+    match &args.schedule {
+        None => run_once(&args).await,
+        Some(schedule) => run_scheduled(&args, schedule).await,
+    }
+}
+
+async fn run_scheduled(args: &PruneArgs, schedule: &tailor::prune::schedule::Schedule) -> i32 {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(error) => {
+            eprintln!("error: cannot handle SIGTERM: {error}");
+            return EXIT_ERROR;
+        }
+    };
+    tracing::info!(%schedule, "pruning on a schedule (UTC)");
+    loop {
+        let now = chrono::Utc::now();
+        let Some(next) = schedule.next_after(now) else {
+            eprintln!("error: the schedule {schedule} never fires");
+            return EXIT_ERROR;
+        };
+        tracing::info!(next_run = %next, "next prune run");
+        let wait = (next - now).to_std().unwrap_or_default();
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+        }
+        let code = run_once(args).await;
+        tracing::info!(exit_status = code, "prune run finished");
+    }
+    tracing::info!("pruner stopped");
+    0
+}
+
+async fn run_once(args: &PruneArgs) -> i32 {
+    match execute(args).await {
         Ok(report) => {
             if args.json {
                 println!(

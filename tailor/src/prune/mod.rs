@@ -17,6 +17,7 @@
 
 pub mod duration;
 pub mod locks;
+pub mod schedule;
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
