@@ -5,6 +5,7 @@ mod diego;
 mod fleet;
 mod health;
 mod helpers;
+mod maintenance;
 mod prune;
 mod references;
 mod stage;
