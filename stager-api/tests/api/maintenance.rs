@@ -93,8 +93,7 @@ async fn stagings_wait_out_a_read_only_registry_without_spending_attempts() {
     while handbacks < 2 {
         let (state, attempts, last_error) = row(&pool, guid).await;
         assert_ne!(state, "failed", "{last_error:?}");
-        if state == "queued" && attempts == 0 && last_error.is_some() {
-            let error = last_error.unwrap();
+        if let ("queued", 0, Some(error)) = (state.as_str(), attempts, last_error) {
             assert!(error.starts_with("INTERNAL_REGISTRY_READ_ONLY"), "{error}");
             let seen: Option<(String,)> =
                 sqlx::query_as("SELECT run_after::text FROM stagings WHERE staging_guid = $1")
