@@ -116,7 +116,10 @@ async fn prune_reports_per_app_and_its_exit_status_says_what_happened() {
         .text()
         .await
         .unwrap();
-    assert!(metrics.contains("tailor_prune_images_pruned_total 1"), "{metrics}");
+    assert!(
+        metrics.contains("tailor_prune_images_pruned_total 1"),
+        "{metrics}"
+    );
     assert!(metrics.contains("tailor_prune_last_run_outcome{outcome=\"nothing_to_do\"} 1"));
     assert!(metrics.contains("tailor_prune_last_run_timestamp_seconds "));
 }

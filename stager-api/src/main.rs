@@ -55,9 +55,11 @@ async fn main() -> anyhow::Result<()> {
         Command::CheckConfig => {
             let settings = StagerSettings::from_env().map_err(config_error)?;
             // The in-process workers' tunables too: serve would refuse them at start-up.
-            WorkerSettings::from_settings(&settings.tailor, settings.credentials_key.clone(), |n| {
-                std::env::var(n).ok()
-            })
+            WorkerSettings::from_settings(
+                &settings.tailor,
+                settings.credentials_key.clone(),
+                |n| std::env::var(n).ok(),
+            )
             .map_err(config_error)?;
             println!("configuration is valid");
             Ok(())

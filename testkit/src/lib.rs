@@ -14,6 +14,7 @@
 
 pub mod access_log;
 pub mod callback_sink;
+pub mod certs;
 pub mod db;
 pub mod fault_proxy;
 pub mod image;
