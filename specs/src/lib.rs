@@ -4,6 +4,8 @@
 //! The binaries are the ones cargo built next to this test executable (`target/<profile>/`);
 //! the README's test command builds them before running the suite.
 
+pub mod bosh;
+
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::{Value, json};
-use specs::binary;
+use specs::bosh::{check_config, job_spec, release_dir, render, ruby_yaml as yaml};
 
 const JOBS: [&str; 4] = [
     "stager-api",
@@ -19,51 +19,7 @@ const JOBS: [&str; 4] = [
 const TOKEN: &str = "bosh-token-0123456789abcdef";
 
 fn release() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../bosh-release")
-}
-
-/// YAML read by Ruby (as BOSH reads it), handed over as JSON.
-fn yaml(text: &str) -> Value {
-    let output = Command::new("ruby")
-        .args([
-            "-ryaml",
-            "-rjson",
-            "-e",
-            "puts JSON.generate(YAML.safe_load(STDIN.read))",
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .and_then(|mut child| {
-            use std::io::Write;
-            child.stdin.take().unwrap().write_all(text.as_bytes())?;
-            child.wait_with_output()
-        })
-        .expect("ruby (scripts/test installs it)");
-    assert!(output.status.success(), "not YAML:\n{text}");
-    serde_json::from_slice(&output.stdout).unwrap()
-}
-
-fn job_spec(job: &str) -> Value {
-    yaml(&std::fs::read_to_string(release().join("jobs").join(job).join("spec")).unwrap())
-}
-
-/// Renders `template` of `job` with `manifest` ({properties, links, spec}).
-fn render(job: &str, template: &str, manifest: &Value) -> Result<String, String> {
-    let file = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(file.path(), manifest.to_string()).unwrap();
-    let output = Command::new("ruby")
-        .arg(release().join("tests/render.rb"))
-        .arg(release().join("jobs").join(job))
-        .arg(template)
-        .arg(file.path())
-        .output()
-        .expect("run the render harness");
-    if output.status.success() {
-        Ok(String::from_utf8(output.stdout).unwrap())
-    } else {
-        Err(String::from_utf8_lossy(&output.stderr).into_owned())
-    }
+    release_dir()
 }
 
 fn registry_link(tls: bool) -> Value {
@@ -217,27 +173,6 @@ fn render_job(job: &str, manifest: &Value, dir: &Path) -> Vec<(String, String)> 
                 .collect()
         })
         .unwrap_or_default()
-}
-
-/// The binary the job runs, asked whether the rendered environment is valid.
-fn check_config(job: &str, env: &[(String, String)]) -> Result<(), String> {
-    let program = if job == "stager-api" {
-        "stager-api"
-    } else {
-        "tailor"
-    };
-    let output = Command::new(binary(program))
-        .arg("check-config")
-        .env_clear()
-        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .output()
-        .unwrap();
-    if output.status.success() {
-        assert!(String::from_utf8_lossy(&output.stdout).contains("configuration is valid"));
-        Ok(())
-    } else {
-        Err(String::from_utf8_lossy(&output.stderr).into_owned())
-    }
 }
 
 fn env_value<'a>(env: &'a [(String, String)], name: &str) -> Option<&'a str> {

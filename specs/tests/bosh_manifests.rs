@@ -3,14 +3,14 @@
 //! properties the jobs declare, and, with its variables filled in and its links resolved as
 //! the director would, renders into configuration the binaries accept.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use serde_json::{Map, Value, json};
-use specs::binary;
+use specs::bosh::{bpm_env, check_config, job_spec, release_dir, render};
 
 fn release() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../bosh-release")
+    release_dir()
 }
 
 const VARIANTS: [&[&str]; 5] = [
@@ -39,21 +39,6 @@ fn interpolate(ops: &[&str]) -> Value {
         "{ops:?}: {}",
         String::from_utf8_lossy(&output.stderr)
     );
-    serde_json::from_slice(&output.stdout).unwrap()
-}
-
-fn job_spec(job: &str) -> Value {
-    let output = Command::new("ruby")
-        .args([
-            "-ryaml",
-            "-rjson",
-            "-e",
-            "puts JSON.generate(YAML.safe_load(File.read(ARGV[0])))",
-        ])
-        .arg(release().join("jobs").join(job).join("spec"))
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{job}: no spec");
     serde_json::from_slice(&output.stdout).unwrap()
 }
 
@@ -149,50 +134,6 @@ fn links(manifest: &Value) -> Value {
     Value::Object(links)
 }
 
-fn render(job: &str, template: &str, manifest: &Value) -> Result<String, String> {
-    let file = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(file.path(), manifest.to_string()).unwrap();
-    let output = Command::new("ruby")
-        .arg(release().join("tests/render.rb"))
-        .arg(release().join("jobs").join(job))
-        .arg(template)
-        .arg(file.path())
-        .output()
-        .unwrap();
-    if output.status.success() {
-        Ok(String::from_utf8(output.stdout).unwrap())
-    } else {
-        Err(String::from_utf8_lossy(&output.stderr).into_owned())
-    }
-}
-
-/// The bpm process's environment, read with Ruby's YAML as bpm would read it.
-fn bpm_env(rendered: &str) -> Vec<(String, String)> {
-    let output = Command::new("ruby")
-        .args([
-            "-ryaml",
-            "-rjson",
-            "-e",
-            "puts JSON.generate(YAML.safe_load(STDIN.read))",
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .and_then(|mut child| {
-            use std::io::Write;
-            child.stdin.take().unwrap().write_all(rendered.as_bytes())?;
-            child.wait_with_output()
-        })
-        .unwrap();
-    let bpm: Value = serde_json::from_slice(&output.stdout).unwrap();
-    bpm["processes"][0]["env"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_owned()))
-        .collect()
-}
-
 #[test]
 fn every_variant_names_only_declared_properties_and_renders_what_the_binaries_accept() {
     for ops in VARIANTS {
@@ -221,27 +162,13 @@ fn every_variant_names_only_declared_properties_and_renders_what_the_binaries_ac
                 let rendered = render(name, template, &context)
                     .unwrap_or_else(|e| panic!("{ops:?} {group}/{name}: {e}"));
                 if template == "bpm.yml.erb" && name != "docker-registry" {
-                    let program = if name == "stager-api" {
-                        "stager-api"
-                    } else {
-                        "tailor"
-                    };
                     // TLS files are checked where the job renders them, not here.
                     let env: Vec<(String, String)> = bpm_env(&rendered)
                         .into_iter()
                         .filter(|(k, _)| !k.starts_with("STAGER_TLS_"))
                         .collect();
-                    let output = Command::new(binary(program))
-                        .arg("check-config")
-                        .env_clear()
-                        .envs(env)
-                        .output()
-                        .unwrap();
-                    assert!(
-                        output.status.success(),
-                        "{ops:?} {group}/{name}: {}",
-                        String::from_utf8_lossy(&output.stderr)
-                    );
+                    check_config(name, &env)
+                        .unwrap_or_else(|e| panic!("{ops:?} {group}/{name}: {e}"));
                 }
             }
             rendered_jobs += 1;

@@ -8,13 +8,14 @@
 //! and keeps the current server's pid in a file; [`SupervisedRegistry::restart_command`] kills
 //! that pid, so the next server reads the configuration as it is on disk at that moment.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use tailor::embedded::{ManagedChild, WorkDir, free_loopback_port};
+use tailor::embedded::{
+    ManagedChild, RegistryOptions, WorkDir, find_registry_binary, free_loopback_port, probe_v2,
+    render_config,
+};
 
 use crate::push::PushAuth;
 
@@ -60,7 +61,8 @@ impl SupervisedRegistry {
     /// Starts the supervisor and waits until the registry answers.
     pub fn start() -> Self {
         crate::init();
-        let program = registry_binary();
+        let program = find_registry_binary()
+            .expect("docker-registry is installed (scripts/test installs it)");
         let workdir = WorkDir::new("supervised-registry").expect("a registry work directory");
         let dir = workdir.path().to_owned();
         let storage_dir = dir.join("storage");
@@ -72,8 +74,11 @@ impl SupervisedRegistry {
         let mut last_error = String::new();
         for _ in 0..START_ATTEMPTS {
             let port = free_loopback_port().expect("a free loopback port");
-            std::fs::write(&config_path, render_config(&storage_dir, port))
-                .expect("write the registry config");
+            std::fs::write(
+                &config_path,
+                render_config(&RegistryOptions::default(), &storage_dir, port),
+            )
+            .expect("write the registry config");
             let _ = std::fs::remove_file(&stop_file);
             let _ = std::fs::remove_file(&pid_file);
             let log_path = dir.join(format!("registry-{port}.log"));
@@ -308,67 +313,6 @@ fn wait_until_serving(
         std::thread::sleep(Duration::from_millis(25));
     }
     Err(format!("not ready after {READY_TIMEOUT:?}: {}", tail()))
-}
-
-/// The status code of `GET /v2/`, or `None` while nothing answers.
-fn probe_v2(port: u16) -> Option<u16> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(
-        stream,
-        "GET /v2/ HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n"
-    )
-    .ok()?;
-    let mut head = [0u8; 32];
-    let n = stream.read(&mut head).ok()?;
-    let line = std::str::from_utf8(&head[..n]).ok()?;
-    line.split_whitespace().nth(1)?.parse().ok()
-}
-
-/// The same layout as `tailor::embedded`'s registries, with `readonly` rendered explicitly
-/// because that is the line `registry-gc` rewrites.
-fn render_config(storage_dir: &Path, port: u16) -> String {
-    // JSON strings are valid YAML scalars and quote any path safely.
-    let q = |s: &str| serde_json::to_string(s).expect("strings serialise");
-    format!(
-        "version: 0.1
-log:
-  level: info
-  formatter: text
-  accesslog:
-    disabled: false
-storage:
-  filesystem:
-    rootdirectory: {storage}
-  delete:
-    enabled: true
-  maintenance:
-    uploadpurging:
-      enabled: false
-    readonly:
-      enabled: false
-http:
-  addr: 127.0.0.1:{port}
-  secret: {secret}
-",
-        storage = q(&storage_dir.to_string_lossy()),
-        secret = q(&uuid::Uuid::new_v4().to_string()),
-    )
-}
-
-/// `docker-registry` as `tailor::embedded` finds it: `TAILOR_REGISTRY_BIN`, then `PATH`, then
-/// Debian's location.
-fn registry_binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("TAILOR_REGISTRY_BIN") {
-        return PathBuf::from(path);
-    }
-    std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
-        .map(|dir| dir.join("docker-registry"))
-        .chain(std::iter::once(PathBuf::from("/usr/bin/docker-registry")))
-        .find(|candidate| candidate.is_file())
-        .expect("docker-registry is not installed: install Debian's `docker-registry` package or set TAILOR_REGISTRY_BIN")
 }
 
 /// `text` as one single-quoted shell word.

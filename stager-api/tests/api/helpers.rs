@@ -64,18 +64,22 @@ impl TestApp {
         )
     }
 
+    /// `GET /stage/{guid}`'s body.
+    pub async fn staging(&self, staging_guid: &str) -> serde_json::Value {
+        self.get_authed(&format!("/stage/{staging_guid}"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     /// Polls the staging until it has finished; panics after a minute.
     pub async fn wait_finished(&self, staging_guid: &str) -> serde_json::Value {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
-            let body: serde_json::Value = self
-                .get_authed(&format!("/stage/{staging_guid}"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let body = self.staging(staging_guid).await;
             if matches!(
                 body["state"].as_str(),
                 Some("succeeded" | "failed" | "cancelled")

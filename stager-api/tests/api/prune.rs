@@ -158,14 +158,7 @@ async fn released_images_go_the_newest_stays_and_gc_frees_what_was_reported() {
             !manifest_exists(&app, old).await,
             "pruned manifest still served"
         );
-        let body: Value = app
-            .get_authed(&format!("/stage/{}", old["staging_guid"].as_str().unwrap()))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let body = app.staging(old["staging_guid"].as_str().unwrap()).await;
         assert!(body["pruned_at"].is_string(), "{body}");
     }
     assert!(
@@ -432,14 +425,7 @@ async fn pruning_while_twenty_stagings_run_leaves_every_success_pullable() {
         runs += 1;
         finished.clear();
         for guid in &guids {
-            let body: Value = app
-                .get_authed(&format!("/stage/{guid}"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let body = app.staging(guid).await;
             if matches!(
                 body["state"].as_str(),
                 Some("succeeded" | "failed" | "cancelled")

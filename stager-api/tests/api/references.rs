@@ -60,14 +60,7 @@ async fn a_sync_unreferences_what_it_does_not_list_and_rereferences_what_it_list
         json!({ "listed": 2, "unknown": 1, "rereferenced": 0, "unreferenced": 1 })
     );
     assert_eq!(unreferenced(&app).await, vec![c]);
-    let staging: Value = app
-        .get_authed(&format!("/stage/{c}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let staging = app.staging(&c.to_string()).await;
     assert!(staging["unreferenced_at"].is_string(), "{staging}");
 
     let (status, body) = put_references(&app, "", json!({ "staging_guids": [a, b, c] })).await;
@@ -217,17 +210,7 @@ async fn deleting_an_app_releases_its_stagings_and_cancels_queued_ones() {
         released, expected,
         "the other app's staging is untouched: {other}"
     );
-    let cancelled: Value = app
-        .get_authed(&format!(
-            "/stage/{}",
-            queued["staging_guid"].as_str().unwrap()
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let cancelled = app.staging(queued["staging_guid"].as_str().unwrap()).await;
     assert_eq!(cancelled["state"], "cancelled");
 
     // Idempotent, and precise about what it does not know.

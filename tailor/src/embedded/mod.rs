@@ -13,7 +13,9 @@ mod workdir;
 
 pub use postgres::{EmbeddedPostgres, find_postgres_bin_dir};
 pub use process::{ManagedChild, free_loopback_port};
-pub use registry::{EmbeddedRegistry, RegistryAuth, RegistryOptions};
+pub use registry::{
+    EmbeddedRegistry, RegistryAuth, RegistryOptions, find_registry_binary, probe_v2, render_config,
+};
 pub use workdir::WorkDir;
 
 /// Why a component could not be started.

@@ -142,7 +142,9 @@ impl EmbeddedRegistry {
     }
 }
 
-fn render_config(options: &RegistryOptions, storage_dir: &Path, port: u16) -> String {
+/// The configuration tailor's registries run with: delete enabled, access log on, and the
+/// `storage.maintenance.readonly` block always present (scripts/registry-gc rewrites it).
+pub fn render_config(options: &RegistryOptions, storage_dir: &Path, port: u16) -> String {
     // JSON strings are valid YAML scalars and quote any path safely.
     let q = |s: &str| serde_json::to_string(s).expect("strings serialise");
     let auth = match &options.auth {
@@ -211,8 +213,8 @@ fn wait_ready(server: &mut ManagedChild, port: u16) -> Result<(), String> {
     ))
 }
 
-/// The status code of `GET /v2/`, or `None` while nothing answers.
-fn probe_v2(port: u16) -> Option<u16> {
+/// The status code of `GET /v2/` on a loopback port, or `None` while nothing answers.
+pub fn probe_v2(port: u16) -> Option<u16> {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
     write!(
@@ -226,7 +228,8 @@ fn probe_v2(port: u16) -> Option<u16> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-fn find_registry_binary() -> Result<PathBuf, EmbeddedError> {
+/// `docker-registry`: `TAILOR_REGISTRY_BIN`, else the first on `PATH`.
+pub fn find_registry_binary() -> Result<PathBuf, EmbeddedError> {
     if let Some(path) = std::env::var_os("TAILOR_REGISTRY_BIN") {
         return Ok(PathBuf::from(path));
     }

@@ -1,0 +1,100 @@
+//! Driving the BOSH release's test harnesses: YAML read by Ruby (as BOSH reads it), job specs,
+//! templates rendered by `bosh-release/tests/render.rb`, and the binaries' `check-config`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use serde_json::Value;
+
+/// `bosh-release/` in this repository.
+pub fn release_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../bosh-release")
+}
+
+/// `text` parsed by Ruby's YAML, handed over as JSON.
+pub fn ruby_yaml(text: &str) -> Value {
+    use std::io::Write;
+    let output = Command::new("ruby")
+        .args([
+            "-ryaml",
+            "-rjson",
+            "-e",
+            "puts JSON.generate(YAML.safe_load(STDIN.read))",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            child
+                .stdin
+                .take()
+                .expect("piped stdin")
+                .write_all(text.as_bytes())?;
+            child.wait_with_output()
+        })
+        .expect("ruby (scripts/test installs it)");
+    assert!(output.status.success(), "not YAML:\n{text}");
+    serde_json::from_slice(&output.stdout).expect("Ruby prints JSON")
+}
+
+/// A job's `spec`.
+pub fn job_spec(job: &str) -> Value {
+    let path = release_dir().join("jobs").join(job).join("spec");
+    ruby_yaml(&std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
+}
+
+/// Renders `template` of `job` with `manifest` (`{properties, links, spec}`); the harness's
+/// error message when the template refuses.
+pub fn render(job: &str, template: &str, manifest: &Value) -> Result<String, String> {
+    let file = tempfile::NamedTempFile::new().expect("a temp file");
+    std::fs::write(file.path(), manifest.to_string()).expect("write the manifest");
+    let output = Command::new("ruby")
+        .arg(release_dir().join("tests/render.rb"))
+        .arg(release_dir().join("jobs").join(job))
+        .arg(template)
+        .arg(file.path())
+        .output()
+        .expect("run the render harness");
+    if output.status.success() {
+        Ok(String::from_utf8(output.stdout).expect("UTF-8"))
+    } else {
+        Err(String::from_utf8_lossy(&output.stderr).into_owned())
+    }
+}
+
+/// The environment of a rendered `bpm.yml`'s process.
+pub fn bpm_env(rendered: &str) -> Vec<(String, String)> {
+    let bpm = ruby_yaml(rendered);
+    bpm["processes"][0]["env"]
+        .as_object()
+        .map(|env| {
+            env.iter()
+                .map(|(k, v)| {
+                    let value = v.as_str().expect("bpm env values are strings");
+                    (k.clone(), value.to_owned())
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Asks the binary `job` runs whether `env` is a valid configuration.
+pub fn check_config(job: &str, env: &[(String, String)]) -> Result<(), String> {
+    let program = if job == "stager-api" {
+        "stager-api"
+    } else {
+        "tailor"
+    };
+    let output = Command::new(crate::binary(program))
+        .arg("check-config")
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .output()
+        .expect("run check-config");
+    if output.status.success() {
+        assert!(String::from_utf8_lossy(&output.stdout).contains("configuration is valid"));
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&output.stderr).into_owned())
+    }
+}
