@@ -86,8 +86,9 @@ async fn serve(settings: StagerSettings) -> anyhow::Result<()> {
 
     let shutdown = CancellationToken::new();
     let workers = if settings.workers > 0 {
-        // Workers get their own pool: a copy holds connections for its per-blob fetch locks.
-        let connections = (settings.workers * worker_settings.concurrency + 8) as u32;
+        // Workers get their own pool: a copy holds a connection for each per-blob fetch lock
+        // and one for its repository lock against the pruner.
+        let connections = (settings.workers * (worker_settings.concurrency + 1) + 8) as u32;
         let pool = tailor::db::connect(settings.tailor.database_url.expose(), connections).await?;
         tracing::info!(count = settings.workers, "starting in-process workers");
         Some(tokio::spawn(tailor::staging::worker::run(

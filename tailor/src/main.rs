@@ -122,7 +122,8 @@ async fn work(count: usize) -> anyhow::Result<()> {
             std::env::var(n).ok()
         })
         .map_err(config_error)?;
-    let connections = (count * worker_settings.concurrency + 8) as u32;
+    // Per running staging: a connection per blob fetch lock, one for the repository lock.
+    let connections = (count * (worker_settings.concurrency + 1) + 8) as u32;
     let pool = tailor::db::connect(settings.database_url.expose(), connections)
         .await
         .context("connecting to DATABASE_URL")?;
