@@ -9,8 +9,11 @@ ALTER TABLE stagings ADD COLUMN pruned_at timestamptz;
 ALTER TABLE stagings ADD CONSTRAINT pruned_only_when_succeeded CHECK (
     pruned_at IS NULL OR state = 'succeeded'
 );
--- The pruner's scan: images still in the registry.
+-- The pruner's scans: images still in the registry, by app and by pinned reference (which
+-- other stagings share a manifest).
 CREATE INDEX stagings_in_registry ON stagings (app_guid, finished_at DESC)
+    WHERE state = 'succeeded' AND pruned_at IS NULL;
+CREATE INDEX stagings_pinned_in_registry ON stagings (pinned_image)
     WHERE state = 'succeeded' AND pruned_at IS NULL;
 
 -- Apps the platform deleted (DELETE /apps/{guid}): their newest image is no longer protected.

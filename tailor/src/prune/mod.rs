@@ -225,9 +225,10 @@ async fn shared_with_live<'e>(
     let pinned: Vec<&str> = candidates.iter().map(|c| c.pinned_image.as_str()).collect();
     let guids: Vec<Uuid> = candidates.iter().map(|c| c.staging_guid).collect();
     let shared: Vec<String> = sqlx::query_scalar(
-        "SELECT DISTINCT pinned_image FROM stagings \
-         WHERE state = 'succeeded' AND pruned_at IS NULL AND pinned_image = ANY($1) \
-           AND NOT (staging_guid = ANY($2))",
+        "SELECT DISTINCT s.pinned_image FROM stagings s \
+         JOIN (SELECT DISTINCT unnest($1::text[]) AS pinned_image) AS p USING (pinned_image) \
+         WHERE s.state = 'succeeded' AND s.pruned_at IS NULL \
+           AND s.staging_guid NOT IN (SELECT unnest($2::uuid[]))",
     )
     .bind(&pinned)
     .bind(&guids)
@@ -238,14 +239,18 @@ async fn shared_with_live<'e>(
 
 /// Bytes of the objects that the stagings in `pruned` use and no other image in the registry does.
 async fn reclaimable_bytes(pool: &PgPool, pruned: &[Uuid]) -> Result<u64, sqlx::Error> {
+    // Set-at-a-time (hash joins), not a lookup per object: a run can prune thousands.
     let bytes: i64 = sqlx::query_scalar(
-        "SELECT coalesce(sum(size), 0)::bigint FROM ( \
-             SELECT DISTINCT o.digest, o.size FROM staging_objects o \
-             WHERE o.staging_guid = ANY($1) AND NOT EXISTS ( \
-                 SELECT 1 FROM staging_objects other \
-                 JOIN stagings s ON s.staging_guid = other.staging_guid \
-                 WHERE other.digest = o.digest AND s.state = 'succeeded' \
-                   AND s.pruned_at IS NULL AND NOT (s.staging_guid = ANY($1)))) AS only_pruned",
+        "WITH pruned AS (SELECT DISTINCT unnest($1::uuid[]) AS staging_guid), \
+         theirs AS (SELECT DISTINCT o.digest, o.size FROM staging_objects o \
+                    JOIN pruned USING (staging_guid)), \
+         still_used AS (SELECT DISTINCT o.digest FROM staging_objects o \
+                        JOIN stagings s USING (staging_guid) \
+                        WHERE s.state = 'succeeded' AND s.pruned_at IS NULL \
+                          AND o.digest IN (SELECT digest FROM theirs) \
+                          AND s.staging_guid NOT IN (SELECT staging_guid FROM pruned)) \
+         SELECT coalesce(sum(size), 0)::bigint FROM theirs \
+         WHERE digest NOT IN (SELECT digest FROM still_used)",
     )
     .bind(pruned)
     .fetch_one(pool)
@@ -375,13 +380,11 @@ impl Run<'_> {
                 }
             }
         }
-        for ((app_guid, repository), group) in by_repository {
-            let result = if self.options.dry_run {
-                self.plan_repository(&repository, &group).await
-            } else {
-                self.prune_repository(app_guid, &repository).await
-            };
-            if let Err(error) = result {
+        if self.options.dry_run {
+            return self.plan(by_repository).await;
+        }
+        for (app_guid, repository) in by_repository.into_keys() {
+            if let Err(error) = self.prune_repository(app_guid, &repository).await {
                 self.errors.push(format!("{repository}: {error}"));
             }
         }
@@ -420,19 +423,21 @@ impl Run<'_> {
     }
 
     /// Dry run: what `prune_repository` would do, without locks or changes.
-    async fn plan_repository(
+    async fn plan(
         &mut self,
-        repository: &str,
-        group: &[Candidate],
+        by_repository: BTreeMap<(Uuid, String), Vec<Candidate>>,
     ) -> Result<(), PruneError> {
-        let shared = shared_with_live(self.pool, group).await?;
-        for candidate in group {
-            let action = if shared.contains(&candidate.pinned_image) {
-                Action::KeptShared
-            } else {
-                Action::WouldDelete
-            };
-            self.decide(candidate, repository, action, None);
+        let all: Vec<Candidate> = by_repository.values().flatten().cloned().collect();
+        let shared = shared_with_live(self.pool, &all).await?;
+        for ((_, repository), group) in &by_repository {
+            for candidate in group {
+                let action = if shared.contains(&candidate.pinned_image) {
+                    Action::KeptShared
+                } else {
+                    Action::WouldDelete
+                };
+                self.decide(candidate, repository, action, None);
+            }
         }
         Ok(())
     }
