@@ -9,11 +9,12 @@ ALTER TABLE stagings ADD COLUMN pruned_at timestamptz;
 ALTER TABLE stagings ADD CONSTRAINT pruned_only_when_succeeded CHECK (
     pruned_at IS NULL OR state = 'succeeded'
 );
--- The pruner's scans: images still in the registry, by app and by pinned reference (which
--- other stagings share a manifest).
+-- The pruner's scans: images still in the registry, by app and by manifest revision (the
+-- pinned reference without its host: which other stagings share a manifest).
 CREATE INDEX stagings_in_registry ON stagings (app_guid, finished_at DESC)
     WHERE state = 'succeeded' AND pruned_at IS NULL;
-CREATE INDEX stagings_pinned_in_registry ON stagings (pinned_image)
+CREATE INDEX stagings_manifest_in_registry
+    ON stagings ((substr(pinned_image, strpos(pinned_image, '/') + 1)))
     WHERE state = 'succeeded' AND pruned_at IS NULL;
 
 -- Apps the platform deleted (DELETE /apps/{guid}): their newest image is no longer protected.
@@ -59,7 +60,9 @@ CREATE TABLE prune_audit (
     manifest_digest text NOT NULL,
     -- Why the image was no longer needed.
     reason          text NOT NULL CHECK (reason IN ('released', 'unreferenced', 'app_deleted')),
-    -- 'deleted': this run deleted the manifest; 'already_gone': the registry no longer had it.
-    action          text NOT NULL CHECK (action IN ('deleted', 'already_gone'))
+    -- 'deleting': written (and committed) before the DELETE is sent, so a deletion is on
+    -- record even if what follows fails; 'deleted': this run deleted the manifest;
+    -- 'already_gone': the registry no longer had it.
+    action          text NOT NULL CHECK (action IN ('deleting', 'deleted', 'already_gone'))
 );
 CREATE INDEX prune_audit_staging ON prune_audit (staging_guid);

@@ -6,7 +6,8 @@ use uuid::Uuid;
 
 use crate::helpers::{TestApp, spawn_app_with};
 
-/// Inserts a succeeded staging directly: these tests are about the ledger, not copying.
+/// Inserts a succeeded staging, finished an hour ago, directly: these tests are about the
+/// ledger, not copying.
 async fn succeeded(app: &TestApp, app_guid: Uuid) -> Uuid {
     let guid = Uuid::new_v4();
     sqlx::query(
@@ -14,7 +15,7 @@ async fn succeeded(app: &TestApp, app_guid: Uuid) -> Uuid {
          state, pinned_image, tagged_image, source_digest, started_at, finished_at) \
          VALUES ($1, $2, 'docker.io/library/x:1', 'linux/amd64', '\\x00', 'succeeded', \
          'r/tailor/' || $2 || '@sha256:' || repeat('a', 64), 'r/tailor/' || $2 || ':' || $1, \
-         'sha256:' || repeat('a', 64), now(), now())",
+         'sha256:' || repeat('a', 64), now() - interval '1 hour', now() - interval '1 hour')",
     )
     .bind(guid)
     .bind(app_guid)
@@ -234,4 +235,48 @@ async fn deleting_an_app_releases_its_stagings_and_cancels_queued_ones() {
     assert_eq!(unknown.status(), 404);
     let bad = app.delete("/apps/not-a-guid").send().await.unwrap();
     assert_eq!(bad.status(), 400);
+}
+
+#[tokio::test]
+async fn a_list_naming_no_known_staging_is_refused_like_an_empty_one() {
+    let app = spawn_app_with(0, testkit::TestRegistry::anonymous()).await;
+    succeeded(&app, Uuid::new_v4()).await;
+    succeeded(&app, Uuid::new_v4()).await;
+    // Droplet GUIDs, or another foundation's stagings: nothing tailor knows.
+    let strangers: Vec<Uuid> = (0..5).map(|_| Uuid::new_v4()).collect();
+    let (status, body) = put_references(&app, "", json!({ "staging_guids": strangers })).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (422, Some("SUSPICIOUS_REFERENCE_LIST"))
+    );
+    assert!(unreferenced(&app).await.is_empty());
+}
+
+#[tokio::test]
+async fn a_sync_leaves_alone_stagings_the_platform_may_not_have_recorded_yet() {
+    let app = spawn_app_with(0, testkit::TestRegistry::anonymous()).await;
+    let listed = succeeded(&app, Uuid::new_v4()).await;
+    let settled = succeeded(&app, Uuid::new_v4()).await;
+    let just_finished = succeeded(&app, Uuid::new_v4()).await;
+    sqlx::query("UPDATE stagings SET finished_at = now() WHERE staging_guid = $1")
+        .bind(just_finished)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let callback_pending = succeeded(&app, Uuid::new_v4()).await;
+    sqlx::query(
+        "INSERT INTO callbacks (staging_guid, url, payload) VALUES ($1, 'http://127.0.0.1:9/cb', '{}')",
+    )
+    .bind(callback_pending)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+
+    let (status, body) = put_references(&app, "", json!({ "staging_guids": [listed] })).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        unreferenced(&app).await,
+        vec![settled],
+        "only the settled, unlisted staging"
+    );
 }

@@ -26,6 +26,12 @@ pub struct HeldLock {
 }
 
 impl HeldLock {
+    /// The connection holding the lock: what is committed through it is committed while the
+    /// lock is held (a session-level lock lives exactly as long as its session).
+    pub fn connection(&mut self) -> &mut sqlx::PgConnection {
+        self.connection.as_mut().expect("held until released")
+    }
+
     pub async fn release(mut self) {
         let Some(mut connection) = self.connection.take() else {
             return;
@@ -64,19 +70,23 @@ pub async fn try_prune_lock(pool: &PgPool) -> Result<Option<HeldLock>, sqlx::Err
 }
 
 /// Holds `repository` against the pruner while a staging copies into it; waits while the
-/// pruner is deleting there.
+/// pruner is deleting there (one repository's transaction: short). Not cancellation-safe by
+/// design: dropped mid-wait, the connection is closed rather than returned to the pool with a
+/// lock it may have been granted meanwhile.
 pub async fn hold_repository(pool: &PgPool, repository: &str) -> Result<HeldLock, sqlx::Error> {
     let key = repository_key(repository);
-    let mut connection = pool.acquire().await?;
-    sqlx::query("SELECT pg_advisory_lock_shared(hashtextextended($1, 7))")
-        .bind(&key)
-        .execute(&mut *connection)
-        .await?;
-    Ok(HeldLock {
-        connection: Some(connection),
+    let mut held = HeldLock {
+        connection: Some(pool.acquire().await?),
         unlock_sql: "SELECT pg_advisory_unlock_shared(hashtextextended($1, 7))",
         key,
-    })
+    };
+    // Until the lock query has answered, `held`'s Drop closes the connection.
+    let connection = held.connection.as_mut().expect("just acquired");
+    sqlx::query("SELECT pg_advisory_lock_shared(hashtextextended($1, 7))")
+        .bind(&held.key)
+        .execute(&mut **connection)
+        .await?;
+    Ok(held)
 }
 
 /// Takes `repository` exclusively for the rest of `tx`, or returns false at once if a staging

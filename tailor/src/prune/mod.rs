@@ -23,7 +23,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use reqwest::{Method, StatusCode};
-use sqlx::{PgPool, Postgres, Transaction};
+use sqlx::{AssertSqlSafe, PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
 use crate::copy::Registries;
@@ -176,61 +176,83 @@ struct Candidate {
     staging_guid: Uuid,
     app_guid: Uuid,
     pinned_image: String,
+    /// `<repository>@<digest>`: the manifest revision, whatever host name the pinned
+    /// reference was written with (see [`MANIFEST_KEY`]).
+    manifest: String,
     reason: Reason,
 }
 
-/// The prunable stagings (of one app, or all): see the module docs for the rules.
-const CANDIDATES_SQL: &str = "\
-    WITH newest AS ( \
-        SELECT DISTINCT ON (app_guid) staging_guid FROM stagings \
-        WHERE state = 'succeeded' AND ($2::uuid IS NULL OR app_guid = $2) \
-        ORDER BY app_guid, finished_at DESC, created_at DESC) \
-    SELECT s.staging_guid, s.app_guid, s.pinned_image, \
-        CASE WHEN d.app_guid IS NOT NULL THEN 'app_deleted' \
-             WHEN s.released_at <= now() - make_interval(secs => $1) THEN 'released' \
-             ELSE 'unreferenced' END \
-    FROM stagings s LEFT JOIN deleted_apps d ON d.app_guid = s.app_guid \
-    WHERE s.state = 'succeeded' AND s.pruned_at IS NULL \
-      AND ($2::uuid IS NULL OR s.app_guid = $2) \
-      AND least(s.released_at, s.unreferenced_at) <= now() - make_interval(secs => $1) \
-      AND (d.app_guid IS NOT NULL OR s.staging_guid NOT IN (SELECT staging_guid FROM newest)) \
-    ORDER BY s.app_guid, s.finished_at";
+/// A pinned reference without its registry host: two stagings with the same key share one
+/// manifest revision, even if the internal registry was renamed in between.
+const MANIFEST_KEY: &str = "substr(pinned_image, strpos(pinned_image, '/') + 1)";
+
+/// The prunable stagings (of one app, or all): see the module docs for the rules. With `lock`,
+/// their rows are locked until the transaction ends, so that a reference sync cannot change
+/// the verdict between this read and the deletion.
+static CANDIDATES_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "WITH newest AS ( \
+             SELECT DISTINCT ON (app_guid) staging_guid FROM stagings \
+             WHERE state = 'succeeded' AND ($2::uuid IS NULL OR app_guid = $2) \
+             ORDER BY app_guid, finished_at DESC, created_at DESC) \
+         SELECT s.staging_guid, s.app_guid, s.pinned_image, {key}, \
+             CASE WHEN d.app_guid IS NOT NULL THEN 'app_deleted' \
+                  WHEN s.released_at <= now() - make_interval(secs => $1) THEN 'released' \
+                  ELSE 'unreferenced' END \
+         FROM stagings s LEFT JOIN deleted_apps d ON d.app_guid = s.app_guid \
+         WHERE s.state = 'succeeded' AND s.pruned_at IS NULL \
+           AND ($2::uuid IS NULL OR s.app_guid = $2) \
+           AND least(s.released_at, s.unreferenced_at) <= now() - make_interval(secs => $1) \
+           AND (d.app_guid IS NOT NULL OR s.staging_guid NOT IN (SELECT staging_guid FROM newest)) \
+         ORDER BY s.app_guid, s.finished_at",
+        key = MANIFEST_KEY.replace("pinned_image", "s.pinned_image"),
+    )
+});
 
 async fn candidates<'e>(
     executor: impl sqlx::PgExecutor<'e>,
     grace: Duration,
     app: Option<Uuid>,
+    lock: bool,
 ) -> Result<Vec<Candidate>, sqlx::Error> {
-    let rows: Vec<(Uuid, Uuid, String, String)> = sqlx::query_as(CANDIDATES_SQL)
+    let sql = if lock {
+        format!("{} FOR UPDATE OF s", CANDIDATES_SQL.as_str())
+    } else {
+        CANDIDATES_SQL.clone()
+    };
+    let rows: Vec<(Uuid, Uuid, String, String, String)> = sqlx::query_as(AssertSqlSafe(sql))
         .bind(grace.as_secs_f64())
         .bind(app)
         .fetch_all(executor)
         .await?;
     Ok(rows
         .into_iter()
-        .map(|(staging_guid, app_guid, pinned_image, reason)| Candidate {
-            staging_guid,
-            app_guid,
-            pinned_image,
-            reason: Reason::parse(&reason),
-        })
+        .map(
+            |(staging_guid, app_guid, pinned_image, manifest, reason)| Candidate {
+                staging_guid,
+                app_guid,
+                pinned_image,
+                manifest,
+                reason: Reason::parse(&reason),
+            },
+        )
         .collect())
 }
 
-/// Of `candidates`' pinned images, those a staging outside `candidates` still uses.
+/// Of `candidates`' manifests, those a staging outside `candidates` still uses.
 async fn shared_with_live<'e>(
     executor: impl sqlx::PgExecutor<'e>,
     candidates: &[Candidate],
 ) -> Result<HashSet<String>, sqlx::Error> {
-    let pinned: Vec<&str> = candidates.iter().map(|c| c.pinned_image.as_str()).collect();
+    let manifests: Vec<&str> = candidates.iter().map(|c| c.manifest.as_str()).collect();
     let guids: Vec<Uuid> = candidates.iter().map(|c| c.staging_guid).collect();
-    let shared: Vec<String> = sqlx::query_scalar(
-        "SELECT DISTINCT s.pinned_image FROM stagings s \
-         JOIN (SELECT DISTINCT unnest($1::text[]) AS pinned_image) AS p USING (pinned_image) \
-         WHERE s.state = 'succeeded' AND s.pruned_at IS NULL \
-           AND s.staging_guid NOT IN (SELECT unnest($2::uuid[]))",
-    )
-    .bind(&pinned)
+    let shared: Vec<String> = sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT DISTINCT {MANIFEST_KEY} FROM stagings \
+         WHERE state = 'succeeded' AND pruned_at IS NULL \
+           AND {MANIFEST_KEY} IN (SELECT unnest($1::text[])) \
+           AND staging_guid NOT IN (SELECT unnest($2::uuid[]))"
+    )))
+    .bind(&manifests)
     .bind(&guids)
     .fetch_all(executor)
     .await?;
@@ -336,7 +358,7 @@ async fn run_locked(
         errors: run.errors,
     };
     if let Some(id) = run_id {
-        sqlx::query(
+        let finished = sqlx::query(
             "UPDATE prune_runs SET finished_at = now(), outcome = $2, images_pruned = $3, \
              manifests_deleted = $4, bytes_reclaimable = $5, error = $6 WHERE id = $1",
         )
@@ -347,7 +369,12 @@ async fn run_locked(
         .bind(bytes_reclaimable as i64)
         .bind((!report.errors.is_empty()).then(|| report.errors.join("; ")))
         .execute(pool)
-        .await?;
+        .await;
+        // The report says what happened in the registry; losing the run's summary row must
+        // not lose that.
+        if let Err(error) = finished {
+            tracing::warn!(%error, run_id = id, "could not record the prune run's outcome");
+        }
     }
     result.map(|()| report)
 }
@@ -366,7 +393,7 @@ struct Run<'a> {
 
 impl Run<'_> {
     async fn prune_all(&mut self) -> Result<(), PruneError> {
-        let all = candidates(self.pool, self.options.grace, None).await?;
+        let all = candidates(self.pool, self.options.grace, None, false).await?;
         let mut by_repository: BTreeMap<(Uuid, String), Vec<Candidate>> = BTreeMap::new();
         for candidate in all {
             match self.repository_of(&candidate) {
@@ -431,7 +458,7 @@ impl Run<'_> {
         let shared = shared_with_live(self.pool, &all).await?;
         for ((_, repository), group) in &by_repository {
             for candidate in group {
-                let action = if shared.contains(&candidate.pinned_image) {
+                let action = if shared.contains(&candidate.manifest) {
                     Action::KeptShared
                 } else {
                     Action::WouldDelete
@@ -442,93 +469,107 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// Holding the repository against stagings, re-reads its prunable stagings, deletes each
-    /// manifest no live staging shares, and records it, all in one transaction.
+    /// Holding the repository against stagings, re-reads its prunable stagings, and deletes
+    /// each manifest no live staging shares, recording it in the same transaction.
     async fn prune_repository(&mut self, app: Uuid, repository: &str) -> Result<(), PruneError> {
+        let in_repository =
+            |this: &Self, c: &Candidate| this.repository_of(c).is_ok_and(|r| r == repository);
         let mut tx = self.pool.begin().await?;
-        // Re-read under the lock: a staging may have finished, or been referenced again.
         if !locks::try_lock_repository(&mut tx, repository).await? {
-            for candidate in candidates(&mut *tx, self.options.grace, Some(app)).await? {
-                self.decide(&candidate, repository, Action::SkippedBusy, None);
+            for candidate in candidates(&mut *tx, self.options.grace, Some(app), false).await? {
+                if in_repository(self, &candidate) {
+                    self.decide(&candidate, repository, Action::SkippedBusy, None);
+                }
             }
             return Ok(());
         }
-        let group: Vec<Candidate> = candidates(&mut *tx, self.options.grace, Some(app))
+        // Until this commits, a new staging of the app (which would make it exist again) and
+        // a reference sync (which could reference a candidate again) wait.
+        sqlx::query("SELECT 1 FROM deleted_apps WHERE app_guid = $1 FOR SHARE")
+            .bind(app)
+            .execute(&mut *tx)
+            .await?;
+        let group: Vec<Candidate> = candidates(&mut *tx, self.options.grace, Some(app), true)
             .await?
             .into_iter()
-            .filter(|c| self.repository_of(c).is_ok_and(|r| r == repository))
+            .filter(|c| in_repository(self, c))
             .collect();
         let shared = shared_with_live(&mut *tx, &group).await?;
         let mut by_manifest: BTreeMap<&str, Vec<&Candidate>> = BTreeMap::new();
         for candidate in &group {
             by_manifest
-                .entry(candidate.pinned_image.as_str())
+                .entry(candidate.manifest.as_str())
                 .or_default()
                 .push(candidate);
         }
         let client = self.client(repository);
-        for (pinned, stagings) in by_manifest {
-            if shared.contains(pinned) {
-                for candidate in stagings {
-                    self.decide(candidate, repository, Action::KeptShared, None);
-                }
+        // Published once the transaction has committed.
+        let mut recorded: Vec<(&Candidate, Action)> = Vec::new();
+        for (manifest, stagings) in by_manifest {
+            if shared.contains(manifest) {
+                recorded.extend(stagings.iter().map(|c| (*c, Action::KeptShared)));
                 continue;
             }
-            let action = match delete_manifest(&client, repository, digest_of(pinned)).await {
-                Ok(action) => action,
+            let digest = digest_of(&stagings[0].pinned_image);
+            // The intent is committed before the registry is touched: if this transaction is
+            // lost after the DELETE, the audit still says what was deleted and why.
+            let intents = self.audit_intent(repository, &stagings).await?;
+            // A statement on the transaction proves its connection, and with it the
+            // repository lock, is still alive.
+            sqlx::query("SELECT 1").execute(&mut *tx).await?;
+            match delete_manifest(&client, repository, digest).await {
+                Ok(action) => {
+                    if action == Action::Deleted {
+                        self.manifests_deleted += 1;
+                    }
+                    record(&mut tx, &stagings, &intents, action).await?;
+                    recorded.extend(stagings.iter().map(|c| (*c, action)));
+                }
                 Err(error) => {
                     let detail = format!("{}: {error}", error.code());
-                    self.errors
-                        .push(format!("{repository}@{}: {detail}", digest_of(pinned)));
+                    self.errors.push(format!("{repository}@{digest}: {detail}"));
                     for candidate in stagings {
                         self.decide(candidate, repository, Action::Failed, Some(detail.clone()));
                     }
-                    continue;
+                    sqlx::query("DELETE FROM prune_audit WHERE id = ANY($1)")
+                        .bind(&intents)
+                        .execute(self.pool)
+                        .await?;
                 }
-            };
-            if action == Action::Deleted {
-                self.manifests_deleted += 1;
-            }
-            self.record(&mut tx, repository, &stagings, action).await?;
-            for candidate in stagings {
-                self.decide(candidate, repository, action, None);
             }
         }
-        tx.commit().await?;
-        Ok(())
+        let committed = tx.commit().await;
+        let detail = committed.as_ref().err().map(|error| {
+            format!("deleted, but not recorded ({error}); the next run records it as already gone")
+        });
+        for (candidate, action) in recorded {
+            self.decide(candidate, repository, action, detail.clone());
+        }
+        committed.map_err(PruneError::from)
     }
 
-    async fn record(
+    /// Audit rows saying "deleting", committed at once; [`record`] turns them into the outcome.
+    async fn audit_intent(
         &self,
-        tx: &mut Transaction<'_, Postgres>,
         repository: &str,
         stagings: &[&Candidate],
-        action: Action,
-    ) -> Result<(), sqlx::Error> {
+    ) -> Result<Vec<i64>, sqlx::Error> {
         let guids: Vec<Uuid> = stagings.iter().map(|c| c.staging_guid).collect();
+        let apps: Vec<Uuid> = stagings.iter().map(|c| c.app_guid).collect();
         let reasons: Vec<&str> = stagings.iter().map(|c| c.reason.as_str()).collect();
-        sqlx::query(
-            "UPDATE stagings SET pruned_at = now(), updated_at = now() WHERE staging_guid = ANY($1)",
-        )
-        .bind(&guids)
-        .execute(&mut **tx)
-        .await?;
-        sqlx::query(
+        sqlx::query_scalar(
             "INSERT INTO prune_audit (run_id, staging_guid, app_guid, repository, manifest_digest, reason, action) \
-             SELECT $1, g, s.app_guid, $4, split_part(s.pinned_image, '@', 2), r, $5 \
-             FROM unnest($2::uuid[], $3::text[]) AS u(g, r) JOIN stagings s ON s.staging_guid = u.g",
+             SELECT $1, g, a, $2, $3, r, 'deleting' FROM unnest($4::uuid[], $5::uuid[], $6::text[]) AS u(g, a, r) \
+             RETURNING id",
         )
         .bind(self.run_id)
-        .bind(&guids)
-        .bind(&reasons)
         .bind(repository)
-        .bind(match action {
-            Action::AlreadyGone => "already_gone",
-            _ => "deleted",
-        })
-        .execute(&mut **tx)
-        .await?;
-        Ok(())
+        .bind(digest_of(&stagings[0].pinned_image))
+        .bind(&guids)
+        .bind(&apps)
+        .bind(&reasons)
+        .fetch_all(self.pool)
+        .await
     }
 
     fn client(&self, repository: &str) -> std::sync::Arc<RegistryClient> {
@@ -540,6 +581,31 @@ impl Run<'_> {
         };
         self.registries.client(&reference, Side::Destination)
     }
+}
+
+/// Marks `stagings` pruned and completes their audit rows, in the repository's transaction.
+async fn record(
+    tx: &mut Transaction<'_, Postgres>,
+    stagings: &[&Candidate],
+    intents: &[i64],
+    action: Action,
+) -> Result<(), sqlx::Error> {
+    let guids: Vec<Uuid> = stagings.iter().map(|c| c.staging_guid).collect();
+    sqlx::query(
+        "UPDATE stagings SET pruned_at = now(), updated_at = now() WHERE staging_guid = ANY($1)",
+    )
+    .bind(&guids)
+    .execute(&mut **tx)
+    .await?;
+    sqlx::query("UPDATE prune_audit SET action = $2, pruned_at = now() WHERE id = ANY($1)")
+        .bind(intents)
+        .bind(match action {
+            Action::AlreadyGone => "already_gone",
+            _ => "deleted",
+        })
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
 }
 
 fn digest_of(pinned_image: &str) -> &str {

@@ -137,14 +137,19 @@ pub enum Outcome<'a> {
 }
 
 /// Ends a staging this worker holds, erasing its credentials, and queues its callback in the
-/// same transaction. Returns `None` if the lease was lost meanwhile.
-pub async fn finish(
-    pool: &PgPool,
+/// same transaction. Returns `None` if the lease was lost meanwhile. `db` is the pool, or the
+/// connection holding the staging's repository lock (so that the lock provably lasts until
+/// the success is committed).
+pub async fn finish<'c, A>(
+    db: A,
     staging_guid: Uuid,
     worker: &str,
     outcome: Outcome<'_>,
-) -> Result<Option<Staging>, sqlx::Error> {
-    let mut tx = pool.begin().await?;
+) -> Result<Option<Staging>, sqlx::Error>
+where
+    A: sqlx::Acquire<'c, Database = sqlx::Postgres>,
+{
+    let mut tx = db.begin().await?;
     // An app deleted while its staging ran: the staging's image is released as it ends.
     let common = "lease_owner = NULL, lease_expires_at = NULL, encrypted_credentials = NULL, \
                   finished_at = now(), updated_at = now(), \

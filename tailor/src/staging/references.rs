@@ -5,8 +5,19 @@
 //! [`sync`] with the complete list of stagings in use, after which every finished staging
 //! that is not listed is *unreferenced*. The pruner only ever reads this ledger.
 
-use sqlx::PgPool;
+use sqlx::{AssertSqlSafe, PgPool};
 use uuid::Uuid;
+
+/// Not in the list being synced (the temporary table `listed`).
+const UNLISTED: &str = "NOT EXISTS (SELECT 1 FROM listed l WHERE l.staging_guid = s.staging_guid)";
+
+/// Stagings a sync may judge. The platform builds its list some time before sending it, and
+/// records a staging only once its callback arrives: a staging still running, finished in the
+/// last ten minutes, or with a callback not yet delivered may be in use without being listed.
+const SETTLED: &str = "s.state IN ('succeeded', 'failed', 'cancelled') \
+     AND s.finished_at < now() - interval '10 minutes' \
+     AND NOT EXISTS (SELECT 1 FROM callbacks c \
+                     WHERE c.staging_guid = s.staging_guid AND c.delivered_at IS NULL)";
 
 /// A sync may not unreference more than this share of the images in use without `force`...
 const SUSPICIOUS_SHARE: f64 = 0.5;
@@ -47,8 +58,9 @@ pub struct SyncReport {
 }
 
 /// Applies the platform's complete list of stagings in use. Refuses, unless `force`, a list
-/// that would unreference most images in use (an empty list when any is in use, or more than
-/// half of at least ten), so that a bug upstream cannot wipe the registry.
+/// that would unreference most images in use (one naming no staging tailor knows while any
+/// image is in use, or more than half of at least ten), so that a bug upstream cannot wipe the
+/// registry. Only settled stagings are judged (see [`SETTLED`]).
 pub async fn sync(
     pool: &PgPool,
     in_use: &[Uuid],
@@ -66,16 +78,23 @@ pub async fn sync(
         .bind(in_use)
         .execute(&mut *tx)
         .await?;
-    let (images_in_use, would_unreference): (i64, i64) = sqlx::query_as(
-        "SELECT count(*), count(*) FILTER (WHERE NOT EXISTS \
-             (SELECT 1 FROM listed l WHERE l.staging_guid = s.staging_guid)) \
-         FROM stagings s WHERE state = 'succeeded' AND pruned_at IS NULL \
-           AND released_at IS NULL AND unreferenced_at IS NULL",
+    let (listed, unknown): (i64, i64) = sqlx::query_as(
+        "SELECT count(s.staging_guid), count(*) - count(s.staging_guid) \
+         FROM listed l LEFT JOIN stagings s USING (staging_guid)",
     )
     .fetch_one(&mut *tx)
     .await?;
+    let (images_in_use, would_unreference): (i64, i64) = sqlx::query_as(AssertSqlSafe(format!(
+        "SELECT count(*), count(*) FILTER (WHERE {UNLISTED} AND {SETTLED}) \
+         FROM stagings s WHERE state = 'succeeded' AND pruned_at IS NULL \
+           AND released_at IS NULL AND unreferenced_at IS NULL"
+    )))
+    .fetch_one(&mut *tx)
+    .await?;
+    // A list naming none of the stagings tailor knows (empty, or another system's GUIDs) is as
+    // suspicious as an empty one.
     let suspicious = would_unreference > 0
-        && (would_unreference == images_in_use && in_use.is_empty()
+        && (listed == 0
             || images_in_use >= SUSPICIOUS_MIN_IN_USE
                 && would_unreference as f64 > images_in_use as f64 * SUSPICIOUS_SHARE);
     if suspicious && !force {
@@ -84,12 +103,6 @@ pub async fn sync(
             would_unreference,
         });
     }
-    let (listed, unknown): (i64, i64) = sqlx::query_as(
-        "SELECT count(s.staging_guid), count(*) - count(s.staging_guid) \
-         FROM listed l LEFT JOIN stagings s USING (staging_guid)",
-    )
-    .fetch_one(&mut *tx)
-    .await?;
     let rereferenced = sqlx::query(
         "UPDATE stagings s SET unreferenced_at = NULL, updated_at = now() FROM listed l \
          WHERE s.staging_guid = l.staging_guid AND s.unreferenced_at IS NOT NULL",
@@ -97,13 +110,10 @@ pub async fn sync(
     .execute(&mut *tx)
     .await?
     .rows_affected();
-    // Only finished stagings: one still running has no image yet, and the next sync will
-    // judge it once the platform has had a chance to record it.
-    let unreferenced = sqlx::query(
+    let unreferenced = sqlx::query(AssertSqlSafe(format!(
         "UPDATE stagings s SET unreferenced_at = now(), updated_at = now() \
-         WHERE s.unreferenced_at IS NULL AND s.state IN ('succeeded', 'failed', 'cancelled') \
-           AND NOT EXISTS (SELECT 1 FROM listed l WHERE l.staging_guid = s.staging_guid)",
-    )
+         WHERE s.unreferenced_at IS NULL AND {UNLISTED} AND {SETTLED}"
+    )))
     .execute(&mut *tx)
     .await?
     .rows_affected();

@@ -333,15 +333,13 @@ async fn process(shared: &Shared, worker: &str, claimed: Claimed) {
         cancel: cancel.clone(),
     };
     // Held until the outcome is committed, so the pruner never deletes what this copy tags.
-    let repository_lock = tokio::select! {
-        held = crate::prune::locks::hold_repository(&shared.pool, &dst.repository) => Some(held),
-        () = cancel.cancelled() => None,
-    };
+    // (Not raced with `cancel`: the wait is one pruner transaction at most.)
+    let mut repository_lock =
+        crate::prune::locks::hold_repository(&shared.pool, &dst.repository).await;
     let result = match &repository_lock {
-        None => Err(CopyError::Cancelled),
-        Some(Ok(_)) => copy_image(&registries, &src, &dst, &options).await,
+        Ok(_) => copy_image(&registries, &src, &dst, &options).await,
         // Transient: the staging is retried once the database answers again.
-        Some(Err(error)) => Err(CopyError::InternalRegistry {
+        Err(error) => Err(CopyError::InternalRegistry {
             registry: dst.registry.clone(),
             detail: format!("could not hold the repository against the pruner: {error}"),
         }),
@@ -355,6 +353,7 @@ async fn process(shared: &Shared, worker: &str, claimed: Claimed) {
         }
         Err(error) => Err(error),
     };
+
     heartbeat.abort();
     shared.running.lock().expect("not poisoned").remove(&guid);
     let stop = *stop_reason.lock().expect("not poisoned");
@@ -370,17 +369,18 @@ async fn process(shared: &Shared, worker: &str, claimed: Claimed) {
                 "staging succeeded"
             );
             let tagged = report.tagged.clone();
-            queue::finish(
-                &shared.pool,
-                guid,
-                worker,
-                Outcome::Succeeded {
-                    report: &report,
-                    tagged: &tagged,
-                    run: &run,
-                },
-            )
-            .await
+            let outcome = Outcome::Succeeded {
+                report: &report,
+                tagged: &tagged,
+                run: &run,
+            };
+            // Committed through the repository lock's own connection: if that connection died
+            // during the copy (and with it the lock, so the pruner may have deleted what was
+            // just tagged), this fails, the lease expires and a retry pushes the image again.
+            match repository_lock.as_mut() {
+                Ok(lock) => queue::finish(lock.connection(), guid, worker, outcome).await,
+                Err(_) => queue::finish(&shared.pool, guid, worker, outcome).await,
+            }
             .map(|_| ())
         }
         Err(CopyError::Cancelled) => match stop {
@@ -449,7 +449,7 @@ async fn process(shared: &Shared, worker: &str, claimed: Claimed) {
     if let Err(error) = recorded {
         tracing::error!(%error, "could not record the staging's outcome; its lease will expire and it will be retried");
     }
-    if let Some(Ok(lock)) = repository_lock {
+    if let Ok(lock) = repository_lock {
         lock.release().await;
     }
 }
