@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::{Value, json};
-use specs::bosh::{check_config, job_spec, release_dir, render, ruby_yaml as yaml};
+use specs::bosh::{bpm_env, check_config, job_spec, release_dir, render, ruby_yaml as yaml};
 
 const JOBS: [&str; 4] = [
     "stager-api",
@@ -152,27 +152,17 @@ fn render_job(job: &str, manifest: &Value, dir: &Path) -> Vec<(String, String)> 
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(path, rendered).unwrap();
     }
-    let bpm = yaml(&std::fs::read_to_string(dir.join("config/bpm.yml")).unwrap());
-    let process = &bpm["processes"][0];
+    let rendered = std::fs::read_to_string(dir.join("config/bpm.yml")).unwrap();
     assert_eq!(
-        process["name"], job,
+        yaml(&rendered)["processes"][0]["name"],
+        job,
         "bpm names its process after the job (monit's pidfile)"
     );
     let job_root = format!("/var/vcap/jobs/{job}");
-    process["env"]
-        .as_object()
-        .map(|env| {
-            env.iter()
-                .map(|(k, v)| {
-                    let value = v.as_str().expect("env values are strings");
-                    (
-                        k.clone(),
-                        value.replace(&job_root, &dir.display().to_string()),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default()
+    bpm_env(&rendered)
+        .into_iter()
+        .map(|(k, v)| (k, v.replace(&job_root, &dir.display().to_string())))
+        .collect()
 }
 
 fn env_value<'a>(env: &'a [(String, String)], name: &str) -> Option<&'a str> {

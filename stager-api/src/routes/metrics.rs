@@ -18,11 +18,31 @@ const STATES: [StagingState; 5] = [
     StagingState::Cancelled,
 ];
 
+/// Writes one metric family's `# HELP`/`# TYPE` header and its samples (`labels` may be empty).
+fn family<V: std::fmt::Display>(
+    out: &mut String,
+    name: &str,
+    kind: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (String, V)>,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    for (labels, value) in samples {
+        let _ = writeln!(out, "{name}{labels} {value}");
+    }
+}
+
+fn label(name: &str, value: impl std::fmt::Display) -> String {
+    format!("{{{name}=\"{value}\"}}")
+}
+
 pub async fn serve(_: Authenticated, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let snapshot = metrics_snapshot(&state.db)
         .await
         .map_err(|e| crate::error::database_error(&e))?;
-    let mut out = String::new();
+    let prune = tailor::prune::metrics(&state.db)
+        .await
+        .map_err(|e| crate::error::database_error(&e))?;
     let count = |s: StagingState| {
         snapshot
             .by_state
@@ -30,87 +50,104 @@ pub async fn serve(_: Authenticated, state: web::Data<AppState>) -> Result<HttpR
             .find(|(k, _)| *k == s)
             .map_or(0, |(_, n)| *n)
     };
-    out.push_str("# HELP tailor_stagings Stagings by state.\n# TYPE tailor_stagings gauge\n");
-    for s in STATES {
+    let mut out = String::new();
+    let out = &mut out;
+    family(
+        out,
+        "tailor_stagings",
+        "gauge",
+        "Stagings by state.",
+        STATES.map(|s| (label("state", s.as_str()), count(s))),
+    );
+    family(
+        out,
+        "tailor_queue_depth",
+        "gauge",
+        "Stagings waiting for a worker.",
+        [(String::new(), count(StagingState::Queued))],
+    );
+    family(
+        out,
+        "tailor_blob_bytes_total",
+        "counter",
+        "Blob bytes of successful stagings by how they reached the internal registry.",
+        [
+            ("copied", snapshot.bytes_copied),
+            ("mounted", snapshot.bytes_mounted),
+            ("skipped", snapshot.bytes_skipped),
+        ]
+        .map(|(kind, bytes)| (label("kind", kind), bytes)),
+    );
+    family(
+        out,
+        "tailor_copy_duration_seconds",
+        "histogram",
+        "Time from claim to success of successful stagings.",
+        Vec::<(String, f64)>::new(),
+    );
+    let buckets = snapshot
+        .duration_buckets
+        .iter()
+        .map(|(bound, n)| (bound.to_string(), *n))
+        .chain([("+Inf".to_owned(), snapshot.duration_count)]);
+    for (bound, n) in buckets {
         let _ = writeln!(
             out,
-            "tailor_stagings{{state=\"{}\"}} {}",
-            s.as_str(),
-            count(s)
-        );
-    }
-    out.push_str("# HELP tailor_queue_depth Stagings waiting for a worker.\n# TYPE tailor_queue_depth gauge\n");
-    let _ = writeln!(out, "tailor_queue_depth {}", count(StagingState::Queued));
-    out.push_str("# HELP tailor_blob_bytes_total Blob bytes of successful stagings by how they reached the internal registry.\n# TYPE tailor_blob_bytes_total counter\n");
-    for (kind, bytes) in [
-        ("copied", snapshot.bytes_copied),
-        ("mounted", snapshot.bytes_mounted),
-        ("skipped", snapshot.bytes_skipped),
-    ] {
-        let _ = writeln!(out, "tailor_blob_bytes_total{{kind=\"{kind}\"}} {bytes}");
-    }
-    out.push_str("# HELP tailor_copy_duration_seconds Time from claim to success of successful stagings.\n# TYPE tailor_copy_duration_seconds histogram\n");
-    for (bound, n) in &snapshot.duration_buckets {
-        let _ = writeln!(
-            out,
-            "tailor_copy_duration_seconds_bucket{{le=\"{bound}\"}} {n}"
+            "tailor_copy_duration_seconds_bucket{} {n}",
+            label("le", bound)
         );
     }
     let _ = writeln!(
         out,
-        "tailor_copy_duration_seconds_bucket{{le=\"+Inf\"}} {}",
-        snapshot.duration_count
+        "tailor_copy_duration_seconds_sum {}\ntailor_copy_duration_seconds_count {}",
+        snapshot.duration_sum_seconds, snapshot.duration_count
     );
-    let _ = writeln!(
+    family(
         out,
-        "tailor_copy_duration_seconds_sum {}",
-        snapshot.duration_sum_seconds
+        "tailor_callbacks_pending",
+        "gauge",
+        "Completion callbacks not yet delivered.",
+        [(String::new(), snapshot.callbacks_pending)],
     );
-    let _ = writeln!(
+    family(
         out,
-        "tailor_copy_duration_seconds_count {}",
-        snapshot.duration_count
+        "tailor_prune_images_pruned_total",
+        "counter",
+        "Staged images the pruner removed from the internal registry.",
+        [(String::new(), prune.images_pruned_total)],
     );
-    out.push_str("# HELP tailor_callbacks_pending Completion callbacks not yet delivered.\n# TYPE tailor_callbacks_pending gauge\n");
-    let _ = writeln!(
+    family(
         out,
-        "tailor_callbacks_pending {}",
-        snapshot.callbacks_pending
+        "tailor_prune_manifests_deleted_total",
+        "counter",
+        "Manifest deletions the pruner sent to the internal registry.",
+        [(String::new(), prune.manifests_deleted_total)],
     );
-    let prune = tailor::prune::metrics(&state.db)
-        .await
-        .map_err(|e| crate::error::database_error(&e))?;
-    out.push_str("# HELP tailor_prune_images_pruned_total Staged images the pruner removed from the internal registry.\n# TYPE tailor_prune_images_pruned_total counter\n");
-    let _ = writeln!(
+    family(
         out,
-        "tailor_prune_images_pruned_total {}",
-        prune.images_pruned_total
-    );
-    out.push_str("# HELP tailor_prune_manifests_deleted_total Manifest deletions the pruner sent to the internal registry.\n# TYPE tailor_prune_manifests_deleted_total counter\n");
-    let _ = writeln!(
-        out,
-        "tailor_prune_manifests_deleted_total {}",
-        prune.manifests_deleted_total
-    );
-    out.push_str("# HELP tailor_prune_bytes_reclaimable Bytes the last prune run left for the registry's garbage collection.\n# TYPE tailor_prune_bytes_reclaimable gauge\n");
-    let _ = writeln!(
-        out,
-        "tailor_prune_bytes_reclaimable {}",
-        prune.bytes_reclaimable
+        "tailor_prune_bytes_reclaimable",
+        "gauge",
+        "Bytes the last prune run left for the registry's garbage collection.",
+        [(String::new(), prune.bytes_reclaimable)],
     );
     if let Some((finished, outcome)) = &prune.last_run {
-        out.push_str("# HELP tailor_prune_last_run_timestamp_seconds When the last prune run finished.\n# TYPE tailor_prune_last_run_timestamp_seconds gauge\n");
-        let _ = writeln!(out, "tailor_prune_last_run_timestamp_seconds {finished}");
-        out.push_str("# HELP tailor_prune_last_run_outcome The last prune run's outcome (1 for the one it had).\n# TYPE tailor_prune_last_run_outcome gauge\n");
-        for candidate in ["pruned", "nothing_to_do", "error"] {
-            let _ = writeln!(
-                out,
-                "tailor_prune_last_run_outcome{{outcome=\"{candidate}\"}} {}",
-                u8::from(candidate == outcome)
-            );
-        }
+        family(
+            out,
+            "tailor_prune_last_run_timestamp_seconds",
+            "gauge",
+            "When the last prune run finished.",
+            [(String::new(), finished)],
+        );
+        family(
+            out,
+            "tailor_prune_last_run_outcome",
+            "gauge",
+            "The last prune run's outcome (1 for the one it had).",
+            ["pruned", "nothing_to_do", "error"]
+                .map(|o| (label("outcome", o), u8::from(o == outcome))),
+        );
     }
     Ok(HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
-        .body(out))
+        .body(std::mem::take(out)))
 }

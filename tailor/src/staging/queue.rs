@@ -238,7 +238,8 @@ async fn record_objects(
     Ok(())
 }
 
-/// Puts a staging back in the queue to be tried again after `delay` (a transient failure).
+/// Puts a staging back in the queue to be tried again after `delay` (a transient failure);
+/// the attempt counts.
 pub async fn retry_later(
     pool: &PgPool,
     staging_guid: Uuid,
@@ -246,18 +247,7 @@ pub async fn retry_later(
     delay: Duration,
     error: &str,
 ) -> Result<bool, sqlx::Error> {
-    let updated = sqlx::query(
-        "UPDATE stagings SET state = 'queued', lease_owner = NULL, lease_expires_at = NULL, \
-         run_after = now() + make_interval(secs => $3), last_error = $4, updated_at = now() \
-         WHERE staging_guid = $1 AND lease_owner = $2 AND state = 'running'",
-    )
-    .bind(staging_guid)
-    .bind(worker)
-    .bind(delay.as_secs_f64())
-    .bind(error)
-    .execute(pool)
-    .await?;
-    Ok(updated.rows_affected() == 1)
+    requeue(pool, staging_guid, worker, delay, Some(error), true).await
 }
 
 /// Gives a staging back without counting the attempt, to be claimed again after `delay`: a
@@ -269,9 +259,22 @@ pub async fn release(
     delay: Duration,
     reason: Option<&str>,
 ) -> Result<bool, sqlx::Error> {
+    requeue(pool, staging_guid, worker, delay, reason, false).await
+}
+
+/// Hands a staging this worker holds back to the queue; one due at once wakes the workers.
+async fn requeue(
+    pool: &PgPool,
+    staging_guid: Uuid,
+    worker: &str,
+    delay: Duration,
+    reason: Option<&str>,
+    attempt_counts: bool,
+) -> Result<bool, sqlx::Error> {
     let updated = sqlx::query(
         "UPDATE stagings SET state = 'queued', lease_owner = NULL, lease_expires_at = NULL, \
-         attempts = greatest(attempts - 1, 0), run_after = now() + make_interval(secs => $3), \
+         attempts = CASE WHEN $5 THEN attempts ELSE greatest(attempts - 1, 0) END, \
+         run_after = now() + make_interval(secs => $3), \
          last_error = coalesce($4, last_error), updated_at = now() \
          WHERE staging_guid = $1 AND lease_owner = $2 AND state = 'running'",
     )
@@ -279,6 +282,7 @@ pub async fn release(
     .bind(worker)
     .bind(delay.as_secs_f64())
     .bind(reason)
+    .bind(attempt_counts)
     .execute(pool)
     .await?;
     if updated.rows_affected() == 1 && delay.is_zero() {
