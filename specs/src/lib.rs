@@ -31,8 +31,12 @@ pub fn binary(name: &str) -> PathBuf {
 /// The API token every spec uses.
 pub const TOKEN: &str = "spec-token-0123456789abcdef";
 
+/// The egress exception every spec needs: upstreams and callback sinks live on loopback.
+pub const EGRESS_ALLOW_LOOPBACK: &str = "127.0.0.1";
+
 /// `stager-api` configured from a clean environment: `database_url`, the internal registry
-/// `internal`, plain HTTP to every host in `insecure`, port 0, and `extra` settings.
+/// `internal`, plain HTTP to every host in `insecure`, loopback allowed as an egress
+/// destination, port 0, and `extra` settings (which may override any of these).
 pub fn stager_api(
     database_url: &str,
     internal: &str,
@@ -46,6 +50,7 @@ pub fn stager_api(
         .env("DATABASE_URL", database_url)
         .env("TAILOR_INTERNAL_REGISTRY", internal)
         .env("TAILOR_INSECURE_REGISTRIES", insecure.join(","))
+        .env("TAILOR_EGRESS_ALLOW", EGRESS_ALLOW_LOOPBACK)
         .env("STAGER_API_TOKENS", TOKEN)
         .env("STAGER_LISTEN", "127.0.0.1:0");
     for (key, value) in extra {

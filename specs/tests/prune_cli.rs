@@ -129,17 +129,16 @@ async fn prune_errors_are_precise_and_exit_1() {
     let db = TestDatabase::new().await;
     let internal = TestRegistry::anonymous();
 
-    // Another run holds the lock.
+    // Another run holds the prune lease.
     let pool = db.pool().await;
-    let mut holder = pool.acquire().await.unwrap();
-    sqlx::query("SELECT pg_advisory_lock(hashtextextended('tailor-prune', 7))")
-        .execute(&mut *holder)
+    let holder = tailor::prune::locks::PruneLeases::try_start(&pool)
         .await
-        .unwrap();
+        .unwrap()
+        .expect("the prune lease is free");
     let locked = prune(&db.url, &internal.host(), &["--json"]);
     assert_eq!(locked.status.code(), Some(1));
     assert_eq!(json_of(&locked)["error"]["code"], "PRUNE_ALREADY_RUNNING");
-    drop(holder);
+    holder.finish().await;
 
     // Postgres unreachable: the password in the URL never shows.
     let unreachable = prune(

@@ -20,6 +20,7 @@ fn worker(db: &TestDatabase, internal: &str, insecure: &[String]) -> std::proces
         .env("DATABASE_URL", &db.url)
         .env("TAILOR_INTERNAL_REGISTRY", internal)
         .env("TAILOR_INSECURE_REGISTRIES", insecure.join(","))
+        .env("TAILOR_EGRESS_ALLOW", specs::EGRESS_ALLOW_LOOPBACK)
         .env("TAILOR_CREDENTIALS_KEY", KEY)
         .env("TAILOR_LEASE_SECONDS", "3")
         .env("TAILOR_POLL_SECONDS", "1")
@@ -117,6 +118,7 @@ async fn sigterm_drains_a_worker_and_the_staging_goes_back_to_the_queue() {
         .env("DATABASE_URL", &db.url)
         .env("TAILOR_INTERNAL_REGISTRY", internal.host())
         .env("TAILOR_INSECURE_REGISTRIES", insecure.join(","))
+        .env("TAILOR_EGRESS_ALLOW", specs::EGRESS_ALLOW_LOOPBACK)
         // No time to finish: the copy is cancelled and handed back at once.
         .env("TAILOR_DRAIN_SECONDS", "0")
         .env("TAILOR_POLL_SECONDS", "1")

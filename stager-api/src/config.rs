@@ -27,6 +27,15 @@ impl StagerSettings {
         Self::from_lookup(|name| std::env::var(name).ok())
     }
 
+    /// The egress policy for this process: the deployment's, with its own listener protected.
+    pub fn egress_policy(&self, bound: SocketAddr) -> tailor::egress::EgressPolicy {
+        self.tailor.egress_policy().protect(
+            tailor::egress::Protected::OwnListener,
+            &bound.ip().to_string(),
+            bound.port(),
+        )
+    }
+
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let tailor = TailorSettings::from_lookup(&lookup)?;
         let listen = parse_listen(lookup("STAGER_LISTEN").as_deref())?;

@@ -55,12 +55,14 @@ async fn main() -> anyhow::Result<()> {
         Command::CheckConfig => {
             let settings = StagerSettings::from_env().map_err(config_error)?;
             // The in-process workers' tunables too: serve would refuse them at start-up.
-            WorkerSettings::from_settings(
+            let workers = WorkerSettings::from_settings(
                 &settings.tailor,
                 settings.credentials_key.clone(),
                 |n| std::env::var(n).ok(),
             )
             .map_err(config_error)?;
+            workers.registries().map_err(config_error)?;
+            println!("{}", settings.egress_policy(settings.listen).describe());
             println!("configuration is valid");
             Ok(())
         }
@@ -72,12 +74,15 @@ fn config_error(error: tailor::config::ConfigError) -> anyhow::Error {
 }
 
 async fn serve(settings: StagerSettings) -> anyhow::Result<()> {
-    let worker_settings =
+    let mut worker_settings =
         WorkerSettings::from_settings(&settings.tailor, settings.credentials_key.clone(), |name| {
             std::env::var(name).ok()
         })
         .map_err(config_error)?;
-    let db = tailor::db::connect(settings.tailor.database_url.expose(), 20)
+    // One pool for the API and the in-process workers: its size does not grow with workers or
+    // blob transfers (plus one LISTEN connection when workers run here).
+    let connections = settings.tailor.database_connections.unwrap_or(8);
+    let db = tailor::db::connect(settings.tailor.database_url.expose(), connections)
         .await
         .context("connecting to DATABASE_URL")?;
     tailor::db::migrate(&db)
@@ -85,14 +90,15 @@ async fn serve(settings: StagerSettings) -> anyhow::Result<()> {
         .context("running database migrations")?;
 
     let shutdown = CancellationToken::new();
+    let app = Application::build(&settings, db.clone())
+        .with_context(|| format!("binding STAGER_LISTEN={}", settings.listen))?;
+    // The workers' destinations may not include this very listener.
+    worker_settings.egress = settings.egress_policy(app.addr());
+    tracing::info!("{}", worker_settings.egress.describe());
     let workers = if settings.workers > 0 {
-        // Workers get their own pool: a copy holds a connection for each per-blob fetch lock
-        // and one for its repository lock against the pruner.
-        let connections = (settings.workers * (worker_settings.concurrency + 1) + 8) as u32;
-        let pool = tailor::db::connect(settings.tailor.database_url.expose(), connections).await?;
         tracing::info!(count = settings.workers, "starting in-process workers");
         Some(tokio::spawn(tailor::staging::worker::run(
-            pool,
+            db,
             worker_settings,
             settings.workers,
             shutdown.clone(),
@@ -101,8 +107,6 @@ async fn serve(settings: StagerSettings) -> anyhow::Result<()> {
         None
     };
 
-    let app = Application::build(&settings, db)
-        .with_context(|| format!("binding STAGER_LISTEN={}", settings.listen))?;
     // One line on stdout, for scripts and tests that start us on port 0; logs go to stderr.
     println!("stager-api listening on {}", app.base_url());
     tracing::info!(addr = %app.addr(), "stager-api listening");
@@ -135,15 +139,21 @@ async fn embedded(listen: &str, default_registry: String) -> anyhow::Result<()> 
         Some(token) => vec![Secret::new(token.clone())],
         None => stager_api::config::parse_tokens(configured.as_deref()).map_err(config_error)?,
     };
+    // A developer's machine: images come from registries on this host too.
+    let mut tailor = TailorSettings::from_lookup(|name| match name {
+        "DATABASE_URL" => Some(postgres.url("postgres")),
+        "TAILOR_INTERNAL_REGISTRY" => Some(registry.host()),
+        "TAILOR_DEFAULT_REGISTRY" => Some(default_registry.clone()),
+        _ => std::env::var(name).ok(),
+    })
+    .map_err(config_error)?;
+    tailor.insecure_registries.push(registry.host());
+    if tailor.egress_allow.is_empty() {
+        tailor.egress_allow =
+            tailor::egress::Rule::parse_list("127.0.0.0/8, ::1, localhost").expect("valid rules");
+    }
     let settings = StagerSettings {
-        tailor: TailorSettings {
-            database_url: Secret::new(postgres.url("postgres")),
-            internal_registry: registry.host(),
-            internal_registry_credentials: None,
-            insecure_registries: vec![registry.host()],
-            repo_prefix: "tailor".into(),
-            default_registry,
-        },
+        tailor,
         listen,
         api_tokens,
         workers: stager_api::config::parse_count(
@@ -160,6 +170,17 @@ async fn embedded(listen: &str, default_registry: String) -> anyhow::Result<()> 
     if let Some(token) = &token {
         eprintln!("API token (generated for this run): {token}");
     }
+    eprintln!(
+        "egress: loopback allowed (TAILOR_EGRESS_ALLOW={}), as suits a developer's machine; \
+         cloud metadata and the internal registry stay refused",
+        settings
+            .tailor
+            .egress_allow
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    );
     eprintln!("Ctrl-C stops everything and deletes its data.");
     let result = serve(settings).await;
     // Explicit order: registry, then database; both delete their temporary directories.

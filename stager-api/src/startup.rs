@@ -3,10 +3,14 @@
 
 use std::net::{SocketAddr, TcpListener};
 
+use std::sync::Arc;
+
 use actix_web::dev::Server;
 use actix_web::{App, HttpServer, web};
 use sqlx::PgPool;
 use tailor::config::TailorSettings;
+use tailor::egress::Egress;
+use tailor::registry::{Credentials, Registries, Registry};
 
 use crate::auth::ApiTokens;
 use crate::config::StagerSettings;
@@ -17,12 +21,17 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
 /// Shared, read-only state handed to every handler.
 pub struct AppState {
     pub db: PgPool,
-    pub http: reqwest::Client,
-    /// `http(s)://host:port` of the internal registry.
-    pub internal_registry_url: String,
+    /// How this process reaches registries (the internal one for `/_status`).
+    pub registries: Registries,
+    /// The internal registry, with tailor's credentials.
+    pub internal: Arc<Registry>,
+    /// Where tenants' images and callbacks may point.
+    pub egress: Arc<Egress>,
     pub tailor: TailorSettings,
     /// Encrypts credentials of private images while their staging is active.
     pub credentials_key: Option<tailor::secrets::CredentialsKey>,
+    /// Admits a bounded number of large `PUT /references` bodies at a time.
+    pub reference_syncs: Arc<tokio::sync::Semaphore>,
 }
 
 /// A bound, not yet running server.
@@ -37,25 +46,29 @@ impl Application {
     pub fn build(settings: &StagerSettings, db: PgPool) -> std::io::Result<Self> {
         let listener = TcpListener::bind(settings.listen)?;
         let addr = listener.local_addr()?;
-        let scheme = if settings
+        let egress = Egress::new(settings.egress_policy(addr));
+        let registries = settings
             .tailor
-            .insecure_registries
-            .iter()
-            .any(|r| r == &settings.tailor.internal_registry)
-        {
-            "http"
-        } else {
-            "https"
-        };
+            .registries(egress.clone())
+            .map_err(std::io::Error::other)?;
+        let internal = registries.internal(
+            &settings.tailor.internal_registry,
+            settings
+                .tailor
+                .internal_registry_credentials
+                .as_ref()
+                .map(|(user, password)| Credentials::new(user.clone(), password.expose())),
+        );
         let state = web::Data::new(AppState {
             db,
-            http: reqwest::Client::builder()
-                .user_agent(concat!("tailor-stager-api/", env!("CARGO_PKG_VERSION")))
-                .build()
-                .map_err(std::io::Error::other)?,
-            internal_registry_url: format!("{scheme}://{}", settings.tailor.internal_registry),
+            registries,
+            internal,
+            egress,
             tailor: settings.tailor.clone(),
             credentials_key: settings.credentials_key.clone(),
+            reference_syncs: Arc::new(tokio::sync::Semaphore::new(
+                crate::routes::REFERENCE_SYNCS_AT_ONCE,
+            )),
         });
         let tokens = web::Data::new(ApiTokens::new(
             settings.api_tokens.iter().map(|t| t.expose()),

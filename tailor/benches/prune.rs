@@ -9,8 +9,8 @@
 
 use std::time::{Duration, Instant};
 
-use tailor::copy::Registries;
 use tailor::prune::{PruneOptions, PruneOutcome, prune};
+use tailor::registry::Registries;
 use testkit::image::{BuiltImage, ImageSpec, ManifestFormat};
 use testkit::{TestDatabase, TestRegistry};
 use uuid::Uuid;
@@ -79,7 +79,7 @@ fn ms(d: Duration) -> String {
 async fn main() {
     testkit::init();
     let registry = TestRegistry::anonymous();
-    let registries = Registries::new([registry.host()]);
+    let internal = Registries::unrestricted([registry.host()]).internal(&registry.host(), None);
     let options = PruneOptions {
         grace: Duration::from_secs(3600),
         dry_run: false,
@@ -93,9 +93,7 @@ async fn main() {
     let pool = db.pool().await;
     seed_released(&pool, &registry, &images).await;
     let started = Instant::now();
-    let report = prune(&pool, &registries, &registry.host(), &options)
-        .await
-        .unwrap();
+    let report = prune(&pool, &internal, &options).await.unwrap();
     let tailor_delete = started.elapsed();
     assert_eq!(report.outcome, PruneOutcome::Pruned);
     assert_eq!(report.manifests_deleted, IMAGES, "{:?}", report.errors);
@@ -153,8 +151,7 @@ async fn main() {
     let started = Instant::now();
     let plan = prune(
         &big_pool,
-        &registries,
-        &registry.host(),
+        &internal,
         &PruneOptions {
             dry_run: true,
             ..options.clone()

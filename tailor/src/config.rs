@@ -74,6 +74,23 @@ pub struct TailorSettings {
     pub repo_prefix: String,
     /// `TAILOR_DEFAULT_REGISTRY`: the registry a reference without a host means.
     pub default_registry: String,
+    /// `TAILOR_EGRESS_ALLOW`: exceptions to the egress policy (CIDRs, addresses, names, host:port).
+    pub egress_allow: Vec<crate::egress::Rule>,
+    /// `TAILOR_EGRESS_DENY`: more destinations tenants may not reach.
+    pub egress_deny: Vec<crate::egress::Rule>,
+    /// `TAILOR_CA_CERTIFICATES`: PEM certificates trusted besides the system's (read at start-up).
+    pub ca_certificates: Vec<u8>,
+    /// `TAILOR_STAGING_TIMEOUT`: how long a staging may take, queue time included.
+    pub staging_timeout: std::time::Duration,
+    /// `TAILOR_REQUEST_TIMEOUT`, `TAILOR_MIN_TRANSFER_RATE`, `TAILOR_MIN_TRANSFER_WINDOW`:
+    /// the bounds on what one registry answer may cost.
+    pub limits: crate::registry::Limits,
+    /// `TAILOR_DATABASE_CONNECTIONS`: this process's pool size (each binary has its default).
+    pub database_connections: Option<u32>,
+    /// `TAILOR_CALLBACK_TIMEOUT`: one completion callback attempt.
+    pub callback_timeout: std::time::Duration,
+    /// `TAILOR_CALLBACK_RETRY_FOR`: how long an undelivered callback is retried.
+    pub callback_retry_for: std::time::Duration,
 }
 
 impl TailorSettings {
@@ -155,6 +172,67 @@ impl TailorSettings {
             });
         }
 
+        let rules = |setting: &'static str| -> Result<Vec<crate::egress::Rule>, ConfigError> {
+            get(setting)
+                .map(|list| crate::egress::Rule::parse_list(&list))
+                .transpose()
+                .map_err(|problem| ConfigError::Invalid { setting, problem })
+                .map(Option::unwrap_or_default)
+        };
+        let egress_allow = rules("TAILOR_EGRESS_ALLOW")?;
+        let egress_deny = rules("TAILOR_EGRESS_DENY")?;
+
+        let ca_certificates = match get("TAILOR_CA_CERTIFICATES") {
+            None => Vec::new(),
+            Some(path) => {
+                let pem = std::fs::read(&path).map_err(|e| ConfigError::Invalid {
+                    setting: "TAILOR_CA_CERTIFICATES",
+                    problem: format!("cannot read {path:?}: {e}"),
+                })?;
+                if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
+                    return Err(ConfigError::Invalid {
+                        setting: "TAILOR_CA_CERTIFICATES",
+                        problem: format!("{path:?} holds no PEM certificate"),
+                    });
+                }
+                pem
+            }
+        };
+
+        let duration = |setting: &'static str, default: u64, min: u64, max: u64| {
+            duration_setting(setting, get(setting).as_deref(), default, min, max)
+        };
+        let staging_timeout = duration("TAILOR_STAGING_TIMEOUT", 15 * 60, 10, 24 * 3600)?;
+        let mut limits = crate::registry::Limits {
+            request_timeout: duration("TAILOR_REQUEST_TIMEOUT", 60, 1, 3600)?,
+            ..Default::default()
+        };
+        limits.floor.window = duration("TAILOR_MIN_TRANSFER_WINDOW", 30, 1, 3600)?;
+        if let Some(text) = get("TAILOR_MIN_TRANSFER_RATE") {
+            limits.floor.min_bytes_per_second = parse_byte_rate(&text).ok_or_else(|| {
+                ConfigError::Invalid {
+                    setting: "TAILOR_MIN_TRANSFER_RATE",
+                    problem: format!(
+                        "{text:?} is not a rate in bytes per second such as 16384, 16KiB or 0 (no floor)"
+                    ),
+                }
+            })?;
+        }
+        let database_connections = match get("TAILOR_DATABASE_CONNECTIONS") {
+            None => None,
+            Some(text) => Some(
+                text.parse::<u32>()
+                    .ok()
+                    .filter(|n| (1..=1000).contains(n))
+                    .ok_or_else(|| ConfigError::Invalid {
+                        setting: "TAILOR_DATABASE_CONNECTIONS",
+                        problem: format!("{text:?} is not a whole number from 1 to 1000"),
+                    })?,
+            ),
+        };
+        let callback_timeout = duration("TAILOR_CALLBACK_TIMEOUT", 10, 1, 600)?;
+        let callback_retry_for = duration("TAILOR_CALLBACK_RETRY_FOR", 24 * 3600, 60, 30 * 86_400)?;
+
         Ok(Self {
             database_url: Secret::new(database_url),
             internal_registry,
@@ -162,8 +240,97 @@ impl TailorSettings {
             insecure_registries,
             repo_prefix,
             default_registry,
+            egress_allow,
+            egress_deny,
+            ca_certificates,
+            staging_timeout,
+            limits,
+            database_connections,
+            callback_timeout,
+            callback_retry_for,
         })
     }
+
+    /// Whether the internal registry is spoken to over plain HTTP.
+    pub fn internal_registry_insecure(&self) -> bool {
+        self.insecure_registries.contains(&self.internal_registry)
+    }
+
+    /// The egress policy for tenants' destinations: the operator's rules, with the internal
+    /// registry and the database protected. A process adds its own listeners.
+    pub fn egress_policy(&self) -> crate::egress::EgressPolicy {
+        let internal_port = if self.internal_registry_insecure() {
+            80
+        } else {
+            443
+        };
+        crate::egress::EgressPolicy::new(self.egress_allow.clone(), self.egress_deny.clone())
+            .protect_host_port(
+                crate::egress::Protected::InternalRegistry,
+                &self.internal_registry,
+                internal_port,
+            )
+            .protect_database(self.database_url.expose())
+    }
+
+    /// How this process reaches registries, under `egress`.
+    pub fn registries(
+        &self,
+        egress: std::sync::Arc<crate::egress::Egress>,
+    ) -> Result<crate::registry::Registries, ConfigError> {
+        crate::registry::Registries::new(
+            self.insecure_registries.iter().cloned(),
+            egress,
+            self.limits.clone(),
+            &self.ca_certificates,
+        )
+        .map_err(|e| ConfigError::Invalid {
+            setting: "TAILOR_CA_CERTIFICATES",
+            problem: e.to_string(),
+        })
+    }
+}
+
+/// A duration setting (`90s`, `15m`, `24h`, or plain seconds) within `min..=max` seconds.
+pub fn duration_setting(
+    setting: &'static str,
+    value: Option<&str>,
+    default_secs: u64,
+    min_secs: u64,
+    max_secs: u64,
+) -> Result<std::time::Duration, ConfigError> {
+    let Some(text) = value.map(str::trim).filter(|t| !t.is_empty()) else {
+        return Ok(std::time::Duration::from_secs(default_secs));
+    };
+    let parsed = match text.parse::<u64>() {
+        Ok(seconds) => Ok(std::time::Duration::from_secs(seconds)),
+        Err(_) => crate::prune::duration::parse_duration(text),
+    };
+    parsed
+        .ok()
+        .filter(|d| (min_secs..=max_secs).contains(&d.as_secs()))
+        .ok_or_else(|| ConfigError::Invalid {
+            setting,
+            problem: format!(
+                "{text:?} is not a duration from {min_secs}s to {max_secs}s (e.g. 90s, 15m, 2h)"
+            ),
+        })
+}
+
+/// `16384`, `16KiB`, `1MiB`, `0`: bytes per second.
+fn parse_byte_rate(text: &str) -> Option<u64> {
+    let text = text.trim().trim_end_matches("/s");
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => text.split_at(i),
+        None => (text, ""),
+    };
+    let multiplier = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "K" | "k" | "kB" | "KB" => 1024,
+        "MiB" | "M" | "MB" => 1024 * 1024,
+        _ => return None,
+    };
+    number.parse::<u64>().ok()?.checked_mul(multiplier)
 }
 
 /// Checks `host:port` (or a bare host) and returns the port if one is given.
@@ -242,6 +409,41 @@ mod tests {
         assert_eq!(s.default_registry, "docker.io");
         assert!(s.insecure_registries.is_empty());
         assert_eq!(s.internal_registry_credentials, None);
+        assert!(s.egress_allow.is_empty());
+        assert_eq!(s.staging_timeout, std::time::Duration::from_secs(900));
+        assert_eq!(s.limits.floor.min_bytes_per_second, 16 * 1024);
+        assert_eq!(s.callback_retry_for, std::time::Duration::from_secs(86_400));
+    }
+
+    #[test]
+    fn durations_rates_and_egress_rules_are_parsed_and_checked() {
+        let mut pairs = BASE.to_vec();
+        pairs.extend([
+            ("TAILOR_STAGING_TIMEOUT", "30m"),
+            ("TAILOR_REQUEST_TIMEOUT", "5"),
+            ("TAILOR_MIN_TRANSFER_RATE", "1KiB"),
+            ("TAILOR_EGRESS_ALLOW", "10.0.0.0/8, registry.local:5000"),
+        ]);
+        let s = settings(&pairs).unwrap();
+        assert_eq!(s.staging_timeout, std::time::Duration::from_secs(1800));
+        assert_eq!(s.limits.request_timeout, std::time::Duration::from_secs(5));
+        assert_eq!(s.limits.floor.min_bytes_per_second, 1024);
+        assert_eq!(s.egress_allow.len(), 2);
+        for (setting, value) in [
+            ("TAILOR_STAGING_TIMEOUT", "1s"),
+            ("TAILOR_MIN_TRANSFER_RATE", "fast"),
+            ("TAILOR_EGRESS_ALLOW", "http://x"),
+            ("TAILOR_DATABASE_CONNECTIONS", "0"),
+            ("TAILOR_CA_CERTIFICATES", "/no/such/file"),
+        ] {
+            let mut pairs = BASE.to_vec();
+            pairs.push((setting, value));
+            assert_eq!(
+                settings(&pairs).unwrap_err().setting(),
+                setting,
+                "{setting}={value}"
+            );
+        }
     }
 
     #[test]

@@ -41,7 +41,8 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, DbError>
         .map_err(|e: sqlx::Error| DbError::InvalidUrl(redact_url_error(&e)))?;
     PgPoolOptions::new()
         .max_connections(max_connections)
-        .acquire_timeout(Duration::from_secs(5))
+        // Statements are short; a burst of them waits its turn rather than failing.
+        .acquire_timeout(Duration::from_secs(15))
         .connect_with(options)
         .await
         .map_err(DbError::Unreachable)

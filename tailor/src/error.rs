@@ -1,44 +1,42 @@
 //! Why a copy failed, with the stable codes callers (the API, the CLI's `--json`) report.
+//!
+//! A registry failure keeps the side it happened on: on the source it is reported as it is
+//! (`IMAGE_NOT_FOUND`, `RATE_LIMITED`, `EGRESS_DENIED`, ...); on the internal registry it is
+//! `INTERNAL_REGISTRY_ERROR` (or `INTERNAL_REGISTRY_READ_ONLY` in a maintenance window), since
+//! the tenant did nothing wrong.
 
-/// Which side of a copy an error came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Side {
-    Source,
-    Destination,
-}
+use std::time::Duration;
+
+use crate::image_config::ImageConfigError;
+use crate::manifest::ManifestError;
+use crate::registry::RegistryError;
 
 /// A failed copy. `code()` is stable; the message names the registry and object involved and
-/// never contains credentials.
+/// never contains credentials or raw upstream text.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum CopyError {
     #[error("{0}")]
     InvalidReference(#[from] crate::reference::ReferenceError),
-    #[error("image not found: {0}")]
-    ImageNotFound(String),
-    #[error("authentication to {registry} failed: {detail}")]
-    Unauthorized { registry: String, detail: String },
-    #[error("{registry} denied access: {detail}")]
-    Denied { registry: String, detail: String },
-    #[error("{registry} is rate limiting requests; gave up after retries")]
-    RateLimited { registry: String },
-    #[error("digest mismatch for {expected}: {detail}")]
-    DigestMismatch { expected: String, detail: String },
-    #[error("invalid manifest: {0}")]
-    ManifestInvalid(String),
-    #[error("unsupported media type: {0}")]
-    UnsupportedMediaType(String),
-    #[error("cannot reach {registry}: {detail}")]
-    UpstreamUnreachable { registry: String, detail: String },
-    #[error("{registry} did not answer in time ({detail})")]
-    Timeout { registry: String, detail: String },
-    #[error("internal registry {registry}: {detail}")]
-    InternalRegistry { registry: String, detail: String },
-    #[error("internal registry {registry} is read-only (a maintenance window); try again later")]
-    ReadOnly { registry: String },
-    #[error("the copy was cancelled")]
-    Cancelled,
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// The image source failed or misbehaved.
+    #[error("{0}")]
+    Source(RegistryError),
+    /// The internal (destination) registry failed.
+    #[error("internal registry: {0}")]
+    Destination(RegistryError),
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    /// The image has no manifest for the platform, or its config says another one.
+    #[error("platform mismatch: {0}")]
+    PlatformMismatch(String),
+    /// An artifact (a Helm chart, an SBOM, a signature), not something a runtime can run.
+    #[error("not a container image: {0}")]
+    NotAContainerImage(String),
+    #[error(transparent)]
+    ImageConfig(#[from] ImageConfigError),
+    #[error("the copy was cancelled")]
+    Cancelled,
 }
 
 impl CopyError {
@@ -46,31 +44,43 @@ impl CopyError {
     pub fn code(&self) -> &'static str {
         match self {
             Self::InvalidReference(_) => "INVALID_REFERENCE",
-            Self::ImageNotFound(_) => "IMAGE_NOT_FOUND",
-            Self::Unauthorized { .. } => "UNAUTHORIZED",
-            Self::Denied { .. } => "DENIED",
-            Self::RateLimited { .. } => "RATE_LIMITED",
-            Self::DigestMismatch { .. } => "DIGEST_MISMATCH",
-            Self::ManifestInvalid(_) => "MANIFEST_INVALID",
-            Self::UnsupportedMediaType(_) => "UNSUPPORTED_MEDIA_TYPE",
-            Self::UpstreamUnreachable { .. } => "UPSTREAM_UNREACHABLE",
-            Self::Timeout { .. } => "TIMEOUT",
-            Self::InternalRegistry { .. } => "INTERNAL_REGISTRY_ERROR",
-            Self::ReadOnly { .. } => "INTERNAL_REGISTRY_READ_ONLY",
-            Self::Cancelled => "CANCELLED",
             Self::InvalidArgument(_) => "INVALID_ARGUMENT",
+            Self::Source(error) => error.code(),
+            Self::Destination(RegistryError::ReadOnly { .. }) => "INTERNAL_REGISTRY_READ_ONLY",
+            Self::Destination(_) => "INTERNAL_REGISTRY_ERROR",
+            Self::Manifest(error) => error.code(),
+            Self::PlatformMismatch(_) => "PLATFORM_MISMATCH",
+            Self::NotAContainerImage(_) => "NOT_A_CONTAINER_IMAGE",
+            Self::ImageConfig(error) => error.code(),
+            Self::Cancelled => "CANCELLED",
         }
     }
 
-    /// Whether trying the same operation again may succeed.
+    /// Whether trying the same copy again may succeed.
     pub fn is_transient(&self) -> bool {
-        matches!(
-            self,
-            Self::RateLimited { .. }
-                | Self::UpstreamUnreachable { .. }
-                | Self::Timeout { .. }
-                | Self::InternalRegistry { .. }
-                | Self::ReadOnly { .. }
-        )
+        match self {
+            Self::Source(error) => error.is_transient(),
+            // The operator's registry: a restart, a full disk, a maintenance window.
+            Self::Destination(error) => !matches!(error, RegistryError::EgressDenied(_)),
+            _ => false,
+        }
+    }
+
+    /// When the source said to come back (`Retry-After`, or the fleet's rate-limit budget).
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Source(error) => error.retry_after(),
+            _ => None,
+        }
+    }
+
+    /// The internal registry is in a read-only maintenance window.
+    pub fn is_read_only(&self) -> bool {
+        matches!(self, Self::Destination(RegistryError::ReadOnly { .. }))
+    }
+
+    /// The source is rate limiting (429, or the fleet's budget).
+    pub fn is_rate_limited(&self) -> bool {
+        matches!(self, Self::Source(RegistryError::RateLimited { .. }))
     }
 }

@@ -1,7 +1,25 @@
-//! What a platform needs to run an image, derived from its config blob: the start command and
-//! Diego's execution metadata (`{"cmd": [...], "ports": [{"Port": 8080, "Protocol": "tcp"}], ...}`).
+//! What a platform needs to know of an image before it may run it, from its config blob:
+//! that it is for the platform asked for, and how to start it (the start command and Diego's
+//! execution metadata, `{"cmd": [...], "ports": [{"Port": 8080, "Protocol": "tcp"}], ...}`).
+//!
+//! The config comes from an upstream nobody vouches for, so what is kept of it is bounded
+//! (one staging's record and callback stay small) and checked: a NUL or another control
+//! character in a command, user or working directory cannot run anywhere and is refused,
+//! never stored.
 
 use serde_json::{Value, json};
+
+use crate::platform::Platform;
+use crate::text::{MESSAGE_CHARS, clean};
+
+/// Longest start command kept (a Cloud Controller's limit for a process command).
+pub const MAX_START_COMMAND_CHARS: usize = 4096;
+/// Longest execution metadata kept.
+pub const MAX_EXECUTION_METADATA_BYTES: usize = 16 * 1024;
+/// Most exposed ports kept.
+pub const MAX_PORTS: usize = 64;
+/// Most words in `Entrypoint` or `Cmd`.
+pub const MAX_COMMAND_WORDS: usize = 256;
 
 /// The run-time facts of an image.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -12,40 +30,132 @@ pub struct RunInfo {
     pub execution_metadata: String,
 }
 
-/// Derives [`RunInfo`] from an image config blob. Missing fields are simply absent.
-pub fn run_info(config_blob: &[u8]) -> Result<RunInfo, String> {
-    let value: Value = serde_json::from_slice(config_blob)
-        .map_err(|e| format!("image config is not JSON: {e}"))?;
+/// Why an image config cannot be staged.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ImageConfigError {
+    /// Malformed, or a field no runtime can use.
+    #[error("invalid image config: {0}")]
+    Invalid(String),
+    /// Over a bound on what tailor stores for an image.
+    #[error("image metadata too large: {0}")]
+    TooLarge(String),
+    /// Built for another os/architecture.
+    #[error("platform mismatch: {0}")]
+    PlatformMismatch(String),
+}
+
+impl ImageConfigError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Invalid(_) => "IMAGE_CONFIG_INVALID",
+            Self::TooLarge(_) => "IMAGE_METADATA_TOO_LARGE",
+            Self::PlatformMismatch(_) => "PLATFORM_MISMATCH",
+        }
+    }
+}
+
+/// Checks that the config describes an image for `platform` and derives how to run it.
+pub fn inspect(config_blob: &[u8], platform: &Platform) -> Result<RunInfo, ImageConfigError> {
+    let value: Value = serde_json::from_slice(config_blob).map_err(|e| {
+        ImageConfigError::Invalid(clean(&format!("it is not JSON: {e}"), MESSAGE_CHARS))
+    })?;
+    check_platform(&value, platform)?;
+    run_info(&value)
+}
+
+fn check_platform(value: &Value, platform: &Platform) -> Result<(), ImageConfigError> {
+    let field = |name: &str| value.get(name).and_then(Value::as_str);
+    let (Some(os), Some(architecture)) = (field("os"), field("architecture")) else {
+        return Err(ImageConfigError::PlatformMismatch(format!(
+            "the image config declares no os and architecture; {platform} was asked for"
+        )));
+    };
+    let variant = field("variant");
+    if platform.matches(os, architecture, variant) {
+        return Ok(());
+    }
+    let built_for = match variant {
+        Some(v) => format!("{os}/{architecture}/{v}"),
+        None => format!("{os}/{architecture}"),
+    };
+    Err(ImageConfigError::PlatformMismatch(format!(
+        "the image is built for {}, not {platform}",
+        clean(&built_for, 100)
+    )))
+}
+
+/// A command word, user or directory: text a process is started with. NUL and control
+/// characters other than tab and newline (which shell scripts use) cannot be.
+fn runnable_text(field: &str, text: &str) -> Result<(), ImageConfigError> {
+    match text
+        .chars()
+        .find(|c| crate::text::is_hostile(*c) && !matches!(c, '\t' | '\n'))
+    {
+        Some(c) => Err(ImageConfigError::Invalid(format!(
+            "{field} contains the control character U+{:04X}, which no process can be started with",
+            c as u32
+        ))),
+        None => Ok(()),
+    }
+}
+
+fn run_info(value: &Value) -> Result<RunInfo, ImageConfigError> {
     let config = value
         .get("config")
         .or_else(|| value.get("container_config"))
         .cloned()
         .unwrap_or(Value::Null);
-    let strings = |field: &str| -> Vec<String> {
-        config
-            .get(field)
-            .and_then(Value::as_array)
-            .map(|items| {
-                items
-                    .iter()
-                    .filter_map(|i| i.as_str().map(str::to_owned))
-                    .collect()
-            })
-            .unwrap_or_default()
+    let words = |field: &str| -> Result<Vec<String>, ImageConfigError> {
+        let Some(items) = config.get(field).and_then(Value::as_array) else {
+            return Ok(Vec::new());
+        };
+        if items.len() > MAX_COMMAND_WORDS {
+            return Err(ImageConfigError::TooLarge(format!(
+                "{field} has {} words; at most {MAX_COMMAND_WORDS} are accepted",
+                items.len()
+            )));
+        }
+        let words: Vec<String> = items
+            .iter()
+            .filter_map(|i| i.as_str().map(str::to_owned))
+            .collect();
+        for (i, word) in words.iter().enumerate() {
+            runnable_text(&format!("{field}[{i}]"), word)?;
+        }
+        Ok(words)
     };
-    let entrypoint = strings("Entrypoint");
-    let cmd = strings("Cmd");
-    let full: Vec<String> = entrypoint.iter().chain(&cmd).cloned().collect();
-    let mut ports: Vec<Value> = config
-        .get("ExposedPorts")
-        .and_then(Value::as_object)
+    let entrypoint = words("Entrypoint")?;
+    let cmd = words("Cmd")?;
+    let start_command = entrypoint
+        .iter()
+        .chain(&cmd)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(" ");
+    if start_command.chars().count() > MAX_START_COMMAND_CHARS {
+        return Err(ImageConfigError::TooLarge(format!(
+            "the start command (Entrypoint and Cmd) is {} characters; at most {MAX_START_COMMAND_CHARS} are accepted",
+            start_command.chars().count()
+        )));
+    }
+    let exposed = config.get("ExposedPorts").and_then(Value::as_object);
+    if exposed.is_some_and(|p| p.len() > MAX_PORTS) {
+        return Err(ImageConfigError::TooLarge(format!(
+            "the image exposes {} ports; at most {MAX_PORTS} are accepted",
+            exposed.map_or(0, |p| p.len())
+        )));
+    }
+    let mut ports: Vec<Value> = exposed
         .map(|ports| {
             ports
                 .keys()
                 .filter_map(|key| {
                     let (port, protocol) = key.split_once('/').unwrap_or((key.as_str(), "tcp"));
+                    let protocol = protocol.to_ascii_lowercase();
+                    let known = matches!(protocol.as_str(), "tcp" | "udp" | "sctp");
                     port.parse::<u16>()
                         .ok()
+                        .filter(|_| known)
                         .map(|p| json!({ "Port": p, "Protocol": protocol }))
                 })
                 .collect()
@@ -62,12 +172,26 @@ pub fn run_info(config_blob: &[u8]) -> Result<RunInfo, String> {
             .and_then(Value::as_str)
             .filter(|t| !t.is_empty())
         {
+            runnable_text(field, text)?;
+            if text.chars().count() > 1024 {
+                return Err(ImageConfigError::TooLarge(format!(
+                    "{field} is over 1024 characters"
+                )));
+            }
             metadata[key] = json!(text);
         }
     }
+    // serde_json escapes every control character, so the stored string is one clean line.
+    let execution_metadata = metadata.to_string();
+    if execution_metadata.len() > MAX_EXECUTION_METADATA_BYTES {
+        return Err(ImageConfigError::TooLarge(format!(
+            "the execution metadata is {} bytes; at most {MAX_EXECUTION_METADATA_BYTES} are accepted",
+            execution_metadata.len()
+        )));
+    }
     Ok(RunInfo {
-        start_command: full.join(" "),
-        execution_metadata: metadata.to_string(),
+        start_command,
+        execution_metadata,
     })
 }
 
@@ -75,10 +199,20 @@ pub fn run_info(config_blob: &[u8]) -> Result<RunInfo, String> {
 mod tests {
     use super::*;
 
+    fn linux() -> Platform {
+        Platform::default()
+    }
+
+    fn config(inner: &str) -> Vec<u8> {
+        format!(r#"{{"os":"linux","architecture":"amd64","config":{inner}}}"#).into_bytes()
+    }
+
     #[test]
     fn derives_command_ports_user_and_workdir() {
-        let config = br#"{"config":{"Entrypoint":["/bin/app"],"Cmd":["--port","8080"],"ExposedPorts":{"9090/udp":{},"8080/tcp":{}},"User":"1000","WorkingDir":"/srv"}}"#;
-        let info = run_info(config).unwrap();
+        let blob = config(
+            r#"{"Entrypoint":["/bin/app"],"Cmd":["--port","8080"],"ExposedPorts":{"9090/udp":{},"8080/tcp":{}},"User":"1000","WorkingDir":"/srv"}"#,
+        );
+        let info = inspect(&blob, &linux()).unwrap();
         assert_eq!(info.start_command, "/bin/app --port 8080");
         let meta: Value = serde_json::from_str(&info.execution_metadata).unwrap();
         assert_eq!(meta["cmd"], json!(["--port", "8080"]));
@@ -95,8 +229,89 @@ mod tests {
 
     #[test]
     fn a_bare_config_gives_an_empty_command() {
-        let info = run_info(br#"{"architecture":"amd64"}"#).unwrap();
+        let info = inspect(br#"{"os":"linux","architecture":"amd64"}"#, &linux()).unwrap();
         assert_eq!(info.start_command, "");
-        assert!(run_info(b"nope").is_err());
+        assert_eq!(
+            inspect(b"nope", &linux()).unwrap_err().code(),
+            "IMAGE_CONFIG_INVALID"
+        );
+    }
+
+    #[test]
+    fn other_platforms_and_missing_platforms_are_mismatches() {
+        for (blob, needle) in [
+            (
+                r#"{"os":"windows","architecture":"amd64"}"#,
+                "windows/amd64",
+            ),
+            (
+                r#"{"os":"linux","architecture":"arm64","variant":"v8"}"#,
+                "linux/arm64/v8",
+            ),
+            (r#"{"architecture":"amd64"}"#, "declares no os"),
+        ] {
+            let error = inspect(blob.as_bytes(), &linux()).unwrap_err();
+            assert_eq!(error.code(), "PLATFORM_MISMATCH", "{blob}");
+            assert!(error.to_string().contains(needle), "{error}");
+        }
+        let arm = Platform::parse("linux/arm64").unwrap();
+        inspect(
+            br#"{"os":"linux","architecture":"arm64","variant":"v8"}"#,
+            &arm,
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn control_characters_in_what_starts_a_process_are_refused() {
+        for inner in [
+            r#"{"Cmd":["sh","-c","a\u0000b"]}"#,
+            r#"{"Entrypoint":["\u001b[31m"]}"#,
+            r#"{"User":"root\r"}"#,
+            r#"{"WorkingDir":"/srv\u2028x"}"#,
+        ] {
+            let error = inspect(&config(inner), &linux()).unwrap_err();
+            assert_eq!(error.code(), "IMAGE_CONFIG_INVALID", "{inner}");
+        }
+        // Shell scripts use tabs and newlines.
+        let info = inspect(
+            &config(r#"{"Cmd":["sh","-c","set -e\n\techo hi"]}"#),
+            &linux(),
+        )
+        .unwrap();
+        assert_eq!(info.start_command, "sh -c set -e\n\techo hi");
+        assert!(
+            !info.execution_metadata.contains('\n'),
+            "{}",
+            info.execution_metadata
+        );
+    }
+
+    #[test]
+    fn metadata_is_bounded() {
+        let long = format!(
+            r#"{{"Cmd":["{}"]}}"#,
+            "x".repeat(MAX_START_COMMAND_CHARS + 1)
+        );
+        assert_eq!(
+            inspect(&config(&long), &linux()).unwrap_err().code(),
+            "IMAGE_METADATA_TOO_LARGE"
+        );
+        let many_words = format!(
+            r#"{{"Cmd":[{}]}}"#,
+            vec!["\"a\""; MAX_COMMAND_WORDS + 1].join(",")
+        );
+        assert_eq!(
+            inspect(&config(&many_words), &linux()).unwrap_err().code(),
+            "IMAGE_METADATA_TOO_LARGE"
+        );
+        let ports: Vec<String> = (1..=MAX_PORTS + 1)
+            .map(|p| format!(r#""{p}/tcp":{{}}"#))
+            .collect();
+        let many_ports = format!(r#"{{"ExposedPorts":{{{}}}}}"#, ports.join(","));
+        assert_eq!(
+            inspect(&config(&many_ports), &linux()).unwrap_err().code(),
+            "IMAGE_METADATA_TOO_LARGE"
+        );
     }
 }

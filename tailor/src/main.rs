@@ -49,8 +49,9 @@ async fn main() -> anyhow::Result<()> {
         Command::Prune(args) => std::process::exit(cli::prune::run(args).await),
         Command::Work { workers } => work(usize::from(workers)).await?,
         Command::CheckConfig => {
-            check_config(|name| std::env::var(name).ok())
+            let policy = check_config(|name| std::env::var(name).ok())
                 .map_err(|e| anyhow::anyhow!("{e} ({})", e.code()))?;
+            println!("{policy}");
             println!("configuration is valid");
         }
         Command::Migrate { database_url } => {
@@ -68,14 +69,16 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Everything `tailor work` and `tailor prune` would refuse at start-up, without starting.
+/// Everything `tailor work` and `tailor prune` would refuse at start-up, without starting;
+/// returns the egress policy in words.
 fn check_config(
     lookup: impl Fn(&str) -> Option<String> + Copy,
-) -> Result<(), tailor::config::ConfigError> {
+) -> Result<String, tailor::config::ConfigError> {
     use tailor::config::ConfigError;
     let settings = tailor::config::TailorSettings::from_lookup(lookup)?;
     let key = tailor::secrets::CredentialsKey::from_lookup(lookup)?;
-    tailor::staging::worker::WorkerSettings::from_settings(&settings, key, lookup)?;
+    let workers = tailor::staging::worker::WorkerSettings::from_settings(&settings, key, lookup)?;
+    workers.registries()?;
     if let Some(text) = lookup("TAILOR_WORKERS").filter(|t| !t.trim().is_empty())
         && !text
             .trim()
@@ -109,7 +112,7 @@ fn check_config(
             problem: format!("{text:?} is not true or false"),
         });
     }
-    Ok(())
+    Ok(workers.egress.describe())
 }
 
 async fn work(count: usize) -> anyhow::Result<()> {
@@ -122,8 +125,9 @@ async fn work(count: usize) -> anyhow::Result<()> {
             std::env::var(n).ok()
         })
         .map_err(config_error)?;
-    // Per running staging: a connection per blob fetch lock, one for the repository lock.
-    let connections = (count * (worker_settings.concurrency + 1) + 8) as u32;
+    // Workers borrow a connection for one short statement at a time; the pool's size does not
+    // grow with workers or blob transfers (plus one LISTEN connection per process).
+    let connections = settings.database_connections.unwrap_or(4);
     let pool = tailor::db::connect(settings.database_url.expose(), connections)
         .await
         .context("connecting to DATABASE_URL")?;
@@ -142,6 +146,7 @@ async fn work(count: usize) -> anyhow::Result<()> {
         tracing::info!("shutting down: no new stagings will be claimed");
         signal.cancel();
     });
+    tracing::info!("{}", worker_settings.egress.describe());
     println!("tailor work: {count} workers running");
     tailor::staging::worker::run(pool, worker_settings, count, shutdown).await;
     Ok(())

@@ -6,8 +6,31 @@
 use bytes::Bytes;
 use oci_client::manifest::{ImageIndexEntry, OciDescriptor, OciImageIndex, OciImageManifest};
 
-use crate::error::CopyError;
 use crate::reference::parse_digest;
+use crate::text::{MESSAGE_CHARS, clean};
+
+/// A manifest tailor does not accept. Messages quote upstream text only cleaned.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ManifestError {
+    #[error("invalid manifest: {0}")]
+    Invalid(String),
+    #[error("unsupported media type: {0}")]
+    Unsupported(String),
+}
+
+impl ManifestError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Invalid(_) => "MANIFEST_INVALID",
+            Self::Unsupported(_) => "UNSUPPORTED_MEDIA_TYPE",
+        }
+    }
+
+    fn invalid(context: impl std::fmt::Display, error: impl std::fmt::Display) -> Self {
+        // serde's messages quote the offending input, which is upstream text.
+        Self::Invalid(clean(&format!("{context}: {error}"), MESSAGE_CHARS))
+    }
+}
 
 /// The distribution registry's own limit, and ours.
 pub const MAX_MANIFEST_BYTES: usize = 4 * 1024 * 1024;
@@ -69,9 +92,9 @@ pub struct RawManifest {
 impl RawManifest {
     /// Recognises `bytes` served with `content_type`. The body's own `mediaType` wins over a
     /// generic content type; schema 1 and unknown types are refused.
-    pub fn recognise(bytes: Bytes, content_type: Option<&str>) -> Result<Self, CopyError> {
+    pub fn recognise(bytes: Bytes, content_type: Option<&str>) -> Result<Self, ManifestError> {
         if bytes.len() > MAX_MANIFEST_BYTES {
-            return Err(CopyError::ManifestInvalid(format!(
+            return Err(ManifestError::Invalid(format!(
                 "manifest is {} bytes, over the {MAX_MANIFEST_BYTES}-byte limit",
                 bytes.len()
             )));
@@ -84,9 +107,9 @@ impl RawManifest {
                 .to_ascii_lowercase()
         });
         let probe: serde_json::Value = serde_json::from_slice(&bytes)
-            .map_err(|e| CopyError::ManifestInvalid(format!("manifest is not JSON: {e}")))?;
+            .map_err(|e| ManifestError::invalid("manifest is not JSON", e))?;
         if probe.get("schemaVersion").and_then(|v| v.as_u64()) == Some(1) {
-            return Err(CopyError::UnsupportedMediaType(
+            return Err(ManifestError::Unsupported(
                 "Docker schema 1 manifests are not supported; re-push the image with a current client".into(),
             ));
         }
@@ -109,8 +132,9 @@ impl RawManifest {
             })
             .ok_or_else(|| {
                 let shown = header_type.clone().or(body_type.clone()).unwrap_or_else(|| "none".into());
-                CopyError::UnsupportedMediaType(format!(
-                    "manifest media type {shown:?} is not a Docker schema 2 manifest or list, nor an OCI manifest or index"
+                ManifestError::Unsupported(format!(
+                    "manifest media type {:?} is not a Docker schema 2 manifest or list, nor an OCI manifest or index",
+                    clean(&shown, 200)
                 ))
             })?;
         let media_type = match kind {
@@ -128,9 +152,9 @@ impl RawManifest {
     }
 
     /// The image manifest's config and layers.
-    pub fn image(&self) -> Result<ImageManifest, CopyError> {
+    pub fn image(&self) -> Result<ImageManifest, ManifestError> {
         let parsed: OciImageManifest = serde_json::from_slice(&self.bytes).map_err(|e| {
-            CopyError::ManifestInvalid(format!("image manifest {}: {e}", self.digest))
+            ManifestError::invalid(format_args!("image manifest {}", self.digest), e)
         })?;
         let config = Blob::from_descriptor(&parsed.config)?;
         let mut layers = Vec::new();
@@ -149,13 +173,14 @@ impl RawManifest {
             config,
             layers,
             foreign,
+            artifact_type: parsed.artifact_type.as_deref().map(|t| clean(t, 255)),
         })
     }
 
     /// The index's entries.
-    pub fn index(&self) -> Result<Vec<IndexEntry>, CopyError> {
+    pub fn index(&self) -> Result<Vec<IndexEntry>, ManifestError> {
         let parsed: OciImageIndex = serde_json::from_slice(&self.bytes)
-            .map_err(|e| CopyError::ManifestInvalid(format!("index {}: {e}", self.digest)))?;
+            .map_err(|e| ManifestError::invalid(format_args!("index {}", self.digest), e))?;
         parsed
             .manifests
             .iter()
@@ -173,16 +198,16 @@ pub struct Blob {
 }
 
 impl Blob {
-    fn from_descriptor(descriptor: &OciDescriptor) -> Result<Self, CopyError> {
+    fn from_descriptor(descriptor: &OciDescriptor) -> Result<Self, ManifestError> {
         // The digest goes into URLs: it must be exactly sha256:<hex>, nothing a path could abuse.
-        let digest = parse_digest(&descriptor.digest).map_err(CopyError::ManifestInvalid)?;
-        let size = u64::try_from(descriptor.size).map_err(|_| {
-            CopyError::ManifestInvalid(format!("blob {digest} has a negative size"))
-        })?;
+        let digest = parse_digest(&descriptor.digest)
+            .map_err(|e| ManifestError::Invalid(clean(&e, MESSAGE_CHARS)))?;
+        let size = u64::try_from(descriptor.size)
+            .map_err(|_| ManifestError::Invalid(format!("blob {digest} has a negative size")))?;
         Ok(Self {
             digest,
             size,
-            media_type: descriptor.media_type.clone(),
+            media_type: clean(&descriptor.media_type, 255),
         })
     }
 }
@@ -195,6 +220,52 @@ pub struct ImageManifest {
     pub layers: Vec<Blob>,
     /// Non-distributable layers, left out and reported.
     pub foreign: Vec<Blob>,
+    /// An OCI 1.1 artifact's declared type.
+    pub artifact_type: Option<String>,
+}
+
+/// Config media types of images a container runtime can run.
+pub const IMAGE_CONFIG_TYPES: [&str; 2] = [
+    "application/vnd.docker.container.image.v1+json",
+    "application/vnd.oci.image.config.v1+json",
+];
+
+/// Layer media types a container runtime unpacks.
+const RUNNABLE_LAYER_TYPES: [&str; 8] = [
+    "application/vnd.docker.image.rootfs.diff.tar.gzip",
+    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+    "application/vnd.oci.image.layer.v1.tar",
+    "application/vnd.oci.image.layer.v1.tar+gzip",
+    "application/vnd.oci.image.layer.v1.tar+zstd",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
+];
+
+impl ImageManifest {
+    /// Why this manifest is not a container image a runtime can run (an artifact: a Helm
+    /// chart, an SBOM, a signature), or `None` if it is one.
+    pub fn artifact_problem(&self) -> Option<String> {
+        if let Some(kind) = &self.artifact_type {
+            return Some(format!("it is an OCI artifact of type {kind:?}"));
+        }
+        if !IMAGE_CONFIG_TYPES.contains(&self.config.media_type.as_str()) {
+            return Some(format!(
+                "its config has media type {:?}, not an image config",
+                self.config.media_type
+            ));
+        }
+        self.layers
+            .iter()
+            .chain(&self.foreign)
+            .find(|l| !RUNNABLE_LAYER_TYPES.contains(&l.media_type.as_str()))
+            .map(|l| {
+                format!(
+                    "layer {} has media type {:?}, not a filesystem layer",
+                    l.digest, l.media_type
+                )
+            })
+    }
 }
 
 /// One entry of an index.
@@ -209,18 +280,26 @@ pub struct IndexEntry {
 }
 
 impl IndexEntry {
-    fn from_entry(entry: &ImageIndexEntry) -> Result<Self, CopyError> {
-        let digest = parse_digest(&entry.digest).map_err(CopyError::ManifestInvalid)?;
+    fn from_entry(entry: &ImageIndexEntry) -> Result<Self, ManifestError> {
+        let digest = parse_digest(&entry.digest)
+            .map_err(|e| ManifestError::Invalid(clean(&e, MESSAGE_CHARS)))?;
         let size = u64::try_from(entry.size).map_err(|_| {
-            CopyError::ManifestInvalid(format!("index entry {digest} has a negative size"))
+            ManifestError::Invalid(format!("index entry {digest} has a negative size"))
         })?;
+        let short = |s: &str| clean(s, 64);
         Ok(Self {
             digest,
             size,
-            media_type: entry.media_type.clone(),
-            os: entry.platform.as_ref().map(|p| p.os.to_string()),
-            architecture: entry.platform.as_ref().map(|p| p.architecture.to_string()),
-            variant: entry.platform.as_ref().and_then(|p| p.variant.clone()),
+            media_type: clean(&entry.media_type, 255),
+            os: entry.platform.as_ref().map(|p| short(&p.os.to_string())),
+            architecture: entry
+                .platform
+                .as_ref()
+                .map(|p| short(&p.architecture.to_string())),
+            variant: entry
+                .platform
+                .as_ref()
+                .and_then(|p| p.variant.as_deref().map(short)),
         })
     }
 

@@ -43,9 +43,10 @@ impl TestDatabase {
         Self { name, url }
     }
 
-    /// A small pool on this database.
+    /// A small pool on this database (tests share one server at its default
+    /// max_connections, as production does).
     pub async fn pool(&self) -> PgPool {
-        tailor::db::connect(&self.url, 10)
+        tailor::db::connect(&self.url, 4)
             .await
             .expect("connect to the test database")
     }

@@ -9,7 +9,7 @@ use serde::Deserialize;
 use tailor::registry::Credentials;
 use tailor::staging::Api;
 
-use super::stage::{accept, body_guid, new_staging, path_guid, stop_staging};
+use super::stage::{Requested, accept, body_guid, new_staging, path_guid, stop_staging};
 use crate::auth::Authenticated;
 use crate::error::ApiError;
 use crate::startup::AppState;
@@ -22,13 +22,14 @@ pub struct StagingRequestFromCc {
     pub lifecycle: String,
     pub lifecycle_data: Option<serde_json::Value>,
     pub completion_callback: Option<String>,
+    /// Seconds the Cloud Controller gives the staging: its deadline.
+    pub timeout: Option<u64>,
 }
 
 /// DockerStagingData. Not `Debug`: it carries a password.
 #[derive(Deserialize)]
 pub struct DockerStagingData {
     pub docker_image: Option<String>,
-    pub docker_login_server: Option<String>,
     pub docker_user: Option<String>,
     pub docker_password: Option<String>,
 }
@@ -78,18 +79,18 @@ pub async fn stage(
             ));
         }
     };
-    if let (Some(server), Some(_)) = (&data.docker_login_server, &credentials) {
-        tracing::debug!(login_server = %server, "credentials supplied for a private image");
-    }
     let new = new_staging(
         &state,
-        staging_guid,
-        app_guid,
-        &image,
-        None,
-        credentials,
-        body.completion_callback,
-        Api::Diego,
+        Requested {
+            staging_guid,
+            app_guid,
+            image: &image,
+            platform: None,
+            credentials,
+            completion_callback: body.completion_callback,
+            api: Api::Diego,
+            timeout: body.timeout.map(std::time::Duration::from_secs),
+        },
     )?;
     accept(&state, &new).await
 }

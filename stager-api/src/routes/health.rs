@@ -73,15 +73,9 @@ async fn check_database(state: &AppState) -> Result<(), String> {
 }
 
 async fn check_registry(state: &AppState) -> Result<(), String> {
-    let url = format!("{}/v2/", state.internal_registry_url);
-    match state.http.get(&url).timeout(CHECK_TIMEOUT).send().await {
-        // 401 means alive and asking for credentials, which is healthy.
-        Ok(response) if response.status().is_success() || response.status().as_u16() == 401 => {
-            Ok(())
-        }
-        Ok(response) => Err(format!("GET /v2/ answered {}", response.status())),
-        Err(e) if e.is_timeout() => Err(format!("no answer within {CHECK_TIMEOUT:?}")),
-        Err(e) if e.is_connect() => Err("connection refused or unreachable".to_owned()),
-        Err(_) => Err("request failed".to_owned()),
+    match tokio::time::timeout(CHECK_TIMEOUT, state.internal.ping()).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(error)) => Err(error.to_string()),
+        Err(_) => Err(format!("no answer within {CHECK_TIMEOUT:?}")),
     }
 }

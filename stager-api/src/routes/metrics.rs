@@ -4,7 +4,7 @@ use std::fmt::Write;
 
 use actix_web::{HttpResponse, web};
 use tailor::staging::StagingState;
-use tailor::staging::store::metrics_snapshot;
+use tailor::staging::metrics::snapshot;
 
 use crate::auth::Authenticated;
 use crate::error::ApiError;
@@ -36,8 +36,16 @@ fn label(name: &str, value: impl std::fmt::Display) -> String {
     format!("{{{name}=\"{value}\"}}")
 }
 
+/// A label value as the exposition format wants it (registry names are hosts, but say so).
+fn escape(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
 pub async fn serve(_: Authenticated, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    let snapshot = metrics_snapshot(&state.db)
+    let snapshot = snapshot(&state.db)
         .await
         .map_err(|e| crate::error::database_error(&e))?;
     let prune = tailor::prune::metrics(&state.db)
@@ -101,6 +109,40 @@ pub async fn serve(_: Authenticated, state: web::Data<AppState>) -> Result<HttpR
         out,
         "tailor_copy_duration_seconds_sum {}\ntailor_copy_duration_seconds_count {}",
         snapshot.duration_sum_seconds, snapshot.duration_count
+    );
+    family(
+        out,
+        "tailor_stagings_waiting",
+        "gauge",
+        "Queued stagings by what they wait for (retry: backing off; rate_limit: their registry's budget; maintenance: the internal registry or the pruner).",
+        ["retry", "rate_limit", "maintenance"].map(|reason| {
+            let n = snapshot
+                .waiting
+                .iter()
+                .find(|(r, _)| r == reason)
+                .map_or(0, |(_, n)| *n);
+            (label("reason", reason), n)
+        }),
+    );
+    family(
+        out,
+        "tailor_registry_rate_limited_seconds",
+        "gauge",
+        "Upstream registries the fleet leaves alone now (a 429), and for how many more seconds.",
+        snapshot
+            .rate_limited
+            .iter()
+            .map(|(registry, seconds)| (label("registry", escape(registry)), *seconds)),
+    );
+    family(
+        out,
+        "tailor_registry_rate_limited_total",
+        "counter",
+        "429 answers met per upstream registry.",
+        snapshot
+            .rate_limited_total
+            .iter()
+            .map(|(registry, n)| (label("registry", escape(registry)), *n)),
     );
     family(
         out,

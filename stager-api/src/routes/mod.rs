@@ -10,6 +10,7 @@ mod stage;
 use actix_web::web;
 
 pub use openapi::openapi_document;
+pub use references::SYNCS_AT_ONCE as REFERENCE_SYNCS_AT_ONCE;
 
 /// Registers every route.
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -25,15 +26,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             web::get().to(stage::list_for_app),
         )
         .route("/apps/{app_guid}", web::delete().to(references::delete_app))
-        .service(
-            web::resource("/references")
-                .app_data(
-                    web::JsonConfig::default()
-                        .limit(references::MAX_REFERENCES_BODY_BYTES)
-                        .error_handler(crate::error::json_error),
-                )
-                .route(web::put().to(references::sync)),
-        )
+        .route("/references", web::put().to(references::sync))
         .route("/v1/staging/{staging_guid}", web::put().to(diego::stage))
         .route("/v1/staging/{staging_guid}", web::delete().to(diego::stop));
 }

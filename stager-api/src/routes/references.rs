@@ -16,11 +16,46 @@ use crate::startup::AppState;
 /// Room for about 400 000 GUIDs: the largest foundations' droplet counts, with margin.
 pub const MAX_REFERENCES_BODY_BYTES: usize = 16 * 1024 * 1024;
 
-/// The body of `PUT /references`.
+/// How many `PUT /references` bodies are read and applied at once per process; more answer 429
+/// with `Retry-After`, so that large lists cannot multiply memory.
+pub const SYNCS_AT_ONCE: usize = 2;
+
+/// The body of `PUT /references`: GUIDs are parsed as they are read, never held as strings.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReferencesRequest {
-    pub staging_guids: Vec<String>,
+    #[serde(deserialize_with = "guid_list")]
+    pub staging_guids: Vec<Uuid>,
+}
+
+fn guid_list<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<Uuid>, D::Error> {
+    struct Guids;
+    impl<'de> serde::de::Visitor<'de> for Guids {
+        type Value = Vec<Uuid>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a list of staging GUIDs")
+        }
+
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Vec<Uuid>, A::Error> {
+            let mut guids = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 20));
+            while let Some(text) = seq.next_element::<std::borrow::Cow<'de, str>>()? {
+                let guid = Uuid::parse_str(text.trim()).map_err(|_| {
+                    serde::de::Error::custom(format!(
+                        "staging_guids[{}] {:?} is not a GUID",
+                        guids.len(),
+                        tailor::text::clean(&text, 64)
+                    ))
+                })?;
+                guids.push(guid);
+            }
+            Ok(guids)
+        }
+    }
+    deserializer.deserialize_seq(Guids)
 }
 
 fn unprocessable(code: &'static str, message: impl Into<String>) -> ApiError {
@@ -53,19 +88,69 @@ pub async fn sync(
     _: Authenticated,
     req: HttpRequest,
     state: web::Data<AppState>,
-    body: web::Json<ReferencesRequest>,
+    mut payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let force = force_flag(&req)?;
-    let mut in_use = Vec::with_capacity(body.staging_guids.len());
-    for (index, text) in body.staging_guids.iter().enumerate() {
-        let guid = Uuid::parse_str(text.trim()).map_err(|_| {
-            unprocessable(
-                "INVALID_GUID",
-                format!("staging_guids[{index}] {text:?} is not a GUID; nothing was changed"),
+    let is_json = req
+        .headers()
+        .get(actix_web::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().starts_with("application/json"));
+    if !is_json {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "UNSUPPORTED_MEDIA_TYPE",
+            "send the body as Content-Type: application/json",
+        ));
+    }
+    // Admitted before the body is read: a queue of large bodies never builds up in memory.
+    let _permit = state
+        .reference_syncs
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "TOO_MANY_REFERENCE_SYNCS",
+                "other reference syncs are being applied; retry shortly",
+            )
+            .with_retry_after(5)
+        })?;
+    let mut body = web::BytesMut::new();
+    while let Some(chunk) = futures_util::StreamExt::next(&mut payload).await {
+        let chunk = chunk.map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "MALFORMED_JSON",
+                format!("reading the body failed: {e}"),
             )
         })?;
-        in_use.push(guid);
+        if body.len() + chunk.len() > MAX_REFERENCES_BODY_BYTES {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "PAYLOAD_TOO_LARGE",
+                format!("the body is over the {MAX_REFERENCES_BODY_BYTES}-byte limit"),
+            ));
+        }
+        body.extend_from_slice(&chunk);
     }
+    let request: ReferencesRequest = serde_json::from_slice(&body).map_err(|e| {
+        let text = e.to_string();
+        if text.contains("is not a GUID") {
+            unprocessable("INVALID_GUID", format!("{text}; nothing was changed"))
+        } else {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "MALFORMED_JSON",
+                format!(
+                    "the body is not a valid request: {}",
+                    tailor::text::clean(&text, 300)
+                ),
+            )
+        }
+    })?;
+    drop(body);
+    let in_use = request.staging_guids;
     match references::sync(&state.db, &in_use, force).await {
         Ok(report) => {
             tracing::info!(

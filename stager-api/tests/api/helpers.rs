@@ -103,19 +103,22 @@ impl Drop for TestApp {
 }
 
 /// Settings for an app on port 0 with `TOKEN`, the internal registry `internal`, plain HTTP to
-/// it and to `also_insecure`, and no workers, credentials key or TLS.
+/// it and to `also_insecure`, loopback allowed as an egress destination (the test's upstreams
+/// and callback sinks live there), and no workers, credentials key or TLS.
 pub fn settings(database_url: &str, internal: &str, also_insecure: &[String]) -> StagerSettings {
-    let mut insecure_registries = vec![internal.to_owned()];
-    insecure_registries.extend_from_slice(also_insecure);
+    let mut insecure = vec![internal.to_owned()];
+    insecure.extend_from_slice(also_insecure);
+    let insecure = insecure.join(",");
+    let tailor = TailorSettings::from_lookup(|name| match name {
+        "DATABASE_URL" => Some(database_url.to_owned()),
+        "TAILOR_INTERNAL_REGISTRY" => Some(internal.to_owned()),
+        "TAILOR_INSECURE_REGISTRIES" => Some(insecure.clone()),
+        "TAILOR_EGRESS_ALLOW" => Some("127.0.0.1".to_owned()),
+        _ => None,
+    })
+    .expect("valid test settings");
     StagerSettings {
-        tailor: TailorSettings {
-            database_url: Secret::new(database_url),
-            internal_registry: internal.to_owned(),
-            internal_registry_credentials: None,
-            insecure_registries,
-            repo_prefix: "tailor".into(),
-            default_registry: "docker.io".into(),
-        },
+        tailor,
         listen: "127.0.0.1:0".parse().unwrap(),
         api_tokens: vec![Secret::new(TOKEN)],
         workers: 0,
@@ -145,7 +148,7 @@ pub async fn spawn_app_with(workers: usize, hub: TestRegistry) -> TestApp {
         let mut worker_settings =
             WorkerSettings::from_settings(&settings.tailor, Some(key), |_| None).unwrap();
         worker_settings.poll_interval = Duration::from_millis(500);
-        let worker_pool = tailor::db::connect(&db.url, 40).await.unwrap();
+        let worker_pool = tailor::db::connect(&db.url, 4).await.unwrap();
         tokio::spawn(tailor::staging::worker::run(
             worker_pool,
             worker_settings,

@@ -6,8 +6,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tailor::copy::Registries;
 use tailor::prune::{Action, PruneOptions, PruneOutcome, PruneReport};
+use tailor::registry::Registries;
 use testkit::image::{BuiltImage, ImageSpec, ManifestFormat};
 use testkit::skopeo;
 use uuid::Uuid;
@@ -16,12 +16,16 @@ use crate::helpers::{TestApp, spawn_app_with};
 
 const LAYER: u64 = 256 * 1024;
 
+/// The internal registry as the pruner reaches it.
+fn internal(app: &TestApp) -> std::sync::Arc<tailor::registry::Registry> {
+    let host = app.internal().host();
+    Registries::unrestricted([host.clone()]).internal(&host, None)
+}
+
 async fn prune(app: &TestApp, dry_run: bool) -> PruneReport {
-    let internal = app.internal().host();
     tailor::prune::prune(
         &app.pool,
-        &Registries::new([internal.clone()]),
-        &internal,
+        &internal(app),
         &PruneOptions {
             grace: Duration::ZERO,
             dry_run,
@@ -336,15 +340,13 @@ async fn a_dry_run_reports_and_changes_nothing_in_the_registry_or_postgres() {
 #[tokio::test]
 async fn two_prune_runs_never_overlap() {
     let app = spawn_app_with(0, testkit::TestRegistry::anonymous()).await;
-    let held = tailor::prune::locks::try_prune_lock(&app.pool)
+    let held = tailor::prune::locks::PruneLeases::try_start(&app.pool)
         .await
         .unwrap()
-        .expect("the lock is free");
-    let internal = app.internal().host();
+        .expect("the prune lease is free");
     let error = tailor::prune::prune(
         &app.pool,
-        &Registries::new([internal.clone()]),
-        &internal,
+        &internal(&app),
         &PruneOptions {
             grace: Duration::ZERO,
             dry_run: false,
@@ -353,7 +355,7 @@ async fn two_prune_runs_never_overlap() {
     .await
     .unwrap_err();
     assert_eq!(error.code(), "PRUNE_ALREADY_RUNNING");
-    held.release().await;
+    held.finish().await;
     assert_eq!(prune(&app, false).await.outcome, PruneOutcome::NothingToDo);
 }
 
@@ -376,11 +378,9 @@ async fn the_grace_period_keeps_recently_released_images() {
     )
     .await;
     release(&app, &first).await;
-    let internal = app.internal().host();
     let report = tailor::prune::prune(
         &app.pool,
-        &Registries::new([internal.clone()]),
-        &internal,
+        &internal(&app),
         &PruneOptions {
             grace: Duration::from_secs(3600),
             dry_run: false,
@@ -403,10 +403,10 @@ async fn a_repository_a_staging_is_copying_into_is_skipped_until_the_copy_is_don
     release(&app, &first).await;
 
     // What a worker holds from the start of its copy to the commit of its result.
-    let repository = format!("tailor/{app_guid}");
-    let copying = tailor::prune::locks::hold_repository(&app.pool, &repository)
-        .await
-        .unwrap();
+    let repository = tailor::staging::lease::repository(&format!("tailor/{app_guid}"));
+    let copying =
+        tailor::staging::lease::Leases::new(app.pool.clone(), "a-worker", Duration::from_secs(60));
+    assert!(copying.acquire(&repository, false).await.unwrap());
     let report = prune(&app, false).await;
     assert_eq!(
         decision(&report, &first).unwrap().action,
@@ -415,7 +415,7 @@ async fn a_repository_a_staging_is_copying_into_is_skipped_until_the_copy_is_don
     assert_eq!(report.outcome, PruneOutcome::NothingToDo, "{report:?}");
     assert!(manifest_exists(&app, &first).await);
 
-    copying.release().await;
+    copying.release(&repository).await.unwrap();
     let report = prune(&app, false).await;
     assert_eq!(decision(&report, &first).unwrap().action, Action::Deleted);
     assert!(!manifest_exists(&app, &first).await);
@@ -452,7 +452,12 @@ async fn pruning_while_twenty_stagings_run_leaves_every_success_pullable() {
 
     let mut finished = Vec::new();
     let mut actions = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     while finished.len() < guids.len() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "stagings still running after two minutes"
+        );
         let report = prune(&app, false).await;
         assert!(report.errors.is_empty(), "{report:?}");
         actions.extend(report.decisions.iter().map(|d| d.action));

@@ -7,11 +7,11 @@ use std::sync::{Arc, Mutex};
 
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use tailor::copy::{CopyOptions, PlatformChoice, Progress, ProgressSink, Registries, copy_image};
+use tailor::copy::{CopyOptions, PlatformChoice, Progress, ProgressSink, copy_image};
 use tailor::error::CopyError;
 use tailor::platform::Platform;
 use tailor::reference::ImageReference;
-use tailor::registry::Credentials;
+use tailor::registry::{Credentials, Registries, RetryPolicy};
 
 #[derive(Args, Debug)]
 pub struct CopyArgs {
@@ -116,23 +116,39 @@ async fn execute(args: &CopyArgs) -> Result<tailor::copy::CopyReport, CopyError>
             .and_then(Result::ok)
             .map(|l| l.trim_end_matches('\r').to_owned())
     };
-    let mut registries = Registries::new(args.insecure.iter().map(|h| h.trim().to_owned()));
-    if let Some(creds) = credentials(
+    let src_credentials = credentials(
         &args.src_creds,
         "TAILOR_SRC_PASSWORD",
         args.src_password_stdin,
         &mut read_stdin,
-    )? {
-        registries = registries.with_credentials(&source.registry, creds);
-    }
-    if let Some(creds) = credentials(
+    )?;
+    let dst_credentials = credentials(
         &args.dst_creds,
         "TAILOR_DST_PASSWORD",
         args.dst_password_stdin,
         &mut read_stdin,
-    )? {
-        registries = registries.with_credentials(&destination.registry, creds);
+    )?;
+    if destination.digest.is_some() {
+        return Err(CopyError::InvalidArgument(format!(
+            "{destination}: a destination is named by tag; its digest is the result of the copy"
+        )));
     }
+    // The operator's own command: no egress policy, and patient with rate limits (nobody
+    // else would schedule a retry).
+    let registries = Registries::unrestricted(args.insecure.iter().map(|h| h.trim().to_owned()))
+        .with_retry(RetryPolicy::patient());
+    let src = registries
+        .source(&source.registry, source.endpoint(), src_credentials, None)
+        .repository(&source.repository);
+    // The destination is reached like a source (by its endpoint), with its own credentials.
+    let dst = registries
+        .source(
+            &destination.registry,
+            destination.endpoint(),
+            dst_credentials,
+            None,
+        )
+        .repository(&destination.repository);
     let show_progress = !args.json && std::io::stderr().is_terminal();
     let options = CopyOptions {
         platforms,
@@ -140,7 +156,7 @@ async fn execute(args: &CopyArgs) -> Result<tailor::copy::CopyReport, CopyError>
         progress: show_progress.then(progress_bars),
         ..CopyOptions::default()
     };
-    copy_image(&registries, &source, &destination, &options).await
+    copy_image(&src, &source, &dst, destination.tag_or_latest(), &options).await
 }
 
 fn credentials(

@@ -5,7 +5,6 @@
 
 use clap::Args;
 use tailor::config::TailorSettings;
-use tailor::copy::Registries;
 use tailor::prune::{PruneOptions, PruneOutcome, PruneReport};
 use tailor::registry::Credentials;
 
@@ -104,21 +103,27 @@ async fn run_once(args: &PruneArgs) -> i32 {
 
 async fn execute(args: &PruneArgs) -> Result<PruneReport, (&'static str, String)> {
     let settings = TailorSettings::from_env().map_err(|e| (e.code(), e.to_string()))?;
-    let pool = tailor::db::connect(settings.database_url.expose(), 4)
-        .await
-        .map_err(|e| ("DATABASE_UNAVAILABLE", e.to_string()))?;
-    let mut registries = Registries::new(settings.insecure_registries.iter().cloned());
-    if let Some((user, password)) = &settings.internal_registry_credentials {
-        registries = registries.with_credentials(
-            &settings.internal_registry,
-            Credentials::new(user.clone(), password.expose()),
-        );
-    }
+    let pool = tailor::db::connect(
+        settings.database_url.expose(),
+        settings.database_connections.unwrap_or(2),
+    )
+    .await
+    .map_err(|e| ("DATABASE_UNAVAILABLE", e.to_string()))?;
+    let registries = settings
+        .registries(tailor::egress::Egress::unrestricted())
+        .map_err(|e| (e.code(), e.to_string()))?;
+    let internal = registries.internal(
+        &settings.internal_registry,
+        settings
+            .internal_registry_credentials
+            .as_ref()
+            .map(|(user, password)| Credentials::new(user.clone(), password.expose())),
+    );
     let options = PruneOptions {
         grace: args.grace,
         dry_run: args.dry_run,
     };
-    tailor::prune::prune(&pool, &registries, &settings.internal_registry, &options)
+    tailor::prune::prune(&pool, &internal, &options)
         .await
         .map_err(|e| (e.code(), e.to_string()))
 }

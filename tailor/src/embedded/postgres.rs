@@ -93,7 +93,9 @@ impl EmbeddedPostgres {
                     "-c",
                     "full_page_writes=off",
                 ])
-                .args(["-c", "max_connections=400", "-c", "shared_buffers=128MB"])
+                // The server's default max_connections (100), as in production: tests and the
+                // embedded mode see the connection budget a deployment has.
+                .args(["-c", "shared_buffers=128MB"])
                 .current_dir(workdir.path());
             if let Some((uid, gid)) = run_as {
                 cmd.uid(uid).gid(gid);

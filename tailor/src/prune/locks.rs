@@ -1,102 +1,84 @@
-//! The advisory locks that keep pruning and staging apart.
+//! What keeps pruning and staging apart, on leases ([`crate::staging::lease`]), never on a
+//! lock held across a network call:
 //!
-//! - One *prune lock*: two prune runs never overlap.
-//! - One lock per internal repository: a worker holds it *shared* from the moment it starts
-//!   copying into the repository until its result is committed; the pruner takes it
-//!   *exclusive* (without waiting) while it decides and deletes in that repository. So the
-//!   pruner never deletes a manifest a staging is about to tag or has just tagged without
-//!   the database knowing, and a staging that starts meanwhile waits, then pushes its
-//!   manifest again.
+//! - the *prune lease* (`prune`, exclusive): two prune runs never overlap;
+//! - one lease per internal repository: a staging holds it *shared* from before it copies
+//!   until its result is committed (the commit checks it still holds it); the pruner takes it
+//!   *exclusively*, without waiting, while it decides and deletes in that repository. So the
+//!   pruner never deletes a manifest a staging is about to tag or has just tagged without the
+//!   database knowing, and a staging that starts meanwhile waits, then pushes its manifest again.
+//!
+//! A prune run's leases are renewed by a task of its own for as long as the run lasts.
 
-use sqlx::pool::PoolConnection;
-use sqlx::{PgPool, Postgres, Transaction};
+use std::time::Duration;
 
-const PRUNE_LOCK: &str = "tailor-prune";
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
 
-fn repository_key(repository: &str) -> String {
-    format!("tailor-repository:{repository}")
+use crate::staging::lease::{self, Leases};
+
+/// How long the prune leases live without renewal.
+const PRUNE_LEASE: Duration = Duration::from_secs(60);
+
+/// The prune run's leases, renewed until it is released.
+pub struct PruneLeases {
+    leases: Leases,
+    renewer: CancellationToken,
 }
 
-/// A session-level advisory lock on a connection of its own. Released explicitly; if it is
-/// dropped instead (a panic, a cancelled task), its connection is closed, which releases it.
-pub struct HeldLock {
-    connection: Option<PoolConnection<Postgres>>,
-    unlock_sql: &'static str,
-    key: String,
-}
-
-impl HeldLock {
-    /// The connection holding the lock: what is committed through it is committed while the
-    /// lock is held (a session-level lock lives exactly as long as its session).
-    pub fn connection(&mut self) -> &mut sqlx::PgConnection {
-        self.connection.as_mut().expect("held until released")
+impl PruneLeases {
+    /// Takes the prune lease, or `None` if another run holds it.
+    pub async fn try_start(pool: &PgPool) -> Result<Option<Self>, sqlx::Error> {
+        let holder = format!(
+            "prune/{}/{}",
+            std::process::id(),
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        let leases = Leases::new(pool.clone(), holder, PRUNE_LEASE);
+        if !leases.acquire(lease::PRUNE, true).await? {
+            return Ok(None);
+        }
+        let renewer = CancellationToken::new();
+        let (renewing, stop) = (leases.clone(), renewer.clone());
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(PRUNE_LEASE / 4);
+            ticker.tick().await;
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    _ = ticker.tick() => {}
+                }
+                if let Err(error) = renewing.renew_all().await {
+                    tracing::warn!(%error, "could not renew the prune leases; will retry");
+                }
+            }
+        });
+        Ok(Some(Self { leases, renewer }))
     }
 
-    pub async fn release(mut self) {
-        let Some(mut connection) = self.connection.take() else {
-            return;
-        };
-        let unlocked = sqlx::query(self.unlock_sql)
-            .bind(&self.key)
-            .execute(&mut *connection)
-            .await;
-        if let Err(error) = unlocked {
-            tracing::warn!(%error, key = %self.key, "advisory unlock failed; closing its connection");
-            connection.close_on_drop();
+    /// Takes `repository` exclusively, or returns false at once if a staging is copying into it.
+    pub async fn try_repository(&self, repository: &str) -> Result<bool, sqlx::Error> {
+        self.leases
+            .acquire(&lease::repository(repository), true)
+            .await
+    }
+
+    /// Whether the run still holds `repository` (checked before each deletion).
+    pub async fn holds_repository(&self, repository: &str) -> Result<bool, sqlx::Error> {
+        self.leases.holds(&lease::repository(repository)).await
+    }
+
+    pub async fn release_repository(&self, repository: &str) {
+        if let Err(error) = self.leases.release(&lease::repository(repository)).await {
+            tracing::warn!(%error, %repository, "could not release a repository lease; it will expire");
         }
     }
-}
 
-impl Drop for HeldLock {
-    fn drop(&mut self) {
-        if let Some(connection) = self.connection.as_mut() {
-            connection.close_on_drop();
+    /// Ends the run: stops renewing and releases the prune lease.
+    pub async fn finish(self) {
+        self.renewer.cancel();
+        if let Err(error) = self.leases.release(lease::PRUNE).await {
+            tracing::warn!(%error, "could not release the prune lease; it will expire");
         }
     }
-}
-
-/// Takes the prune lock, or `None` if another prune run holds it.
-pub async fn try_prune_lock(pool: &PgPool) -> Result<Option<HeldLock>, sqlx::Error> {
-    let mut connection = pool.acquire().await?;
-    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 7))")
-        .bind(PRUNE_LOCK)
-        .fetch_one(&mut *connection)
-        .await?;
-    Ok(locked.then(|| HeldLock {
-        connection: Some(connection),
-        unlock_sql: "SELECT pg_advisory_unlock(hashtextextended($1, 7))",
-        key: PRUNE_LOCK.to_owned(),
-    }))
-}
-
-/// Holds `repository` against the pruner while a staging copies into it; waits while the
-/// pruner is deleting there (one repository's transaction: short). Not cancellation-safe by
-/// design: dropped mid-wait, the connection is closed rather than returned to the pool with a
-/// lock it may have been granted meanwhile.
-pub async fn hold_repository(pool: &PgPool, repository: &str) -> Result<HeldLock, sqlx::Error> {
-    let key = repository_key(repository);
-    let mut held = HeldLock {
-        connection: Some(pool.acquire().await?),
-        unlock_sql: "SELECT pg_advisory_unlock_shared(hashtextextended($1, 7))",
-        key,
-    };
-    // Until the lock query has answered, `held`'s Drop closes the connection.
-    let connection = held.connection.as_mut().expect("just acquired");
-    sqlx::query("SELECT pg_advisory_lock_shared(hashtextextended($1, 7))")
-        .bind(&held.key)
-        .execute(&mut **connection)
-        .await?;
-    Ok(held)
-}
-
-/// Takes `repository` exclusively for the rest of `tx`, or returns false at once if a staging
-/// is copying into it.
-pub async fn try_lock_repository(
-    tx: &mut Transaction<'_, Postgres>,
-    repository: &str,
-) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtextextended($1, 7))")
-        .bind(repository_key(repository))
-        .fetch_one(&mut **tx)
-        .await
 }

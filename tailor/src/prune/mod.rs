@@ -20,16 +20,14 @@ pub mod locks;
 pub mod schedule;
 
 use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
-use reqwest::{Method, StatusCode};
 use sqlx::{AssertSqlSafe, PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
-use crate::copy::Registries;
-use crate::error::{CopyError, Side};
 use crate::reference::ImageReference;
-use crate::registry::{RegistryClient, Scope};
+use crate::registry::{Deleted, Registry};
 
 /// How a run behaves.
 #[derive(Debug, Clone)]
@@ -280,25 +278,24 @@ async fn reclaimable_bytes(pool: &PgPool, pruned: &[Uuid]) -> Result<u64, sqlx::
     Ok(bytes as u64)
 }
 
-/// Runs the pruner once against the internal registry `internal_registry` (host:port).
+/// Runs the pruner once against the internal registry `internal`.
 pub async fn prune(
     pool: &PgPool,
-    registries: &Registries,
-    internal_registry: &str,
+    internal: &Arc<Registry>,
     options: &PruneOptions,
 ) -> Result<PruneReport, PruneError> {
-    let lock = locks::try_prune_lock(pool)
+    let leases = locks::PruneLeases::try_start(pool)
         .await?
         .ok_or(PruneError::AlreadyRunning)?;
-    let result = run_locked(pool, registries, internal_registry, options).await;
-    lock.release().await;
+    let result = run_locked(pool, internal, &leases, options).await;
+    leases.finish().await;
     result
 }
 
 async fn run_locked(
     pool: &PgPool,
-    registries: &Registries,
-    internal_registry: &str,
+    internal: &Arc<Registry>,
+    leases: &locks::PruneLeases,
     options: &PruneOptions,
 ) -> Result<PruneReport, PruneError> {
     let run_id: Option<i64> = if options.dry_run {
@@ -313,8 +310,8 @@ async fn run_locked(
     };
     let mut run = Run {
         pool,
-        registries,
-        internal_registry,
+        internal,
+        leases,
         options,
         run_id,
         decisions: Vec::new(),
@@ -382,8 +379,8 @@ async fn run_locked(
 /// One run's state.
 struct Run<'a> {
     pool: &'a PgPool,
-    registries: &'a Registries,
-    internal_registry: &'a str,
+    internal: &'a Arc<Registry>,
+    leases: &'a locks::PruneLeases,
     options: &'a PruneOptions,
     run_id: Option<i64>,
     decisions: Vec<Decision>,
@@ -422,10 +419,12 @@ impl Run<'_> {
     fn repository_of(&self, candidate: &Candidate) -> Result<String, String> {
         let reference = ImageReference::parse(&candidate.pinned_image)
             .map_err(|e| format!("staging {}: {e}", candidate.staging_guid))?;
-        if reference.registry != self.internal_registry {
+        if reference.registry != self.internal.name() {
             return Err(format!(
                 "staging {} is pinned to {}, outside the internal registry {}; not pruning it",
-                candidate.staging_guid, candidate.pinned_image, self.internal_registry
+                candidate.staging_guid,
+                candidate.pinned_image,
+                self.internal.name()
             ));
         }
         Ok(reference.repository)
@@ -469,22 +468,37 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// Holding the repository against stagings, re-reads its prunable stagings, and deletes
-    /// each manifest no live staging shares, recording it in the same transaction.
+    /// Holding the repository against stagings (its lease, exclusively), re-reads its prunable
+    /// stagings and decides in one short transaction (recording each decided deletion as done,
+    /// with an audit row saying `deleting`); then deletes the manifests, with no transaction
+    /// open; then records each outcome, undoing the decision where a deletion failed.
     async fn prune_repository(&mut self, app: Uuid, repository: &str) -> Result<(), PruneError> {
         let in_repository =
             |this: &Self, c: &Candidate| this.repository_of(c).is_ok_and(|r| r == repository);
-        let mut tx = self.pool.begin().await?;
-        if !locks::try_lock_repository(&mut tx, repository).await? {
-            for candidate in candidates(&mut *tx, self.options.grace, Some(app), false).await? {
+        if !self.leases.try_repository(repository).await? {
+            for candidate in candidates(self.pool, self.options.grace, Some(app), false).await? {
                 if in_repository(self, &candidate) {
                     self.decide(&candidate, repository, Action::SkippedBusy, None);
                 }
             }
             return Ok(());
         }
+        let result = self.prune_held_repository(app, repository).await;
+        self.leases.release_repository(repository).await;
+        result
+    }
+
+    async fn prune_held_repository(
+        &mut self,
+        app: Uuid,
+        repository: &str,
+    ) -> Result<(), PruneError> {
+        let in_repository =
+            |this: &Self, c: &Candidate| this.repository_of(c).is_ok_and(|r| r == repository);
+        let mut tx = self.pool.begin().await?;
         // Until this commits, a new staging of the app (which would make it exist again) and
-        // a reference sync (which could reference a candidate again) wait.
+        // a reference sync (which could reference a candidate again) wait; after it, the
+        // candidates are pruned as far as the ledger is concerned.
         sqlx::query("SELECT 1 FROM deleted_apps WHERE app_guid = $1 FOR SHARE")
             .bind(app)
             .execute(&mut *tx)
@@ -495,100 +509,105 @@ impl Run<'_> {
             .filter(|c| in_repository(self, c))
             .collect();
         let shared = shared_with_live(&mut *tx, &group).await?;
-        let mut by_manifest: BTreeMap<&str, Vec<&Candidate>> = BTreeMap::new();
-        for candidate in &group {
+        let mut by_manifest: BTreeMap<String, Vec<Candidate>> = BTreeMap::new();
+        for candidate in group {
             by_manifest
-                .entry(candidate.manifest.as_str())
+                .entry(candidate.manifest.clone())
                 .or_default()
                 .push(candidate);
         }
-        let client = self.client(repository);
-        // Published once the transaction has committed.
-        let mut recorded: Vec<(&Candidate, Action)> = Vec::new();
+        let mut to_delete: Vec<(Vec<Candidate>, Vec<i64>)> = Vec::new();
         for (manifest, stagings) in by_manifest {
-            if shared.contains(manifest) {
-                recorded.extend(stagings.iter().map(|c| (*c, Action::KeptShared)));
+            if shared.contains(&manifest) {
+                for candidate in &stagings {
+                    self.decide(candidate, repository, Action::KeptShared, None);
+                }
                 continue;
             }
-            let digest = digest_of(&stagings[0].pinned_image);
-            // The intent is committed before the registry is touched: if this transaction is
-            // lost after the DELETE, the audit still says what was deleted and why.
-            let intents = self.audit_intent(repository, &stagings).await?;
-            // A statement on the transaction proves its connection, and with it the
-            // repository lock, is still alive.
-            sqlx::query("SELECT 1").execute(&mut *tx).await?;
-            match delete_manifest(&client, repository, digest).await {
-                Ok(action) => {
+            let refs: Vec<&Candidate> = stagings.iter().collect();
+            let intents = audit_intent(&mut tx, self.run_id, repository, &refs).await?;
+            mark_pruned(&mut tx, &refs).await?;
+            to_delete.push((stagings, intents));
+        }
+        tx.commit().await?;
+
+        let repo = self.internal.repository(repository);
+        for (stagings, intents) in to_delete {
+            let refs: Vec<&Candidate> = stagings.iter().collect();
+            let digest = digest_of(&stagings[0].pinned_image).to_owned();
+            // The lease is renewed by the run; a lapse (the database unreachable for a minute)
+            // means a staging may have started here: leave the manifest for the next run.
+            let still_held = self
+                .leases
+                .holds_repository(repository)
+                .await
+                .unwrap_or(false);
+            let deleted = if still_held {
+                repo.delete_manifest(&digest)
+                    .await
+                    .map_err(|e| format!("{}: {e}", e.code()))
+            } else {
+                Err("the repository lease lapsed before the deletion".to_owned())
+            };
+            let mut tx = self.pool.begin().await?;
+            match deleted {
+                Ok(outcome) => {
+                    let action = match outcome {
+                        Deleted::Deleted => Action::Deleted,
+                        Deleted::AlreadyGone => Action::AlreadyGone,
+                    };
                     if action == Action::Deleted {
                         self.manifests_deleted += 1;
                     }
-                    record(&mut tx, &stagings, &intents, action).await?;
-                    recorded.extend(stagings.iter().map(|c| (*c, action)));
+                    record(&mut tx, &intents, action).await?;
+                    for candidate in &stagings {
+                        self.decide(candidate, repository, action, None);
+                    }
                 }
-                Err(error) => {
-                    let detail = format!("{}: {error}", error.code());
+                Err(detail) => {
                     self.errors.push(format!("{repository}@{digest}: {detail}"));
-                    for candidate in stagings {
+                    unmark_pruned(&mut tx, &refs, &intents).await?;
+                    for candidate in &stagings {
                         self.decide(candidate, repository, Action::Failed, Some(detail.clone()));
                     }
-                    sqlx::query("DELETE FROM prune_audit WHERE id = ANY($1)")
-                        .bind(&intents)
-                        .execute(self.pool)
-                        .await?;
                 }
             }
+            tx.commit().await?;
         }
-        let committed = tx.commit().await;
-        let detail = committed.as_ref().err().map(|error| {
-            format!("deleted, but not recorded ({error}); the next run records it as already gone")
-        });
-        for (candidate, action) in recorded {
-            self.decide(candidate, repository, action, detail.clone());
-        }
-        committed.map_err(PruneError::from)
-    }
-
-    /// Audit rows saying "deleting", committed at once; [`record`] turns them into the outcome.
-    async fn audit_intent(
-        &self,
-        repository: &str,
-        stagings: &[&Candidate],
-    ) -> Result<Vec<i64>, sqlx::Error> {
-        let guids: Vec<Uuid> = stagings.iter().map(|c| c.staging_guid).collect();
-        let apps: Vec<Uuid> = stagings.iter().map(|c| c.app_guid).collect();
-        let reasons: Vec<&str> = stagings.iter().map(|c| c.reason.as_str()).collect();
-        sqlx::query_scalar(
-            "INSERT INTO prune_audit (run_id, staging_guid, app_guid, repository, manifest_digest, reason, action) \
-             SELECT $1, g, a, $2, $3, r, 'deleting' FROM unnest($4::uuid[], $5::uuid[], $6::text[]) AS u(g, a, r) \
-             RETURNING id",
-        )
-        .bind(self.run_id)
-        .bind(repository)
-        .bind(digest_of(&stagings[0].pinned_image))
-        .bind(&guids)
-        .bind(&apps)
-        .bind(&reasons)
-        .fetch_all(self.pool)
-        .await
-    }
-
-    fn client(&self, repository: &str) -> std::sync::Arc<RegistryClient> {
-        let reference = ImageReference {
-            registry: self.internal_registry.to_owned(),
-            repository: repository.to_owned(),
-            tag: None,
-            digest: None,
-        };
-        self.registries.client(&reference, Side::Destination)
+        Ok(())
     }
 }
 
-/// Marks `stagings` pruned and completes their audit rows, in the repository's transaction.
-async fn record(
+/// Audit rows saying "deleting", written with the decision; [`record`] turns them into the
+/// outcome.
+async fn audit_intent(
+    tx: &mut Transaction<'_, Postgres>,
+    run_id: Option<i64>,
+    repository: &str,
+    stagings: &[&Candidate],
+) -> Result<Vec<i64>, sqlx::Error> {
+    let guids: Vec<Uuid> = stagings.iter().map(|c| c.staging_guid).collect();
+    let apps: Vec<Uuid> = stagings.iter().map(|c| c.app_guid).collect();
+    let reasons: Vec<&str> = stagings.iter().map(|c| c.reason.as_str()).collect();
+    sqlx::query_scalar(
+        "INSERT INTO prune_audit (run_id, staging_guid, app_guid, repository, manifest_digest, reason, action) \
+         SELECT $1, g, a, $2, $3, r, 'deleting' FROM unnest($4::uuid[], $5::uuid[], $6::text[]) AS u(g, a, r) \
+         RETURNING id",
+    )
+    .bind(run_id)
+    .bind(repository)
+    .bind(digest_of(&stagings[0].pinned_image))
+    .bind(&guids)
+    .bind(&apps)
+    .bind(&reasons)
+    .fetch_all(&mut **tx)
+    .await
+}
+
+/// Marks `stagings` pruned (the decision; undone by [`unmark_pruned`] if the deletion fails).
+async fn mark_pruned(
     tx: &mut Transaction<'_, Postgres>,
     stagings: &[&Candidate],
-    intents: &[i64],
-    action: Action,
 ) -> Result<(), sqlx::Error> {
     let guids: Vec<Uuid> = stagings.iter().map(|c| c.staging_guid).collect();
     sqlx::query(
@@ -597,6 +616,35 @@ async fn record(
     .bind(&guids)
     .execute(&mut **tx)
     .await?;
+    Ok(())
+}
+
+/// A deletion failed: the images are still in the registry, so they are not pruned.
+async fn unmark_pruned(
+    tx: &mut Transaction<'_, Postgres>,
+    stagings: &[&Candidate],
+    intents: &[i64],
+) -> Result<(), sqlx::Error> {
+    let guids: Vec<Uuid> = stagings.iter().map(|c| c.staging_guid).collect();
+    sqlx::query(
+        "UPDATE stagings SET pruned_at = NULL, updated_at = now() WHERE staging_guid = ANY($1)",
+    )
+    .bind(&guids)
+    .execute(&mut **tx)
+    .await?;
+    sqlx::query("DELETE FROM prune_audit WHERE id = ANY($1)")
+        .bind(intents)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// Completes the audit rows of a deletion.
+async fn record(
+    tx: &mut Transaction<'_, Postgres>,
+    intents: &[i64],
+    action: Action,
+) -> Result<(), sqlx::Error> {
     sqlx::query("UPDATE prune_audit SET action = $2, pruned_at = now() WHERE id = ANY($1)")
         .bind(intents)
         .bind(match action {
@@ -612,33 +660,6 @@ fn digest_of(pinned_image: &str) -> &str {
     pinned_image
         .rsplit_once('@')
         .map_or(pinned_image, |(_, d)| d)
-}
-
-/// Deletes one manifest revision (and with it every tag on it) from `repository`.
-async fn delete_manifest(
-    client: &RegistryClient,
-    repository: &str,
-    digest: &str,
-) -> Result<Action, CopyError> {
-    let path = format!("/v2/{repository}/manifests/{digest}");
-    let response = client
-        .send(&[Scope::delete(repository)], || {
-            client.request(Method::DELETE, &path)
-        })
-        .await?;
-    match response.status() {
-        StatusCode::ACCEPTED | StatusCode::OK | StatusCode::NO_CONTENT => Ok(Action::Deleted),
-        StatusCode::NOT_FOUND => Ok(Action::AlreadyGone),
-        StatusCode::METHOD_NOT_ALLOWED => Err(CopyError::InternalRegistry {
-            registry: client.name().to_owned(),
-            detail: "the registry refuses deletes: enable storage.delete.enabled \
-                     (or it is in read-only maintenance)"
-                .into(),
-        }),
-        _ => Err(client
-            .status_error(response, &format!("DELETE manifest {digest}"))
-            .await),
-    }
 }
 
 /// Prune figures for `/metrics`, from the runs recorded in the database.

@@ -5,35 +5,55 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use reqwest::header::{HeaderMap, RETRY_AFTER};
 
-/// Exponential backoff with full jitter, bounded in attempts and delay.
+/// The retries a registry client makes itself: only what is safe at its level (a connection
+/// that failed before any answer, a 5xx or 408 on an idempotent request), a few times, with
+/// exponential backoff and full jitter. Everything else is the caller's (a blob transfer's,
+/// or the staging queue's) to retry.
 #[derive(Debug, Clone)]
 pub struct RetryPolicy {
-    /// Total tries, the first included.
+    /// Total tries of one request, the first included.
     pub max_attempts: u32,
     pub base_delay: Duration,
+    /// Longest wait between tries; a `Retry-After` longer than this is handed to the caller.
     pub max_delay: Duration,
-    /// The most a server's `Retry-After` may make us wait; longer waits count as failure.
+    /// How many 429s the client itself waits out (0 for workers: the queue schedules them).
+    pub rate_limit_waits: u32,
+    /// The longest `Retry-After` the client itself waits out.
     pub max_retry_after: Duration,
 }
 
 impl Default for RetryPolicy {
     fn default() -> Self {
         Self {
-            max_attempts: 5,
+            max_attempts: 3,
             base_delay: Duration::from_millis(200),
-            max_delay: Duration::from_secs(10),
-            max_retry_after: Duration::from_secs(60),
+            max_delay: Duration::from_secs(2),
+            rate_limit_waits: 0,
+            max_retry_after: Duration::ZERO,
         }
     }
 }
 
 impl RetryPolicy {
-    /// The wait before try number `attempt + 1` (attempt counts from 0): a random duration
-    /// between zero and `base * 2^attempt`, capped, so that many clients do not retry in step.
-    pub fn backoff(&self, attempt: u32) -> Duration {
+    /// For a one-off command with nobody to reschedule it (`tailor copy`): also waits out a
+    /// few 429s of up to a minute each.
+    pub fn patient() -> Self {
+        Self {
+            max_attempts: 5,
+            max_delay: Duration::from_secs(10),
+            rate_limit_waits: 5,
+            max_retry_after: Duration::from_secs(60),
+            ..Self::default()
+        }
+    }
+
+    /// The wait before retry number `retry` (counting from 1): a random duration between zero
+    /// and `base * 2^(retry-1)`, capped at `max_delay`, so that many clients do not retry in step.
+    pub fn backoff(&self, retry: u32) -> Duration {
+        let exponent = retry.saturating_sub(1).min(16);
         let ceiling = self
             .base_delay
-            .saturating_mul(1u32.checked_shl(attempt.min(16)).unwrap_or(u32::MAX))
+            .saturating_mul(1u32 << exponent)
             .min(self.max_delay);
         ceiling.mul_f64(fastrand::f64())
     }
@@ -66,13 +86,22 @@ mod tests {
     #[test]
     fn backoff_grows_but_stays_bounded() {
         let policy = RetryPolicy::default();
-        for attempt in 0..40 {
-            let ceiling = policy
-                .base_delay
-                .saturating_mul(1 << attempt.min(16))
-                .min(policy.max_delay);
-            assert!(policy.backoff(attempt) <= ceiling);
+        // 200 ms, 400 ms, 800 ms, 1.6 s, then the 2 s cap: each retry's ceiling, written out.
+        let ceilings_ms = [200, 400, 800, 1600, 2000, 2000, 2000];
+        for (retry, ceiling) in (1..).zip(ceilings_ms) {
+            let waits: Vec<Duration> = (0..200).map(|_| policy.backoff(retry)).collect();
+            let max = waits.iter().max().unwrap();
+            assert!(
+                *max <= Duration::from_millis(ceiling),
+                "retry {retry}: {max:?}"
+            );
+            // Full jitter: over 200 draws the largest comes near the ceiling.
+            assert!(
+                *max >= Duration::from_millis(ceiling / 2),
+                "retry {retry}: {max:?}"
+            );
         }
+        assert!(policy.backoff(1000) <= Duration::from_secs(2));
     }
 
     #[test]

@@ -1,32 +1,65 @@
 //! The blob index in PostgreSQL as the copy engine's [`BlobLedger`]: where each blob lives in
-//! the internal registry (mount sources), and a per-digest advisory lock held while a blob is
-//! fetched from upstream, so concurrent stagings wait for it and then mount it.
+//! the internal registry and which upstream registry it was verified from (mount sources are
+//! only locations of the copy's own origin), and the fetch lease that makes concurrent stagings
+//! needing one blob wait for a single fetch and then mount it.
+//!
+//! Nothing here holds a connection while a blob moves: the fetch lease is a row renewed by the
+//! worker's heartbeat, and waiters sleep on the lease notifications (or poll).
+
+use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use sqlx::PgPool;
+use tokio::sync::watch;
 
-use crate::copy::{BlobLedger, FetchGuard};
+use super::lease::{self, Leases};
+use crate::copy::{BlobLedger, FetchClaim, FetchGuard};
 use crate::manifest::Blob;
 
-/// The blob index of one internal registry.
+/// How often a waiter looks again without a notification.
+const WAIT_POLL: Duration = Duration::from_secs(1);
+
+/// The blob index of one internal registry, as one worker uses it.
 #[derive(Clone)]
 pub struct PgLedger {
     pool: PgPool,
+    leases: Leases,
+    released: watch::Receiver<u64>,
 }
 
 impl PgLedger {
-    pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+    /// `leases`: the worker's own (renewed by its heartbeat); `released`: the process's lease
+    /// notifications.
+    pub fn new(pool: PgPool, leases: Leases, released: watch::Receiver<u64>) -> Self {
+        Self {
+            pool,
+            leases,
+            released,
+        }
+    }
+}
+
+/// Releases the fetch lease when dropped.
+struct FetchLease {
+    leases: Leases,
+    resource: String,
+}
+
+impl Drop for FetchLease {
+    fn drop(&mut self) {
+        self.leases.release_soon(std::mem::take(&mut self.resource));
     }
 }
 
 impl BlobLedger for PgLedger {
-    fn mount_sources<'a>(&'a self, digest: &'a str) -> BoxFuture<'a, Vec<String>> {
+    fn mount_sources<'a>(&'a self, digest: &'a str, origin: &'a str) -> BoxFuture<'a, Vec<String>> {
         Box::pin(async move {
             sqlx::query_scalar(
-                "SELECT repository FROM blob_locations WHERE digest = $1 ORDER BY added_at DESC LIMIT 5",
+                "SELECT repository FROM blob_locations WHERE digest = $1 AND origin_registry = $2 \
+                 ORDER BY added_at DESC LIMIT 5",
             )
             .bind(digest)
+            .bind(origin)
             .fetch_all(&self.pool)
             .await
             .unwrap_or_else(|error| {
@@ -36,18 +69,25 @@ impl BlobLedger for PgLedger {
         })
     }
 
-    fn record<'a>(&'a self, blob: &'a Blob, repository: &'a str) -> BoxFuture<'a, ()> {
+    fn record<'a>(
+        &'a self,
+        blob: &'a Blob,
+        repository: &'a str,
+        origin: &'a str,
+    ) -> BoxFuture<'a, ()> {
         Box::pin(async move {
             let result = sqlx::query(
                 "WITH b AS (INSERT INTO blobs (digest, size, media_type) VALUES ($1, $2, $3) \
                  ON CONFLICT (digest) DO NOTHING) \
-                 INSERT INTO blob_locations (digest, repository) VALUES ($1, $4) \
-                 ON CONFLICT (digest, repository) DO UPDATE SET added_at = now()",
+                 INSERT INTO blob_locations (digest, repository, origin_registry) VALUES ($1, $4, $5) \
+                 ON CONFLICT (digest, repository) DO UPDATE SET added_at = now(), \
+                     origin_registry = excluded.origin_registry",
             )
             .bind(&blob.digest)
             .bind(blob.size as i64)
             .bind(&blob.media_type)
             .bind(repository)
+            .bind(origin)
             .execute(&self.pool)
             .await;
             if let Err(error) = result {
@@ -57,26 +97,39 @@ impl BlobLedger for PgLedger {
         })
     }
 
-    fn fetch_guard<'a>(&'a self, digest: &'a str) -> BoxFuture<'a, Option<FetchGuard>> {
+    fn claim_fetch<'a>(&'a self, digest: &'a str) -> BoxFuture<'a, FetchClaim> {
         Box::pin(async move {
-            // A transaction-scoped lock: whatever ends the transaction (commit, the guard being
-            // dropped, the connection dying) releases it, so a crashed worker cannot wedge it.
-            let mut tx = match self.pool.begin().await {
-                Ok(tx) => tx,
+            let resource = lease::blob(digest);
+            match self.leases.acquire(&resource, true).await {
+                Ok(true) => FetchClaim::Mine(Box::new(FetchLease {
+                    leases: self.leases.clone(),
+                    resource,
+                }) as FetchGuard),
+                Ok(false) => FetchClaim::Busy,
                 Err(error) => {
-                    tracing::warn!(%digest, %error, "no connection for the fetch lock; fetching unguarded");
-                    return None;
+                    tracing::warn!(%digest, %error, "fetch lease unavailable; fetching uncoordinated");
+                    FetchClaim::Uncoordinated
                 }
-            };
-            match sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 7))")
-                .bind(digest)
-                .execute(&mut *tx)
-                .await
-            {
-                Ok(_) => Some(Box::new(tx) as FetchGuard),
-                Err(error) => {
-                    tracing::warn!(%digest, %error, "fetch lock failed; fetching unguarded");
-                    None
+            }
+        })
+    }
+
+    fn wait_fetch<'a>(&'a self, digest: &'a str) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            let resource = lease::blob(digest);
+            let mut released = self.released.clone();
+            loop {
+                match Leases::is_held(&self.pool, &resource).await {
+                    Ok(false) => return,
+                    Ok(true) => {}
+                    Err(error) => {
+                        tracing::warn!(%digest, %error, "cannot see the fetch lease; fetching");
+                        return;
+                    }
+                }
+                tokio::select! {
+                    _ = released.changed() => {}
+                    () = tokio::time::sleep(WAIT_POLL) => {}
                 }
             }
         })

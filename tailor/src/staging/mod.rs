@@ -2,17 +2,30 @@
 //! PostgreSQL-backed queue that workers take them from.
 //!
 //! - [`store`]: creating, reading, cancelling and releasing stagings (what the API does).
-//! - [`queue`]: claiming with `FOR UPDATE SKIP LOCKED`, leases and heartbeats, finishing
-//!   (what workers do); a staging's end and its callback are one transaction.
-//! - [`ledger`]: the blob index as a [`crate::copy::BlobLedger`], with a per-digest advisory
-//!   lock so that each upstream blob is fetched once across the fleet.
-//! - [`worker`]: the worker loop, LISTEN/NOTIFY wake-ups, drain on shutdown.
+//! - [`queue`]: claiming with `FOR UPDATE SKIP LOCKED`, leases on stagings, finishing,
+//!   requeueing, deadlines (what workers do); a staging's end and its callback are one
+//!   transaction.
+//! - [`lease`]: leases on shared resources (a repository against the pruner, a blob being
+//!   fetched, the prune run), held by rows with an owner and an expiry, never by a lock held
+//!   across a network call.
+//! - [`ledger`]: the blob index as a [`crate::copy::BlobLedger`]: where each blob is, which
+//!   upstream it was verified from, and the fetch lease that makes each upstream blob come in
+//!   once across the fleet.
+//! - [`budget`]: the fleet's rate-limit budget per upstream registry.
+//! - [`notify`]: one LISTEN connection per process, fanned out to whoever waits.
+//! - [`worker`]: the worker loop, its heartbeat, and the pure decision of what an attempt's
+//!   outcome means for the staging.
 //! - [`callbacks`]: the outbox deliverer.
 //! - [`references`]: the reference ledger the platform feeds (released apps, the periodic
 //!   sync of stagings in use), which the pruner reads.
+//! - [`metrics`]: cluster-wide figures for `/metrics`, from counters, not scans.
 
+pub mod budget;
 pub mod callbacks;
+pub mod lease;
 pub mod ledger;
+pub mod metrics;
+pub mod notify;
 pub mod queue;
 pub mod references;
 pub mod store;
@@ -83,6 +96,8 @@ pub struct NewStaging {
     pub credentials: Option<Credentials>,
     pub completion_callback: Option<String>,
     pub api: Api,
+    /// How long the staging may take from now, queue time included.
+    pub timeout: std::time::Duration,
 }
 
 impl NewStaging {
@@ -143,6 +158,11 @@ pub struct Staging {
     pub released_at: Option<DateTime<Utc>>,
     pub unreferenced_at: Option<DateTime<Utc>>,
     pub pruned_at: Option<DateTime<Utc>>,
+    pub deadline_at: DateTime<Utc>,
+    pub source_registry: String,
+    pub run_after: DateTime<Utc>,
+    pub waiting_for: Option<String>,
+    pub workers_lost: i32,
 }
 
 /// The columns [`Staging`] reads, for `SELECT`/`RETURNING` lists.
@@ -150,7 +170,7 @@ pub const STAGING_COLUMNS: &str = "staging_guid, app_guid, source_image, platfor
      attempts, cancel_requested, error_code, error_message, last_error, source_digest, pinned_image, tagged_image, \
      bytes_total, bytes_done, bytes_copied, bytes_mounted, bytes_skipped, blobs_copied, blobs_mounted, blobs_skipped, \
      start_command, execution_metadata, created_at, updated_at, started_at, finished_at, released_at, \
-     unreferenced_at, pruned_at";
+     unreferenced_at, pruned_at, deadline_at, source_registry, run_after, waiting_for, workers_lost";
 
 impl Staging {
     /// The staging's public JSON (the API's representation and the `stage` callback's body).
@@ -169,6 +189,16 @@ impl Staging {
             .error_code
             .as_ref()
             .map(|code| json!({ "code": code, "message": self.error_message }));
+        // While it waits to run again: why, since when it failed, and when it runs next.
+        let waiting = (self.state == StagingState::Queued
+            && (self.waiting_for.is_some() || self.last_error.is_some()))
+        .then(|| {
+            json!({
+                "reason": self.waiting_for,
+                "last_error": self.last_error,
+                "next_attempt_at": self.run_after,
+            })
+        });
         json!({
             "staging_guid": self.staging_guid,
             "app_guid": self.app_guid,
@@ -179,6 +209,8 @@ impl Staging {
             "progress": { "bytes_done": self.bytes_done, "bytes_total": self.bytes_total },
             "result": result,
             "error": error,
+            "waiting": waiting,
+            "deadline_at": self.deadline_at,
             "completion_callback": self.completion_callback,
             "created_at": self.created_at,
             "started_at": self.started_at,

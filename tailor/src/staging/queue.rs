@@ -1,6 +1,10 @@
 //! The work queue: stagings claimed with `FOR UPDATE SKIP LOCKED`, held by a lease that a
 //! heartbeat extends. A staging whose lease expired (its worker died) is claimable again, so
-//! another worker resumes it; attempts are bounded.
+//! another worker resumes it. Every statement here is short: nothing holds a connection while
+//! a copy runs.
+//!
+//! A staging ends at its deadline whatever happens: the sweep in [`claim`] fails overdue ones
+//! nobody holds with `TIMEOUT`, and a worker races its copy against the deadline.
 
 use std::time::Duration;
 
@@ -11,15 +15,19 @@ use super::store::enqueue_callback;
 use super::{STAGING_COLUMNS, Staging};
 use crate::copy::CopyReport;
 use crate::image_config::RunInfo;
+use crate::text::store_safe;
 
 /// A staging this worker now holds the lease on.
 #[derive(Debug)]
 pub struct Claimed {
     pub staging: Staging,
     pub encrypted_credentials: Option<Vec<u8>>,
+    /// Time left until the staging's deadline, by the database's clock.
+    pub time_left: Duration,
 }
 
-/// The claim statement, built once: it needs [`STAGING_COLUMNS`] qualified with `s.`.
+/// The claim statement, built once: it needs [`STAGING_COLUMNS`] qualified with `s.`. A queued
+/// staging whose registry is blocked by its rate-limit budget (or being probed) is skipped.
 static CLAIM_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     let columns: Vec<String> = STAGING_COLUMNS
         .split(", ")
@@ -27,18 +35,24 @@ static CLAIM_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
         .collect();
     format!(
         "WITH next AS ( \
-             SELECT staging_guid FROM stagings \
-             WHERE ((state = 'queued' AND run_after <= now()) \
-                 OR (state = 'running' AND lease_expires_at < now())) \
-               AND attempts < $3 \
-             ORDER BY created_at \
+             SELECT staging_guid FROM stagings q \
+             WHERE ((q.state = 'queued' AND q.run_after <= now() \
+                     AND NOT EXISTS (SELECT 1 FROM registry_budgets b \
+                                     WHERE b.registry = q.source_registry \
+                                       AND (b.blocked_until > now() OR b.probe_until > now()))) \
+                 OR (q.state = 'running' AND q.lease_expires_at < now())) \
+               AND q.attempts < $3 AND q.deadline_at > now() \
+             ORDER BY q.created_at \
              FOR UPDATE SKIP LOCKED \
              LIMIT 1) \
-         UPDATE stagings s SET state = 'running', lease_owner = $1, \
+         UPDATE stagings s SET lease_owner = $1, \
              lease_expires_at = now() + make_interval(secs => $2), attempts = s.attempts + 1, \
+             workers_lost = s.workers_lost + CASE WHEN s.state = 'running' THEN 1 ELSE 0 END, \
+             state = 'running', waiting_for = NULL, \
              started_at = coalesce(s.started_at, now()), updated_at = now() \
          FROM next WHERE s.staging_guid = next.staging_guid \
-         RETURNING {}, s.encrypted_credentials",
+         RETURNING {}, s.encrypted_credentials, \
+             greatest(extract(epoch FROM s.deadline_at - now()), 0)::float8 AS time_left",
         columns.join(", ")
     )
 });
@@ -50,7 +64,7 @@ pub async fn claim(
     lease: Duration,
     max_attempts: i32,
 ) -> Result<Option<Claimed>, sqlx::Error> {
-    fail_exhausted(pool, max_attempts).await?;
+    fail_abandoned(pool, max_attempts).await?;
     let row = sqlx::query(AssertSqlSafe(CLAIM_SQL.as_str()))
         .bind(worker)
         .bind(lease.as_secs_f64())
@@ -59,27 +73,36 @@ pub async fn claim(
         .await?;
     let Some(row) = row else { return Ok(None) };
     use sqlx::{FromRow, Row};
+    let time_left: f64 = row.try_get("time_left")?;
     Ok(Some(Claimed {
         staging: Staging::from_row(&row)?,
         encrypted_credentials: row.try_get("encrypted_credentials")?,
+        time_left: Duration::from_secs_f64(time_left),
     }))
 }
 
-/// Fails stagings whose worker died on their last allowed attempt.
-async fn fail_exhausted(pool: &PgPool, max_attempts: i32) -> Result<(), sqlx::Error> {
+/// Fails the stagings nobody will finish: past their deadline while queued or left by a dead
+/// worker (`TIMEOUT`), or whose worker died on their last allowed attempt
+/// (`ATTEMPTS_EXHAUSTED`). Each with its callback, in one transaction.
+async fn fail_abandoned(pool: &PgPool, max_attempts: i32) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
-    let exhausted: Vec<Staging> = sqlx::query_as(AssertSqlSafe(format!(
+    let failed: Vec<Staging> = sqlx::query_as(AssertSqlSafe(format!(
         "UPDATE stagings SET state = 'failed', lease_owner = NULL, lease_expires_at = NULL, \
-         encrypted_credentials = NULL, error_code = 'ATTEMPTS_EXHAUSTED', \
-         error_message = 'gave up after ' || attempts || ' attempts' || coalesce(': ' || last_error, ''), \
-         finished_at = now(), updated_at = now() \
-         WHERE state = 'running' AND lease_expires_at < now() AND attempts >= $1 \
+         encrypted_credentials = NULL, waiting_for = NULL, finished_at = now(), updated_at = now(), \
+         error_code = CASE WHEN deadline_at <= now() THEN 'TIMEOUT' ELSE 'ATTEMPTS_EXHAUSTED' END, \
+         error_message = CASE WHEN deadline_at <= now() \
+             THEN 'the staging did not finish before its deadline' \
+             ELSE 'gave up after ' || attempts || ' attempts' END \
+             || coalesce(' (last error: ' || last_error || ')', '') \
+         WHERE (state = 'queued' AND deadline_at <= now()) \
+            OR (state = 'running' AND lease_expires_at < now() \
+                AND (deadline_at <= now() OR attempts >= $1)) \
          RETURNING {STAGING_COLUMNS}"
     )))
     .bind(max_attempts)
     .fetch_all(&mut *tx)
     .await?;
-    for staging in &exhausted {
+    for staging in &failed {
         enqueue_callback(&mut tx, staging).await?;
     }
     tx.commit().await
@@ -124,10 +147,12 @@ pub async fn heartbeat(
 /// How a held staging ends.
 #[derive(Debug, Clone, Copy)]
 pub enum Outcome<'a> {
+    /// Recorded only while `repository_lease` (the lease keeping the pruner out of the
+    /// repository the image was pushed to) is still held by this worker.
     Succeeded {
         report: &'a CopyReport,
-        tagged: &'a str,
         run: &'a RunInfo,
+        repository_lease: &'a str,
     },
     Failed {
         code: &'a str,
@@ -137,47 +162,50 @@ pub enum Outcome<'a> {
 }
 
 /// Ends a staging this worker holds, erasing its credentials, and queues its callback in the
-/// same transaction. Returns `None` if the lease was lost meanwhile. `db` is the pool, or the
-/// connection holding the staging's repository lock (so that the lock provably lasts until
-/// the success is committed).
-pub async fn finish<'c, A>(
-    db: A,
+/// same transaction. Returns `None` if the staging's lease (or, for a success, the repository
+/// lease) was lost meanwhile: then nothing is recorded and the staging will be tried again.
+pub async fn finish(
+    pool: &PgPool,
     staging_guid: Uuid,
     worker: &str,
     outcome: Outcome<'_>,
-) -> Result<Option<Staging>, sqlx::Error>
-where
-    A: sqlx::Acquire<'c, Database = sqlx::Postgres>,
-{
-    let mut tx = db.begin().await?;
+) -> Result<Option<Staging>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
     // An app deleted while its staging ran: the staging's image is released as it ends.
     let common = "lease_owner = NULL, lease_expires_at = NULL, encrypted_credentials = NULL, \
-                  finished_at = now(), updated_at = now(), \
+                  waiting_for = NULL, finished_at = now(), updated_at = now(), \
                   released_at = CASE WHEN EXISTS (SELECT 1 FROM deleted_apps d \
                       WHERE d.app_guid = stagings.app_guid) THEN now() ELSE released_at END";
     let guard = "WHERE staging_guid = $1 AND lease_owner = $2 AND state = 'running'";
     let staging: Option<Staging> = match outcome {
-        Outcome::Succeeded { report, tagged, run } => {
+        Outcome::Succeeded {
+            report,
+            run,
+            repository_lease,
+        } => {
             sqlx::query_as(AssertSqlSafe(format!(
                 "UPDATE stagings SET state = 'succeeded', {common}, source_digest = $3, pinned_image = $4, \
                  tagged_image = $5, bytes_copied = $6, bytes_mounted = $7, bytes_skipped = $8, blobs_copied = $9, \
                  blobs_mounted = $10, blobs_skipped = $11, start_command = $12, execution_metadata = $13, \
-                 bytes_done = $6 + $7 + $8, bytes_total = $6 + $7 + $8, error_code = NULL, error_message = NULL  \
-                 {guard} RETURNING {STAGING_COLUMNS}"
+                 bytes_done = $6 + $7 + $8, bytes_total = $6 + $7 + $8, error_code = NULL, error_message = NULL \
+                 {guard} AND EXISTS (SELECT 1 FROM leases l WHERE l.resource = $14 AND l.holder = $2 \
+                                     AND l.expires_at > now()) \
+                 RETURNING {STAGING_COLUMNS}"
             )))
             .bind(staging_guid)
             .bind(worker)
             .bind(&report.source_digest)
             .bind(&report.pinned)
-            .bind(tagged)
+            .bind(&report.tagged)
             .bind(report.bytes_copied as i64)
             .bind(report.bytes_mounted as i64)
             .bind(report.bytes_skipped as i64)
             .bind(report.blobs.copied as i32)
             .bind(report.blobs.mounted as i32)
             .bind(report.blobs.skipped as i32)
-            .bind(&run.start_command)
-            .bind(&run.execution_metadata)
+            .bind(store_safe(&run.start_command).as_ref())
+            .bind(store_safe(&run.execution_metadata).as_ref())
+            .bind(repository_lease)
             .fetch_optional(&mut *tx)
             .await?
         }
@@ -189,7 +217,7 @@ where
             .bind(staging_guid)
             .bind(worker)
             .bind(code)
-            .bind(message)
+            .bind(store_safe(message).as_ref())
             .fetch_optional(&mut *tx)
             .await?
         }
@@ -206,6 +234,15 @@ where
     };
     if let (Some(staging), Outcome::Succeeded { report, .. }) = (&staging, &outcome) {
         record_objects(&mut tx, staging.staging_guid, report).await?;
+        sqlx::query(
+            "INSERT INTO staging_success_deltas (bytes_copied, bytes_mounted, bytes_skipped, seconds) \
+             SELECT bytes_copied, bytes_mounted, bytes_skipped, \
+                    extract(epoch FROM finished_at - started_at)::float8 \
+             FROM stagings WHERE staging_guid = $1",
+        )
+        .bind(staging.staging_guid)
+        .execute(&mut *tx)
+        .await?;
     }
     if let Some(staging) = &staging {
         enqueue_callback(&mut tx, staging).await?;
@@ -238,54 +275,69 @@ async fn record_objects(
     Ok(())
 }
 
-/// Puts a staging back in the queue to be tried again after `delay` (a transient failure);
-/// the attempt counts.
-pub async fn retry_later(
-    pool: &PgPool,
-    staging_guid: Uuid,
-    worker: &str,
-    delay: Duration,
-    error: &str,
-) -> Result<bool, sqlx::Error> {
-    requeue(pool, staging_guid, worker, delay, Some(error), true).await
+/// Why a staging goes back to the queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Waiting {
+    /// Backing off after a transient failure.
+    Retry,
+    /// Its source registry's rate-limit budget.
+    RateLimit,
+    /// The internal registry's maintenance window (or the pruner in its repository).
+    Maintenance,
+    /// Nothing to wait for: handed back (a worker shutting down).
+    Nothing,
 }
 
-/// Gives a staging back without counting the attempt, to be claimed again after `delay`: a
-/// worker draining on shutdown, or an internal registry in a maintenance window.
-pub async fn release(
-    pool: &PgPool,
-    staging_guid: Uuid,
-    worker: &str,
-    delay: Duration,
-    reason: Option<&str>,
-) -> Result<bool, sqlx::Error> {
-    requeue(pool, staging_guid, worker, delay, reason, false).await
+impl Waiting {
+    fn as_db(self) -> Option<&'static str> {
+        match self {
+            Self::Retry => Some("retry"),
+            Self::RateLimit => Some("rate_limit"),
+            Self::Maintenance => Some("maintenance"),
+            Self::Nothing => None,
+        }
+    }
+}
+
+/// How a staging goes back to the queue.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Requeue {
+    pub after: Duration,
+    /// Whether the attempt counts against `TAILOR_MAX_ATTEMPTS`.
+    pub counts: bool,
+    pub waiting: Waiting,
+    /// Shown while it waits (`code: message`).
+    pub last_error: Option<String>,
 }
 
 /// Hands a staging this worker holds back to the queue; one due at once wakes the workers.
-async fn requeue(
+pub async fn requeue(
     pool: &PgPool,
     staging_guid: Uuid,
     worker: &str,
-    delay: Duration,
-    reason: Option<&str>,
-    attempt_counts: bool,
+    requeue: &Requeue,
 ) -> Result<bool, sqlx::Error> {
     let updated = sqlx::query(
         "UPDATE stagings SET state = 'queued', lease_owner = NULL, lease_expires_at = NULL, \
          attempts = CASE WHEN $5 THEN attempts ELSE greatest(attempts - 1, 0) END, \
-         run_after = now() + make_interval(secs => $3), \
+         run_after = now() + make_interval(secs => $3), waiting_for = $6, \
          last_error = coalesce($4, last_error), updated_at = now() \
          WHERE staging_guid = $1 AND lease_owner = $2 AND state = 'running'",
     )
     .bind(staging_guid)
     .bind(worker)
-    .bind(delay.as_secs_f64())
-    .bind(reason)
-    .bind(attempt_counts)
+    .bind(requeue.after.as_secs_f64())
+    .bind(
+        requeue
+            .last_error
+            .as_deref()
+            .map(|e| store_safe(e).into_owned()),
+    )
+    .bind(requeue.counts)
+    .bind(requeue.waiting.as_db())
     .execute(pool)
     .await?;
-    if updated.rows_affected() == 1 && delay.is_zero() {
+    if updated.rows_affected() == 1 && requeue.after.is_zero() {
         sqlx::query("SELECT pg_notify($1, $2)")
             .bind(super::store::NEW_WORK_CHANNEL)
             .bind(staging_guid.to_string())
@@ -293,11 +345,4 @@ async fn requeue(
             .await?;
     }
     Ok(updated.rows_affected() == 1)
-}
-
-/// Queued stagings, for metrics.
-pub async fn depth(pool: &PgPool) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar("SELECT count(*) FROM stagings WHERE state = 'queued'")
-        .fetch_one(pool)
-        .await
 }

@@ -3,7 +3,7 @@
 use sqlx::{AssertSqlSafe, PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
-use super::{NewStaging, STAGING_COLUMNS, Staging, StagingState};
+use super::{NewStaging, STAGING_COLUMNS, Staging};
 use crate::secrets::CredentialsKey;
 
 /// The channel workers LISTEN on for new work.
@@ -53,7 +53,8 @@ pub async fn create(
     let mut tx = pool.begin().await?;
     let inserted: Option<Staging> = sqlx::query_as(AssertSqlSafe(format!(
         "INSERT INTO stagings (staging_guid, app_guid, source_image, platform, request_fingerprint, \
-         completion_callback, api, encrypted_credentials) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+         completion_callback, api, encrypted_credentials, deadline_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now() + make_interval(secs => $9)) \
          ON CONFLICT (staging_guid) DO NOTHING RETURNING {STAGING_COLUMNS}"
     )))
     .bind(new.staging_guid)
@@ -64,6 +65,7 @@ pub async fn create(
     .bind(&new.completion_callback)
     .bind(new.api.as_str())
     .bind(sealed)
+    .bind(new.timeout.as_secs_f64())
     .fetch_optional(&mut *tx)
     .await?;
     if let Some(staging) = inserted {
@@ -136,7 +138,8 @@ pub async fn stop(pool: &PgPool, staging_guid: Uuid) -> Result<Stopped, sqlx::Er
     let mut tx = pool.begin().await?;
     let cancelled: Option<Staging> = sqlx::query_as(AssertSqlSafe(format!(
         "UPDATE stagings SET state = 'cancelled', encrypted_credentials = NULL, error_code = 'CANCELLED', \
-         error_message = 'cancelled before it started', finished_at = now(), updated_at = now() \
+         error_message = 'cancelled before it started', finished_at = now(), updated_at = now(), \
+         waiting_for = NULL \
          WHERE staging_guid = $1 AND state = 'queued' RETURNING {STAGING_COLUMNS}"
     )))
     .bind(staging_guid)
@@ -192,71 +195,4 @@ pub(crate) async fn enqueue_callback(
             .await?;
     }
     Ok(())
-}
-
-/// Counts of stagings by state, for metrics.
-pub async fn count_by_state(pool: &PgPool) -> Result<Vec<(StagingState, i64)>, sqlx::Error> {
-    sqlx::query_as("SELECT state, count(*) FROM stagings GROUP BY state")
-        .fetch_all(pool)
-        .await
-}
-
-/// Cluster-wide figures for `/metrics`, read from the database so that every stager reports
-/// the same numbers whichever process did the work.
-#[derive(Debug, Default)]
-pub struct MetricsSnapshot {
-    pub by_state: Vec<(StagingState, i64)>,
-    pub bytes_copied: i64,
-    pub bytes_mounted: i64,
-    pub bytes_skipped: i64,
-    /// Cumulative counts of successful copy durations at or under each bound, in seconds.
-    pub duration_buckets: Vec<(f64, i64)>,
-    pub duration_count: i64,
-    pub duration_sum_seconds: f64,
-    pub callbacks_pending: i64,
-}
-
-/// Histogram bounds for copy durations, in seconds.
-pub const DURATION_BUCKETS: [f64; 9] = [0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0];
-
-/// Sums and cumulative duration buckets of successful stagings, in one scan of the table.
-static SUCCESS_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    let buckets: Vec<String> = DURATION_BUCKETS
-        .iter()
-        .map(|b| format!("count(*) FILTER (WHERE secs <= {b})"))
-        .collect();
-    format!(
-        "SELECT coalesce(sum(bytes_copied), 0)::bigint, coalesce(sum(bytes_mounted), 0)::bigint, \
-         coalesce(sum(bytes_skipped), 0)::bigint, count(*), coalesce(sum(secs), 0)::float8, {} \
-         FROM (SELECT bytes_copied, bytes_mounted, bytes_skipped, \
-               extract(epoch FROM finished_at - started_at)::float8 AS secs \
-               FROM stagings WHERE state = 'succeeded') AS succeeded",
-        buckets.join(", ")
-    )
-});
-
-pub async fn metrics_snapshot(pool: &PgPool) -> Result<MetricsSnapshot, sqlx::Error> {
-    use sqlx::Row;
-    let by_state = count_by_state(pool).await?;
-    let row = sqlx::query(AssertSqlSafe(SUCCESS_SQL.as_str()))
-        .fetch_one(pool)
-        .await?;
-    let mut duration_buckets = Vec::with_capacity(DURATION_BUCKETS.len());
-    for (i, bound) in DURATION_BUCKETS.iter().enumerate() {
-        duration_buckets.push((*bound, row.try_get::<i64, _>(5 + i)?));
-    }
-    let callbacks_pending: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM callbacks WHERE delivered_at IS NULL")
-            .fetch_one(pool)
-            .await?;
-    Ok(MetricsSnapshot {
-        by_state,
-        bytes_copied: row.try_get(0)?,
-        bytes_mounted: row.try_get(1)?,
-        bytes_skipped: row.try_get(2)?,
-        duration_buckets,
-        duration_count: row.try_get(3)?,
-        duration_sum_seconds: row.try_get(4)?,
-        callbacks_pending,
-    })
 }

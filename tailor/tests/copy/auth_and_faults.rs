@@ -181,7 +181,7 @@ async fn registry_errors_map_to_stable_codes() {
         .count();
     assert_eq!(
         tries as u32,
-        tailor::registry::RetryPolicy::default().max_attempts,
+        tailor::registry::RetryPolicy::patient().max_attempts,
         "bounded retries"
     );
 
@@ -293,6 +293,6 @@ async fn schema1_unknown_and_oversized_manifests_are_refused() {
     )
     .await
     .unwrap_err();
-    assert_eq!(oversized.code(), "MANIFEST_INVALID");
+    assert_eq!(oversized.code(), "RESPONSE_TOO_LARGE");
     assert!(oversized.to_string().contains("limit"), "{oversized}");
 }

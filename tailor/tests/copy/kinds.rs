@@ -117,7 +117,7 @@ async fn from_an_index_the_default_platform_is_pinned_to_upstreams_platform_dige
         )
         .await
         .unwrap_err();
-        assert_eq!(missing.code(), "IMAGE_NOT_FOUND");
+        assert_eq!(missing.code(), "PLATFORM_MISMATCH");
         assert!(
             missing.to_string().contains("linux/arm/v7"),
             "lists what is available: {missing}"

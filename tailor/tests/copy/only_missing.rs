@@ -93,11 +93,16 @@ struct FixedLedger {
 }
 
 impl BlobLedger for FixedLedger {
-    fn mount_sources<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Vec<String>> {
+    fn mount_sources<'a>(&'a self, _: &'a str, _: &'a str) -> BoxFuture<'a, Vec<String>> {
         Box::pin(async move { vec!["no/such-repo".to_owned(), self.repository.clone()] })
     }
 
-    fn record<'a>(&'a self, blob: &'a Blob, repository: &'a str) -> BoxFuture<'a, ()> {
+    fn record<'a>(
+        &'a self,
+        blob: &'a Blob,
+        repository: &'a str,
+        _origin: &'a str,
+    ) -> BoxFuture<'a, ()> {
         Box::pin(async move {
             self.recorded
                 .lock()

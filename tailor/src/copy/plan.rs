@@ -1,0 +1,161 @@
+//! Planning a copy: which manifests to push (children first, the tagged one last) and which
+//! blobs they need, read from the source and checked before anything moves.
+
+use std::collections::HashSet;
+
+use super::{CopyOptions, PlatformChoice};
+use crate::error::CopyError;
+use crate::manifest::{Blob, ImageManifest, IndexEntry, ManifestError, RawManifest};
+use crate::platform::Platform;
+use crate::reference::ImageReference;
+use crate::registry::Repository;
+
+/// What a copy will move.
+pub(super) struct Plan {
+    /// Manifests pushed by digest before the tag (an index's children).
+    pub children: Vec<RawManifest>,
+    /// The manifest pushed under the tag.
+    pub tagged: RawManifest,
+    /// The image manifests copied (one, or every child of an index).
+    pub images: Vec<ImageManifest>,
+    /// Configs and distributable layers, deduplicated, largest first (the long transfers
+    /// start early and the tail is short).
+    pub blobs: Vec<Blob>,
+    /// Non-distributable layers, left out.
+    pub foreign: Vec<String>,
+    pub config_digest: Option<String>,
+}
+
+pub(super) async fn plan(
+    source: &Repository,
+    src: &ImageReference,
+    options: &CopyOptions,
+) -> Result<Plan, CopyError> {
+    let top = source
+        .get_manifest(src.manifest_reference(), src.digest.as_deref())
+        .await
+        .map_err(CopyError::Source)?;
+
+    let mut children: Vec<RawManifest> = Vec::new();
+    let mut images = Vec::new();
+    let tagged = if top.kind.is_index() {
+        let entries = top.index()?;
+        match &options.platforms {
+            PlatformChoice::All => {
+                for entry in &entries {
+                    let child = fetch_child(source, &top, entry).await?;
+                    images.push(child.image()?);
+                    children.push(child);
+                }
+                top
+            }
+            PlatformChoice::One(platform) => {
+                let entry = select_platform(&entries, platform).ok_or_else(|| {
+                    let available: Vec<String> =
+                        entries.iter().map(IndexEntry::platform_text).collect();
+                    CopyError::PlatformMismatch(format!(
+                        "{src} has no {platform} image (it has: {})",
+                        available.join(", ")
+                    ))
+                })?;
+                let child = fetch_child(source, &top, entry).await?;
+                images.push(child.image()?);
+                child
+            }
+        }
+    } else {
+        images.push(top.image()?);
+        top
+    };
+    if images.is_empty() {
+        return Err(
+            ManifestError::Invalid(format!("index {} lists no manifests", tagged.digest)).into(),
+        );
+    }
+    if options.runnable.is_some()
+        && let Some(problem) = images[0].artifact_problem()
+    {
+        return Err(CopyError::NotAContainerImage(format!("{src}: {problem}")));
+    }
+
+    let config_digest = match &options.platforms {
+        PlatformChoice::All if tagged.kind.is_index() => {
+            let entries = tagged.index()?;
+            let default = select_platform(&entries, &Platform::default()).map(|e| e.digest.clone());
+            children
+                .iter()
+                .zip(&images)
+                .find(|(c, _)| Some(&c.digest) == default.as_ref())
+                .map(|(_, i)| i.config.digest.clone())
+        }
+        _ => images.first().map(|i| i.config.digest.clone()),
+    };
+    let mut blobs: Vec<Blob> = Vec::new();
+    let mut seen = HashSet::new();
+    let mut foreign = Vec::new();
+    for image in &images {
+        for blob in std::iter::once(&image.config).chain(&image.layers) {
+            if seen.insert(blob.digest.clone()) {
+                blobs.push(blob.clone());
+            }
+        }
+        foreign.extend(image.foreign.iter().map(|b| b.digest.clone()));
+    }
+    for digest in &foreign {
+        tracing::warn!(%digest, "non-distributable layer left out of the copy");
+    }
+    blobs.sort_by_key(|b| std::cmp::Reverse(b.size));
+    Ok(Plan {
+        children,
+        tagged,
+        images,
+        blobs,
+        foreign,
+        config_digest,
+    })
+}
+
+/// The best index entry for `platform`, if any.
+pub fn select_platform<'a>(
+    entries: &'a [IndexEntry],
+    platform: &Platform,
+) -> Option<&'a IndexEntry> {
+    entries
+        .iter()
+        .filter(|e| match (&e.os, &e.architecture) {
+            (Some(os), Some(arch)) => platform.matches(os, arch, e.variant.as_deref()),
+            _ => false,
+        })
+        .min_by_key(|e| {
+            platform.rank(
+                e.architecture.as_deref().unwrap_or(""),
+                e.variant.as_deref(),
+            )
+        })
+}
+
+async fn fetch_child(
+    source: &Repository,
+    index: &RawManifest,
+    entry: &IndexEntry,
+) -> Result<RawManifest, CopyError> {
+    if entry.digest == index.digest {
+        return Err(ManifestError::Invalid(format!(
+            "index {} lists itself as an entry",
+            index.digest
+        ))
+        .into());
+    }
+    let child = source
+        .get_manifest(&entry.digest, Some(&entry.digest))
+        .await
+        .map_err(CopyError::Source)?;
+    if child.kind.is_index() {
+        return Err(ManifestError::Unsupported(format!(
+            "index entry {} is itself an index; nested indexes are not supported",
+            entry.digest
+        ))
+        .into());
+    }
+    Ok(child)
+}

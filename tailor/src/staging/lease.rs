@@ -1,0 +1,130 @@
+//! Leases: exclusion between processes that holds no database connection, transaction or lock
+//! while the holder works.
+//!
+//! A lease is a row in `leases` (resource, holder, shared or exclusive, expiry). Taking one is
+//! one short statement (`acquire_lease`, which serialises acquirers of a resource for its own
+//! length only); the holder's heartbeat renews every lease it holds in one statement; a holder
+//! that dies simply stops renewing, and whoever comes after the expiry takes over. Releasing
+//! deletes the row and notifies `tailor_leases`, so waiters wake at once instead of at their
+//! next poll.
+//!
+//! Resources: `repository:<name>` (stagings copying into it, shared, against the pruner,
+//! exclusive), `blob:<digest>` (the one copy fetching it from upstream), `prune` (one run).
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+
+/// The channel a released lease is announced on (payload: the resource).
+pub const RELEASED_CHANNEL: &str = "tailor_leases";
+
+/// The lease key of a repository of the internal registry.
+pub fn repository(name: &str) -> String {
+    format!("repository:{name}")
+}
+
+/// The lease key of a blob being fetched from upstream.
+pub fn blob(digest: &str) -> String {
+    format!("blob:{digest}")
+}
+
+/// The lease key of the prune run.
+pub const PRUNE: &str = "prune";
+
+/// Leases held by one holder (a worker, a prune run), each for `ttl` past its last renewal.
+#[derive(Debug, Clone)]
+pub struct Leases {
+    pool: PgPool,
+    holder: String,
+    ttl: Duration,
+}
+
+impl Leases {
+    pub fn new(pool: PgPool, holder: impl Into<String>, ttl: Duration) -> Self {
+        Self {
+            pool,
+            holder: holder.into(),
+            ttl,
+        }
+    }
+
+    pub fn holder(&self) -> &str {
+        &self.holder
+    }
+
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// Takes (or renews) `resource`, shared or exclusive; `false` if a conflicting holder has
+    /// it and its lease has not expired.
+    pub async fn acquire(&self, resource: &str, exclusive: bool) -> Result<bool, sqlx::Error> {
+        sqlx::query_scalar("SELECT acquire_lease($1, $2, $3, $4)")
+            .bind(resource)
+            .bind(&self.holder)
+            .bind(exclusive)
+            .bind(self.ttl.as_secs_f64())
+            .fetch_one(&self.pool)
+            .await
+    }
+
+    /// Lets go of `resource` and tells waiters.
+    pub async fn release(&self, resource: &str) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "WITH gone AS (DELETE FROM leases WHERE resource = $1 AND holder = $2 RETURNING resource) \
+             SELECT pg_notify($3, resource) FROM gone",
+        )
+        .bind(resource)
+        .bind(&self.holder)
+        .bind(RELEASED_CHANNEL)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Lets go of `resource` in the background (from a `Drop`).
+    pub fn release_soon(&self, resource: String) {
+        let leases = self.clone();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(error) = leases.release(&resource).await {
+                    tracing::warn!(%error, %resource, "could not release a lease; it will expire");
+                }
+            });
+        }
+    }
+
+    /// Extends every lease this holder has; returns how many it still holds.
+    pub async fn renew_all(&self) -> Result<u64, sqlx::Error> {
+        let renewed = sqlx::query(
+            "UPDATE leases SET expires_at = now() + make_interval(secs => $2) \
+             WHERE holder = $1 AND expires_at > now()",
+        )
+        .bind(&self.holder)
+        .bind(self.ttl.as_secs_f64())
+        .execute(&self.pool)
+        .await?;
+        Ok(renewed.rows_affected())
+    }
+
+    /// Whether this holder still holds `resource` (not expired).
+    pub async fn holds(&self, resource: &str) -> Result<bool, sqlx::Error> {
+        sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM leases WHERE resource = $1 AND holder = $2 AND expires_at > now())",
+        )
+        .bind(resource)
+        .bind(&self.holder)
+        .fetch_one(&self.pool)
+        .await
+    }
+
+    /// Whether anyone holds `resource` now.
+    pub async fn is_held(pool: &PgPool, resource: &str) -> Result<bool, sqlx::Error> {
+        sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM leases WHERE resource = $1 AND expires_at > now())",
+        )
+        .bind(resource)
+        .fetch_one(pool)
+        .await
+    }
+}

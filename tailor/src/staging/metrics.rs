@@ -1,0 +1,128 @@
+//! Cluster-wide figures for `/metrics`, read from counters so that a scrape costs the same with
+//! a million stagings as with ten.
+//!
+//! Triggers on `stagings` and `callbacks`, and the success path of [`super::queue::finish`],
+//! append small delta rows (appends never wait on each other); [`fold`] moves the deltas into
+//! one totals row per figure. A scrape folds, then reads the totals: O(states) work, plus the
+//! deltas written since the last fold.
+
+use sqlx::PgPool;
+
+use super::StagingState;
+
+/// Histogram bounds for copy durations, in seconds (the `buckets` array of
+/// `staging_success_totals` has one count per bound, in this order).
+pub const DURATION_BUCKETS: [f64; 9] = [0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0];
+
+/// The figures.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub by_state: Vec<(StagingState, i64)>,
+    pub bytes_copied: i64,
+    pub bytes_mounted: i64,
+    pub bytes_skipped: i64,
+    /// Cumulative counts of successful copy durations at or under each bound.
+    pub duration_buckets: Vec<(f64, i64)>,
+    pub duration_count: i64,
+    pub duration_sum_seconds: f64,
+    pub callbacks_pending: i64,
+    /// Queued stagings by what they wait for (`retry`, `rate_limit`, `maintenance`).
+    pub waiting: Vec<(String, i64)>,
+    /// Registries the fleet is leaving alone now, with the seconds left.
+    pub rate_limited: Vec<(String, f64)>,
+    /// 429s met per registry, ever.
+    pub rate_limited_total: Vec<(String, i64)>,
+}
+
+/// Folds the counters' deltas into their totals. Safe to run concurrently: each delta row is
+/// deleted (and so counted) by exactly one fold.
+pub async fn fold(pool: &PgPool) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "WITH d AS (DELETE FROM staging_state_deltas RETURNING state, delta) \
+         INSERT INTO staging_state_totals (state, n) \
+         SELECT state, sum(delta) FROM d GROUP BY state ORDER BY state \
+         ON CONFLICT (state) DO UPDATE SET n = staging_state_totals.n + excluded.n",
+    )
+    .execute(pool)
+    .await?;
+    let buckets: Vec<String> = DURATION_BUCKETS
+        .iter()
+        .map(|b| format!("count(*) FILTER (WHERE seconds <= {b})"))
+        .collect();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "WITH d AS (DELETE FROM staging_success_deltas RETURNING *), \
+         s AS (SELECT coalesce(sum(bytes_copied), 0)::bigint AS c, coalesce(sum(bytes_mounted), 0)::bigint AS m, \
+                      coalesce(sum(bytes_skipped), 0)::bigint AS k, count(*) AS n, \
+                      coalesce(sum(seconds), 0)::float8 AS secs, ARRAY[{}]::bigint[] AS b FROM d) \
+         UPDATE staging_success_totals t SET bytes_copied = t.bytes_copied + s.c, \
+             bytes_mounted = t.bytes_mounted + s.m, bytes_skipped = t.bytes_skipped + s.k, \
+             count = t.count + s.n, seconds_sum = t.seconds_sum + s.secs, \
+             buckets = ARRAY(SELECT a + b FROM unnest(t.buckets, s.b) WITH ORDINALITY AS u(a, b, i) ORDER BY i) \
+         FROM s WHERE s.n > 0",
+        buckets.join(", ")
+    )))
+    .execute(pool)
+    .await?;
+    sqlx::query(
+        "WITH d AS (DELETE FROM callback_pending_deltas RETURNING delta) \
+         UPDATE callback_pending_total SET n = n + (SELECT coalesce(sum(delta), 0) FROM d)",
+    )
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Folds, then reads every figure.
+pub async fn snapshot(pool: &PgPool) -> Result<Snapshot, sqlx::Error> {
+    fold(pool).await?;
+    let by_state: Vec<(StagingState, i64)> =
+        sqlx::query_as("SELECT state, n FROM staging_state_totals ORDER BY state")
+            .fetch_all(pool)
+            .await?;
+    let (bytes_copied, bytes_mounted, bytes_skipped, duration_count, duration_sum_seconds, buckets): (
+        i64,
+        i64,
+        i64,
+        i64,
+        f64,
+        Vec<i64>,
+    ) = sqlx::query_as(
+        "SELECT bytes_copied, bytes_mounted, bytes_skipped, count, seconds_sum, buckets \
+         FROM staging_success_totals",
+    )
+    .fetch_one(pool)
+    .await?;
+    let callbacks_pending: i64 = sqlx::query_scalar("SELECT n FROM callback_pending_total")
+        .fetch_one(pool)
+        .await?;
+    let waiting: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT waiting_for, count(*) FROM stagings \
+         WHERE state = 'queued' AND waiting_for IS NOT NULL GROUP BY waiting_for",
+    )
+    .fetch_all(pool)
+    .await?;
+    let rate_limited: Vec<(String, f64)> = sqlx::query_as(
+        "SELECT registry, extract(epoch FROM blocked_until - now())::float8 FROM registry_budgets \
+         WHERE blocked_until > now() ORDER BY registry",
+    )
+    .fetch_all(pool)
+    .await?;
+    let rate_limited_total: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT registry, rate_limited_total FROM registry_budgets ORDER BY registry LIMIT 1000",
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(Snapshot {
+        by_state,
+        bytes_copied,
+        bytes_mounted,
+        bytes_skipped,
+        duration_buckets: DURATION_BUCKETS.iter().copied().zip(buckets).collect(),
+        duration_count,
+        duration_sum_seconds,
+        callbacks_pending,
+        waiting,
+        rate_limited,
+        rate_limited_total,
+    })
+}
