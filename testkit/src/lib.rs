@@ -9,6 +9,9 @@
 //!   disk when large, and pushed with plain HTTP calls independent of tailor's own client.
 //! - [`skopeo`]: skopeo as an independent client to check what is in a registry.
 //! - [`fault_proxy`]: a proxy in front of a registry that injects 429s, 403s and crafted answers.
+//! - [`tcp_target`]: a bare TCP listener that proves whether a client connected at all.
+//! - [`netns`]: running a test in a private network namespace, where metadata addresses such as
+//!   169.254.169.254 can be bound without any traffic leaving the machine.
 //!
 //! Nothing is assumed to be running: every component is started here and stopped on drop.
 
@@ -18,11 +21,13 @@ pub mod certs;
 pub mod db;
 pub mod fault_proxy;
 pub mod image;
+pub mod netns;
 pub mod process;
 pub mod push;
 pub mod registry;
 pub mod skopeo;
 pub mod supervised_registry;
+pub mod tcp_target;
 pub mod token_issuer;
 
 pub use db::TestDatabase;
