@@ -5,8 +5,11 @@
 //! use. A template database is migrated once per migration set (guarded by an advisory lock, as
 //! many test processes race for it) and every test gets `CREATE DATABASE ... TEMPLATE` of it:
 //! a few milliseconds, and no test sees another's rows.
+//!
+//! Inside a private network namespace ([`crate::netns`]) the shared server, on the host's
+//! loopback, is out of reach: [`TestDatabase::private`] starts a server of the test's own there.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use sha2::{Digest, Sha256};
 // Every formatted statement below only interpolates names this module generated.
@@ -20,12 +23,19 @@ const TEMPLATE_LOCK_KEY: i64 = 0x7a11_0e5e;
 pub struct TestDatabase {
     pub name: String,
     pub url: String,
+    /// The server of a [`TestDatabase::private`] database, stopped when the last clone goes.
+    _private_server: Option<Arc<PrivateServer>>,
 }
 
 impl TestDatabase {
     /// Creates a migrated, empty database.
     pub async fn new() -> Self {
         crate::init();
+        assert!(
+            !crate::netns::in_isolated_namespace(),
+            "the shared test PostgreSQL is unreachable inside a private network namespace: \
+             use TestDatabase::private() there"
+        );
         let admin_url = server_admin_url();
         let template = ensure_template(&admin_url).await;
         let name = format!("test_{}", uuid::Uuid::new_v4().simple());
@@ -40,7 +50,43 @@ impl TestDatabase {
             .expect("create the test database");
         admin.close().await.ok();
         let url = replace_database(&admin_url, &name);
-        Self { name, url }
+        Self {
+            name,
+            url,
+            _private_server: None,
+        }
+    }
+
+    /// Creates a migrated, empty database on a PostgreSQL server of its own, started in the
+    /// calling thread's network namespace: what a test inside [`crate::netns::run_isolated`]
+    /// uses. The server stops when the last clone of the returned value is dropped. Slower
+    /// than [`TestDatabase::new`] (an `initdb` and a full migration: a few seconds).
+    pub async fn private() -> Self {
+        crate::init();
+        let server = PrivateServer::start().await;
+        let name = format!("test_{}", uuid::Uuid::new_v4().simple());
+        let mut admin = PgConnection::connect(&server.admin_url)
+            .await
+            .expect("connect to the private server");
+        admin
+            .execute(AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .await
+            .expect("create the private database");
+        admin.close().await.ok();
+        let url = replace_database(&server.admin_url, &name);
+        let mut conn = PgConnection::connect(&url)
+            .await
+            .expect("connect to the private database");
+        tailor::db::MIGRATOR
+            .run(&mut conn)
+            .await
+            .expect("migrate the private database");
+        conn.close().await.ok();
+        Self {
+            name,
+            url,
+            _private_server: Some(Arc::new(server)),
+        }
     }
 
     /// A small pool on this database (tests share one server at its default
@@ -78,6 +124,56 @@ pub fn server_admin_url() -> String {
         rx.recv().expect("embedded PostgreSQL started")
     })
     .clone()
+}
+
+/// An [`EmbeddedPostgres`] owned by a thread of its own.
+///
+/// The server's parent-death signal is tied to the thread that spawned it, so it must not be
+/// a Tokio worker or blocking thread (those come and go); this thread lives until the handle
+/// is dropped. Spawned from the caller's thread, it shares the caller's network namespace.
+#[derive(Debug)]
+struct PrivateServer {
+    admin_url: String,
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl PrivateServer {
+    async fn start() -> Self {
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("testkit-private-postgres".into())
+            .spawn(move || {
+                let server =
+                    EmbeddedPostgres::start().expect("start a private PostgreSQL for the test");
+                if ready_tx.send(server.url("postgres")).is_err() {
+                    return;
+                }
+                // Returns once the sender is dropped; then the server is stopped.
+                let _ = stop_rx.recv();
+                drop(server);
+            })
+            .expect("spawn the private postgres thread");
+        let admin_url = ready_rx
+            .await
+            .expect("the private PostgreSQL failed to start (see the panic above)");
+        Self {
+            admin_url,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for PrivateServer {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            // Waits for the server to shut down, so nothing outlives the test.
+            let _ = thread.join();
+        }
+    }
 }
 
 async fn ensure_template(admin_url: &str) -> String {

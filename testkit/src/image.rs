@@ -6,6 +6,11 @@
 //! are the sha256 of each uncompressed tar, as a real image's are. Layers above
 //! [`IN_MEMORY_LIMIT`] are written to a temporary file while being hashed and are pushed from
 //! it as a stream, so a GiB-sized image never sits in memory.
+//!
+//! For tests of what an upstream may send, an [`ImageSpec`] can also carry crafted config
+//! fields (any JSON, NUL and newlines included), other media types, extra manifest fields and
+//! non-distributable (foreign) layers; [`ArtifactSpec`] builds OCI artifacts whose config and
+//! layers are not an image's at all (a Helm chart, an SBOM).
 
 use std::io::{Read, Write};
 use std::sync::Arc;
@@ -26,6 +31,19 @@ pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 pub const OCI_LAYER: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+pub const OCI_EMPTY: &str = "application/vnd.oci.empty.v1+json";
+pub const DOCKER_FOREIGN_LAYER: &str = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip";
+pub const OCI_NON_DISTRIBUTABLE_LAYER: &str =
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip";
+pub const HELM_CONFIG: &str = "application/vnd.cncf.helm.config.v1+json";
+pub const HELM_CHART_CONTENT: &str = "application/vnd.cncf.helm.chart.content.v1.tar+gzip";
+pub const SPDX_JSON: &str = "application/spdx+json";
+
+/// Whether a layer of this media type is, by its type, not distributed through registries
+/// (Windows base layers: Docker's "foreign" and OCI's deprecated "nondistributable" types).
+pub fn is_non_distributable(media_type: &str) -> bool {
+    media_type.contains(".foreign.") || media_type.contains(".nondistributable.")
+}
 
 /// Docker schema2 (and manifest lists) or OCI (and indexes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,6 +79,48 @@ impl ManifestFormat {
             Self::Docker => DOCKER_LAYER,
             Self::Oci => OCI_LAYER,
         }
+    }
+
+    fn foreign_layer_media_type(self) -> &'static str {
+        match self {
+            Self::Docker => DOCKER_FOREIGN_LAYER,
+            Self::Oci => OCI_NON_DISTRIBUTABLE_LAYER,
+        }
+    }
+}
+
+/// A `'static` copy of `text`, made once per distinct string.
+///
+/// [`Blob::media_type`] and [`BuiltImage::media_type`] are `&'static str` and callers across
+/// the workspace rely on that; custom media types are few and small, so leaking one copy of
+/// each keeps those fields as they are.
+fn intern(text: &str) -> &'static str {
+    static INTERNED: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
+    let mut interned = INTERNED.lock().expect("intern table");
+    if let Some(found) = interned.iter().find(|known| **known == text) {
+        return found;
+    }
+    let leaked: &'static str = Box::leak(text.to_owned().into_boxed_str());
+    interned.push(leaked);
+    leaked
+}
+
+/// Deep-merges `patch` into `target`: objects key by key, recursively; anything else, `null`
+/// included, replaces what was there (so a test can set a field to `null`, which JSON Merge
+/// Patch would treat as a deletion).
+pub fn merge_json(target: &mut serde_json::Value, patch: &serde_json::Value) {
+    match (target, patch) {
+        (serde_json::Value::Object(target), serde_json::Value::Object(patch)) => {
+            for (key, value) in patch {
+                match target.get_mut(key) {
+                    Some(existing) => merge_json(existing, value),
+                    None => {
+                        target.insert(key.clone(), value.clone());
+                    }
+                }
+            }
+        }
+        (target, patch) => *target = patch.clone(),
     }
 }
 
@@ -107,6 +167,16 @@ pub struct LayerSpec {
     pub size: u64,
 }
 
+/// A layer listed as non-distributable, with `urls` to fetch it from instead of the registry,
+/// as Windows base layers are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForeignLayer {
+    /// Which of [`ImageSpec::layers`].
+    pub index: usize,
+    /// The descriptor's `urls`; `{digest}` in a URL is replaced by the layer's digest.
+    pub urls: Vec<String>,
+}
+
 /// What to build.
 #[derive(Debug, Clone)]
 pub struct ImageSpec {
@@ -118,6 +188,18 @@ pub struct ImageSpec {
     pub exposed_ports: Vec<String>,
     pub user: Option<String>,
     pub working_dir: Option<String>,
+    /// Merged into the generated config last (see [`merge_json`]): any field, any value, e.g.
+    /// `{"config": {"Env": ["A=\u0000"]}, "os": "linux\n"}`. `rootfs.diff_ids` stay right
+    /// unless overridden too; the manifest's platform in an index is still [`Self::platform`].
+    pub config_overrides: Option<serde_json::Value>,
+    /// Replaces the format's config media type.
+    pub config_media_type: Option<String>,
+    /// Replaces the format's layer media type on every layer not in [`Self::foreign_layers`].
+    pub layer_media_type: Option<String>,
+    /// Merged into the generated manifest last (`artifactType`, `annotations`, `subject`...).
+    pub manifest_overrides: Option<serde_json::Value>,
+    /// Layers listed with a non-distributable media type and `urls`.
+    pub foreign_layers: Vec<ForeignLayer>,
 }
 
 impl ImageSpec {
@@ -138,7 +220,22 @@ impl ImageSpec {
             exposed_ports: vec!["8080/tcp".into()],
             user: Some("1000".into()),
             working_dir: Some("/srv".into()),
+            config_overrides: None,
+            config_media_type: None,
+            layer_media_type: None,
+            manifest_overrides: None,
+            foreign_layers: Vec::new(),
         }
+    }
+
+    /// A Windows image (`windows/amd64`, an `os.version`) whose first layer is a foreign base
+    /// layer listed with `url_template` (`{digest}` replaced), as Microsoft's base images are.
+    /// Point the URL at a [`crate::tcp_target::TcpTarget`] to see whether a client follows it.
+    pub fn windows(format: ManifestFormat, seed: u64, url_template: &str) -> Self {
+        Self::seeded(format, seed, 2, 4096)
+            .with_platform("windows/amd64")
+            .with_config(json!({ "os.version": "10.0.17763.5830" }))
+            .with_foreign_layer(0, vec![url_template.to_owned()])
     }
 
     /// Two images of `n` layers each whose first `shared` layers are identical and whose
@@ -164,12 +261,67 @@ impl ImageSpec {
         self
     }
 
+    /// Adds config fields (merged with earlier overrides, see [`Self::config_overrides`]).
+    pub fn with_config(mut self, overrides: serde_json::Value) -> Self {
+        merge_json(
+            self.config_overrides.get_or_insert_with(|| json!({})),
+            &overrides,
+        );
+        self
+    }
+
+    /// Sets fields of the container config (`Cmd`, `Env`, `Labels`...): shorthand for
+    /// `with_config(json!({"config": fields}))`.
+    pub fn with_container_config(self, fields: serde_json::Value) -> Self {
+        self.with_config(json!({ "config": fields }))
+    }
+
+    pub fn with_config_media_type(mut self, media_type: &str) -> Self {
+        self.config_media_type = Some(media_type.to_owned());
+        self
+    }
+
+    pub fn with_layer_media_type(mut self, media_type: &str) -> Self {
+        self.layer_media_type = Some(media_type.to_owned());
+        self
+    }
+
+    /// Adds manifest fields (merged with earlier ones, see [`merge_json`]).
+    pub fn with_manifest_fields(mut self, fields: serde_json::Value) -> Self {
+        merge_json(
+            self.manifest_overrides.get_or_insert_with(|| json!({})),
+            &fields,
+        );
+        self
+    }
+
+    /// Lists layer `index` as non-distributable with `urls` (`{digest}` replaced).
+    pub fn with_foreign_layer(mut self, index: usize, urls: Vec<String>) -> Self {
+        assert!(
+            index < self.layers.len(),
+            "no layer {index} among {}",
+            self.layers.len()
+        );
+        self.foreign_layers.push(ForeignLayer { index, urls });
+        self
+    }
+
     /// Builds every blob and the manifest. CPU-bound; large images take seconds.
     pub fn build(&self) -> BuiltImage {
         let layers: Vec<(Blob, String)> = self
             .layers
             .iter()
-            .map(|l| build_layer(*l, self.format))
+            .enumerate()
+            .map(|(i, l)| {
+                let media_type = if self.foreign_layers.iter().any(|f| f.index == i) {
+                    self.format.foreign_layer_media_type()
+                } else {
+                    self.layer_media_type
+                        .as_deref()
+                        .map_or(self.format.layer_media_type(), intern)
+                };
+                build_layer(*l, media_type)
+            })
             .collect();
         let diff_ids: Vec<&String> = layers.iter().map(|(_, diff_id)| diff_id).collect();
         let mut container_config = json!({ "Env": ["PATH=/usr/local/bin:/usr/bin:/bin"] });
@@ -207,17 +359,41 @@ impl ImageSpec {
         if let Some(variant) = &self.platform.variant {
             config["variant"] = json!(variant);
         }
+        if let Some(overrides) = &self.config_overrides {
+            merge_json(&mut config, overrides);
+        }
         let config = Blob::in_memory(
             serde_json::to_vec(&config).expect("config serialises"),
-            self.format.config_media_type(),
+            self.config_media_type
+                .as_deref()
+                .map_or(self.format.config_media_type(), intern),
         );
         let layers: Vec<Blob> = layers.into_iter().map(|(blob, _)| blob).collect();
-        let manifest = json!({
+        let layer_descriptors: Vec<serde_json::Value> = layers
+            .iter()
+            .enumerate()
+            .map(|(i, layer)| {
+                let mut descriptor = layer.descriptor();
+                for foreign in self.foreign_layers.iter().filter(|f| f.index == i) {
+                    let urls: Vec<String> = foreign
+                        .urls
+                        .iter()
+                        .map(|url| url.replace("{digest}", &layer.digest))
+                        .collect();
+                    descriptor["urls"] = json!(urls);
+                }
+                descriptor
+            })
+            .collect();
+        let mut manifest = json!({
             "schemaVersion": 2,
             "mediaType": self.format.manifest_media_type(),
             "config": config.descriptor(),
-            "layers": layers.iter().map(Blob::descriptor).collect::<Vec<_>>(),
+            "layers": layer_descriptors,
         });
+        if let Some(overrides) = &self.manifest_overrides {
+            merge_json(&mut manifest, overrides);
+        }
         // Pretty-printed on purpose: a client that re-serialises instead of copying the exact
         // bytes changes the digest and fails the tests.
         let manifest =
@@ -292,6 +468,149 @@ impl IndexSpec {
     }
 }
 
+/// An OCI artifact: a manifest whose config and layers are whatever the artifact's tool puts
+/// there rather than an image's (OCI image-spec 1.1's `artifactType`, the empty config).
+#[derive(Debug, Clone)]
+pub struct ArtifactSpec {
+    /// The manifest's `artifactType`, if any.
+    pub artifact_type: Option<String>,
+    pub config: ArtifactBlob,
+    pub layers: Vec<ArtifactBlob>,
+    /// The manifest's `annotations`, if any.
+    pub annotations: Option<serde_json::Value>,
+    /// The manifest's `subject` (the image an SBOM or signature is about), if any.
+    pub subject: Option<serde_json::Value>,
+}
+
+/// A config or layer of an artifact: its media type and exact bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArtifactBlob {
+    pub media_type: String,
+    pub bytes: Vec<u8>,
+}
+
+impl ArtifactBlob {
+    pub fn new(media_type: &str, bytes: impl Into<Vec<u8>>) -> Self {
+        Self {
+            media_type: media_type.to_owned(),
+            bytes: bytes.into(),
+        }
+    }
+
+    /// OCI's empty descriptor content: `{}` as `application/vnd.oci.empty.v1+json`.
+    pub fn empty_config() -> Self {
+        Self::new(OCI_EMPTY, b"{}".to_vec())
+    }
+}
+
+impl ArtifactSpec {
+    /// A Helm chart as `helm push` stores it: a Helm config and one gzip'ed tar of the chart.
+    pub fn helm_chart(name: &str, version: &str) -> Self {
+        let chart_yaml = format!(
+            "apiVersion: v2\nname: {name}\nversion: {version}\ndescription: testkit chart\n"
+        );
+        let mut tar = tar::Builder::new(Vec::new());
+        append_file(
+            &mut tar,
+            &format!("{name}/Chart.yaml"),
+            chart_yaml.len() as u64,
+            chart_yaml.as_bytes(),
+        );
+        let mut gzip = flate2::GzBuilder::new()
+            .mtime(0)
+            .write(Vec::new(), Compression::fast());
+        gzip.write_all(&tar.into_inner().expect("finish the chart tar"))
+            .expect("gzip the chart");
+        let content = gzip.finish().expect("finish the chart gzip");
+        let config = json!({
+            "apiVersion": "v2",
+            "name": name,
+            "version": version,
+            "description": "testkit chart",
+        });
+        Self {
+            artifact_type: None,
+            config: ArtifactBlob::new(
+                HELM_CONFIG,
+                serde_json::to_vec(&config).expect("config serialises"),
+            ),
+            layers: vec![ArtifactBlob::new(HELM_CHART_CONTENT, content)],
+            annotations: None,
+            subject: None,
+        }
+    }
+
+    /// An SPDX SBOM as an artifact: `artifactType` `application/spdx+json`, the empty config,
+    /// and one `application/spdx+json` layer holding the document (JSON, not a tar).
+    pub fn sbom(document_name: &str) -> Self {
+        let document = json!({
+            "spdxVersion": "SPDX-2.3",
+            "dataLicense": "CC0-1.0",
+            "SPDXID": "SPDXRef-DOCUMENT",
+            "name": document_name,
+            "documentNamespace": format!("https://testkit.invalid/spdx/{document_name}"),
+            "creationInfo": { "created": "1970-01-01T00:00:00Z", "creators": ["Tool: testkit"] },
+            "packages": [],
+        });
+        Self {
+            artifact_type: Some(SPDX_JSON.to_owned()),
+            config: ArtifactBlob::empty_config(),
+            layers: vec![ArtifactBlob::new(
+                SPDX_JSON,
+                serde_json::to_vec_pretty(&document).expect("document serialises"),
+            )],
+            annotations: None,
+            subject: None,
+        }
+    }
+
+    /// Names `image` as the `subject` (the OCI referrers relation).
+    pub fn about(mut self, image: &BuiltImage) -> Self {
+        self.subject = Some(json!({
+            "mediaType": image.media_type,
+            "size": image.manifest.len(),
+            "digest": image.digest,
+        }));
+        self
+    }
+
+    /// An OCI image manifest for the artifact. It has no platform; `platform` says
+    /// `unknown/unknown`, as BuildKit marks attestations in an index.
+    pub fn build(&self) -> BuiltImage {
+        let config = Blob::from_bytes(self.config.bytes.clone(), &self.config.media_type);
+        let layers: Vec<Blob> = self
+            .layers
+            .iter()
+            .map(|layer| Blob::from_bytes(layer.bytes.clone(), &layer.media_type))
+            .collect();
+        let mut manifest = json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": config.descriptor(),
+            "layers": layers.iter().map(Blob::descriptor).collect::<Vec<_>>(),
+        });
+        if let Some(artifact_type) = &self.artifact_type {
+            manifest["artifactType"] = json!(artifact_type);
+        }
+        if let Some(annotations) = &self.annotations {
+            manifest["annotations"] = annotations.clone();
+        }
+        if let Some(subject) = &self.subject {
+            manifest["subject"] = subject.clone();
+        }
+        let manifest =
+            Bytes::from(serde_json::to_vec_pretty(&manifest).expect("manifest serialises"));
+        BuiltImage {
+            digest: crate::sha256_digest(&manifest),
+            media_type: OCI_MANIFEST,
+            manifest,
+            platform: Platform::parse("unknown/unknown"),
+            config,
+            layers,
+        }
+    }
+}
+
 /// Where a blob's bytes are.
 #[derive(Debug, Clone)]
 pub enum BlobData {
@@ -310,6 +629,11 @@ pub struct Blob {
 }
 
 impl Blob {
+    /// A blob held in memory (`media_type` is interned, see [`BuiltImage::media_type`]).
+    pub fn from_bytes(bytes: impl Into<Vec<u8>>, media_type: &str) -> Self {
+        Self::in_memory(bytes.into(), intern(media_type))
+    }
+
     fn in_memory(bytes: Vec<u8>, media_type: &'static str) -> Self {
         Self {
             digest: crate::sha256_digest(&bytes),
@@ -471,8 +795,7 @@ fn append_file<W: Write>(tar: &mut tar::Builder<W>, path: &str, size: u64, data:
         .expect("append to the tar");
 }
 
-fn build_layer(spec: LayerSpec, format: ManifestFormat) -> (Blob, String) {
-    let media_type = format.layer_media_type();
+fn build_layer(spec: LayerSpec, media_type: &'static str) -> (Blob, String) {
     if spec.size <= IN_MEMORY_LIMIT {
         let (bytes, diff_id, digest, size) = write_layer(spec, Vec::new(), Compression::fast());
         let blob = Blob {
@@ -549,6 +872,159 @@ mod tests {
             assert_eq!(crate::sha256_digest(&tar), diff_id.as_str().unwrap());
             assert_eq!(crate::sha256_digest(bytes), layer.digest);
         }
+    }
+
+    /// Existing specs must keep their exact digests: other suites pin them.
+    #[test]
+    fn digests_of_plain_specs_are_unchanged() {
+        assert_eq!(
+            ImageSpec::seeded(ManifestFormat::Oci, 7, 2, 1000)
+                .build()
+                .digest,
+            "sha256:7487cb6e8b2fc888e180c1fd3dcc322807453623dfc53785ae99ed44edb2051c"
+        );
+        assert_eq!(
+            ImageSpec::seeded(ManifestFormat::Docker, 8, 1, 4096)
+                .with_platform("linux/arm/v7")
+                .build()
+                .digest,
+            "sha256:9d3327206bfa2dbe9b667edfd5edb5d6e3e2f5ee42009a73f5bd6fdaad890016"
+        );
+        let index = IndexSpec::seeded(
+            ManifestFormat::Oci,
+            21,
+            &["linux/amd64", "linux/arm64/v8"],
+            2,
+            1024,
+        );
+        assert_eq!(
+            index.build().digest,
+            "sha256:2c4e6fb50b13921d811d1f8b349a78837e9b1df9edd70798daeab5d2828a482b"
+        );
+    }
+
+    fn config_json(image: &BuiltImage) -> serde_json::Value {
+        match &image.config.data {
+            BlobData::Memory(bytes) => serde_json::from_slice(bytes).unwrap(),
+            BlobData::File(_) => unreachable!("configs are small"),
+        }
+    }
+
+    fn manifest_json(image: &BuiltImage) -> serde_json::Value {
+        serde_json::from_slice(&image.manifest).unwrap()
+    }
+
+    #[test]
+    fn crafted_config_fields_are_merged_and_diff_ids_stay_right() {
+        let hostile = "a\u{0}b\nc\r\u{1b}[31md";
+        let plain = ImageSpec::seeded(ManifestFormat::Oci, 4, 2, 512);
+        let crafted = plain
+            .clone()
+            .with_container_config(json!({
+                "Cmd": [hostile],
+                "Entrypoint": [hostile],
+                "Env": [format!("X={hostile}")],
+                "WorkingDir": hostile,
+                "User": hostile,
+                "ExposedPorts": { hostile: {} },
+                "Labels": { hostile: hostile },
+            }))
+            .with_config(json!({ "os": hostile, "architecture": hostile, "variant": null }))
+            .with_config_media_type("application/vnd.example.config+json")
+            .build();
+        let config = config_json(&crafted);
+        assert_eq!(config["config"]["Cmd"][0], hostile);
+        assert_eq!(config["config"]["Labels"][hostile], hostile);
+        assert_eq!(config["config"]["ExposedPorts"][hostile], json!({}));
+        assert_eq!(config["os"], hostile);
+        assert!(config["variant"].is_null() && config.get("variant").is_some());
+        // The generated fields a test did not touch are still there.
+        assert_eq!(
+            config["config"]["Env"].as_array().unwrap().len(),
+            1,
+            "arrays are replaced, not appended to"
+        );
+        assert_eq!(
+            config["rootfs"]["diff_ids"],
+            config_json(&plain.build())["rootfs"]["diff_ids"]
+        );
+        assert_eq!(
+            manifest_json(&crafted)["config"]["mediaType"],
+            "application/vnd.example.config+json"
+        );
+        assert_eq!(
+            crafted.config.media_type,
+            "application/vnd.example.config+json"
+        );
+    }
+
+    #[test]
+    fn windows_images_list_their_base_layer_as_foreign() {
+        let image = ImageSpec::windows(
+            ManifestFormat::Docker,
+            5,
+            "https://foreign.invalid/blobs/{digest}",
+        )
+        .build();
+        let manifest = manifest_json(&image);
+        let base = &manifest["layers"][0];
+        assert_eq!(base["mediaType"], DOCKER_FOREIGN_LAYER);
+        assert_eq!(
+            base["urls"][0],
+            format!("https://foreign.invalid/blobs/{}", image.layers[0].digest)
+        );
+        assert!(is_non_distributable(image.layers[0].media_type));
+        assert_eq!(manifest["layers"][1]["mediaType"], DOCKER_LAYER);
+        assert!(manifest["layers"][1].get("urls").is_none());
+        let config = config_json(&image);
+        assert_eq!(
+            (config["os"].as_str(), config["os.version"].as_str()),
+            (Some("windows"), Some("10.0.17763.5830"))
+        );
+        assert_eq!(image.platform, Platform::parse("windows/amd64"));
+    }
+
+    #[test]
+    fn artifacts_carry_their_own_media_types() {
+        let image = ImageSpec::seeded(ManifestFormat::Oci, 6, 1, 64).build();
+        let sbom = ArtifactSpec::sbom("app").about(&image).build();
+        let manifest = manifest_json(&sbom);
+        assert_eq!(manifest["artifactType"], SPDX_JSON);
+        assert_eq!(manifest["config"]["mediaType"], OCI_EMPTY);
+        assert_eq!(
+            manifest["config"]["digest"],
+            "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
+        );
+        assert_eq!(manifest["layers"][0]["mediaType"], SPDX_JSON);
+        assert_eq!(manifest["subject"]["digest"], image.digest.as_str());
+
+        let chart = ArtifactSpec::helm_chart("web", "1.2.3").build();
+        let manifest = manifest_json(&chart);
+        assert_eq!(manifest["config"]["mediaType"], HELM_CONFIG);
+        assert_eq!(manifest["layers"][0]["mediaType"], HELM_CHART_CONTENT);
+        let BlobData::Memory(content) = &chart.layers[0].data else {
+            unreachable!()
+        };
+        let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(&content[..]));
+        let names: Vec<String> = archive
+            .entries()
+            .unwrap()
+            .map(|e| e.unwrap().path().unwrap().display().to_string())
+            .collect();
+        assert_eq!(names, ["web/Chart.yaml"]);
+    }
+
+    #[test]
+    fn merge_json_merges_objects_and_replaces_the_rest() {
+        let mut target = json!({ "a": { "b": 1, "c": [1, 2] }, "d": "x" });
+        merge_json(
+            &mut target,
+            &json!({ "a": { "c": [3], "e": null }, "d": { "f": true } }),
+        );
+        assert_eq!(
+            target,
+            json!({ "a": { "b": 1, "c": [3], "e": null }, "d": { "f": true } })
+        );
     }
 
     #[test]

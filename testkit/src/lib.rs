@@ -9,6 +9,11 @@
 //!   disk when large, and pushed with plain HTTP calls independent of tailor's own client.
 //! - [`skopeo`]: skopeo as an independent client to check what is in a registry.
 //! - [`fault_proxy`]: a proxy in front of a registry that injects 429s, 403s and crafted answers.
+//! - [`hostile_registry`]: a registry of its own that lies on purpose (huge or trickling bodies,
+//!   redirects anywhere, wrong lengths and digests, hangs), for tests of untrusted upstreams.
+//! - [`tcp_target`]: a bare TCP listener that proves whether a client connected at all.
+//! - [`netns`]: running a test in a private network namespace, where metadata addresses such as
+//!   169.254.169.254 can be bound without any traffic leaving the machine.
 //!
 //! Nothing is assumed to be running: every component is started here and stopped on drop.
 
@@ -17,12 +22,15 @@ pub mod callback_sink;
 pub mod certs;
 pub mod db;
 pub mod fault_proxy;
+pub mod hostile_registry;
 pub mod image;
+pub mod netns;
 pub mod process;
 pub mod push;
 pub mod registry;
 pub mod skopeo;
 pub mod supervised_registry;
+pub mod tcp_target;
 pub mod token_issuer;
 
 pub use db::TestDatabase;
