@@ -9,6 +9,9 @@
 //!   disk when large, and pushed with plain HTTP calls independent of tailor's own client.
 //! - [`skopeo`]: skopeo as an independent client to check what is in a registry.
 //! - [`fault_proxy`]: a proxy in front of a registry that injects 429s, 403s and crafted answers.
+//! - [`ha_registry`]: the internal registry's HA shape: registries sharing an S3 bucket
+//!   ([`s3`], SeaweedFS) behind a TLS load balancer ([`load_balancer`], nginx), with instances
+//!   that can be killed and restarted.
 //!
 //! Nothing is assumed to be running: every component is started here and stopped on drop.
 
@@ -17,19 +20,23 @@ pub mod callback_sink;
 pub mod certs;
 pub mod db;
 pub mod fault_proxy;
+pub mod ha_registry;
 pub mod image;
+pub mod load_balancer;
 pub mod process;
 pub mod push;
 pub mod registry;
+pub mod s3;
 pub mod skopeo;
 pub mod supervised_registry;
 pub mod token_issuer;
 
 pub use db::TestDatabase;
+pub use ha_registry::HaRegistry;
 pub use image::{
     BuiltImage, BuiltIndex, ImageSpec, IndexSpec, LayerSpec, ManifestFormat, Platform,
 };
-pub use push::{PushAuth, push_image, push_index};
+pub use push::{PushAuth, PushOptions, push_image, push_image_with, push_index, push_index_with};
 pub use registry::TestRegistry;
 
 /// Process-wide set-up every test helper calls first: a TLS provider and test logging.
