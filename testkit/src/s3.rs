@@ -4,7 +4,7 @@
 //! Every port `weed server` opens is pinned to a free loopback port (left to itself it takes
 //! 8080, 8333, 9333 and more, and two tests would collide), its logs and unix sockets go to the
 //! work directory where it lets us choose, and the gRPC sockets it always puts in /tmp are
-//! removed after it. It is stopped with SIGKILL: it may sit on SIGTERM for many seconds, and a
+//! removed after it (or, if the test process was killed, by the next start). It is stopped with SIGKILL: it may sit on SIGTERM for many seconds, and a
 //! test store has nothing worth a clean shutdown.
 //!
 //! Objects are listed with `object_store` (Apache Arrow's S3 client), not with the registry's
@@ -85,6 +85,8 @@ pub struct S3Server {
     access_key: String,
     secret_key: Secret,
     store: AmazonS3,
+    /// Where the sockets `weed` may leave in /tmp are listed (see [`SOCKET_LIST_PREFIX`]).
+    socket_list: PathBuf,
     // Last, so the directory outlives the server writing into it.
     workdir: WorkDir,
 }
@@ -94,7 +96,13 @@ impl S3Server {
     pub fn start() -> Self {
         crate::init();
         let program = find_weed_binary();
+        sweep_sockets_of_dead_servers();
         let workdir = WorkDir::new("seaweedfs").expect("a SeaweedFS work directory");
+        let socket_list = std::env::temp_dir().join(format!(
+            "{SOCKET_LIST_PREFIX}{}-{}",
+            std::process::id(),
+            uuid::Uuid::new_v4().simple()
+        ));
         let dir = workdir.path().to_owned();
         let bucket = "tailor-test".to_owned();
         let access_key =
@@ -114,6 +122,7 @@ impl S3Server {
         let mut last_error = String::new();
         for attempt in 0..START_ATTEMPTS {
             let ports = Ports::pick();
+            record_sockets(&socket_list, ports);
             let data = dir.join(format!("data-{attempt}"));
             std::fs::create_dir_all(&data).expect("create the data directory");
             let log_path = dir.join(format!("weed-{attempt}.log"));
@@ -130,6 +139,7 @@ impl S3Server {
                         access_key,
                         secret_key,
                         store,
+                        socket_list,
                         workdir,
                     };
                 }
@@ -141,6 +151,7 @@ impl S3Server {
                 }
             }
         }
+        let _ = std::fs::remove_file(&socket_list);
         panic!("SeaweedFS did not start: {last_error}");
     }
 
@@ -206,6 +217,57 @@ impl Drop for S3Server {
         // Stop the server first: it must not recreate the sockets after they are removed.
         drop(self.server.take());
         remove_sockets(self.ports);
+        let _ = std::fs::remove_file(&self.socket_list);
+    }
+}
+
+/// Lists of the /tmp sockets a server's `weed` may create, one file per server named
+/// `<prefix><owner pid>-<id>` in the temporary directory, so that a later start can remove them
+/// if the owner died without dropping its server. Not in the server's work directory: any
+/// tailor process sweeps a dead owner's work directory, possibly before a list there is read.
+const SOCKET_LIST_PREFIX: &str = "tailor-seaweedfs-sockets-";
+
+fn record_sockets(list: &Path, ports: Ports) {
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(list)
+        .expect("open the socket list");
+    for socket in ports.grpc_sockets() {
+        writeln!(file, "{}", socket.display()).expect("record a socket");
+    }
+}
+
+/// Removes the sockets on the lists of owners that are gone, and the lists. Sockets of live
+/// owners, or on no list of ours, are never touched.
+fn sweep_sockets_of_dead_servers() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(owner) = name
+            .strip_prefix(SOCKET_LIST_PREFIX)
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<libc::pid_t>().ok())
+        else {
+            continue;
+        };
+        // Gone, as opposed to alive but not ours to signal (EPERM).
+        // SAFETY: kill(2) with signal 0 only checks.
+        let gone = unsafe { libc::kill(owner, 0) } != 0
+            && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if !gone {
+            continue;
+        }
+        let list = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        for socket in list
+            .lines()
+            .filter(|line| line.starts_with("/tmp/seaweedfs-"))
+        {
+            let _ = std::fs::remove_file(socket);
+        }
+        let _ = std::fs::remove_file(entry.path());
     }
 }
 
