@@ -1,5 +1,6 @@
 //! Driving the BOSH release's test harnesses: YAML read by Ruby (as BOSH reads it), job specs,
-//! templates rendered by `bosh-release/tests/render.rb`, and the binaries' `check-config`.
+//! templates rendered by `bosh-release/tests/render.rb`, the binaries' `check-config`, and
+//! Debian's `nginx -t` for the load balancer's configuration.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -96,5 +97,74 @@ pub fn check_config(job: &str, env: &[(String, String)]) -> Result<(), String> {
         Ok(())
     } else {
         Err(String::from_utf8_lossy(&output.stderr).into_owned())
+    }
+}
+
+/// A job's templates, as (source, destination under the job directory).
+pub fn templates(job: &str) -> Vec<(String, String)> {
+    job_spec(job)["templates"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(source, destination)| (source.clone(), destination.as_str().unwrap().to_owned()))
+        .collect()
+}
+
+/// Renders every template of `job` into `dir` as BOSH lays them out under
+/// /var/vcap/jobs/<job>; returns the bpm process's env with /var/vcap/jobs/<job> mapped to `dir`.
+pub fn render_job(job: &str, manifest: &Value, dir: &Path) -> Vec<(String, String)> {
+    for (source, destination) in templates(job) {
+        let rendered = render(job, &source, manifest)
+            .unwrap_or_else(|e| panic!("{job}/{source} does not render: {e}"));
+        let path = dir.join(&destination);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, rendered).unwrap();
+    }
+    let rendered = std::fs::read_to_string(dir.join("config/bpm.yml")).unwrap();
+    assert_eq!(
+        ruby_yaml(&rendered)["processes"][0]["name"],
+        job,
+        "bpm names its process after the job (monit's pidfile)"
+    );
+    let job_root = format!("/var/vcap/jobs/{job}");
+    bpm_env(&rendered)
+        .into_iter()
+        .map(|(k, v)| (k, v.replace(&job_root, &dir.display().to_string())))
+        .collect()
+}
+
+/// Renders registry-lb into `dir` and asks Debian's nginx whether the configuration is valid
+/// (`nginx -t` parses it, loads the certificates and resolves the upstreams), with the job's
+/// /var/vcap directories mapped into `dir`; returns the configuration as tested.
+pub fn nginx_accepts(manifest: &Value, dir: &Path) -> Result<String, String> {
+    render_job("registry-lb", manifest, dir);
+    let (data, logs) = (dir.join("data"), dir.join("log"));
+    for made in [&data, &logs] {
+        std::fs::create_dir_all(made).unwrap();
+    }
+    let config = std::fs::read_to_string(dir.join("config/nginx.conf"))
+        .unwrap()
+        .replace("/var/vcap/jobs/registry-lb", &dir.display().to_string())
+        .replace("/var/vcap/data/registry-lb", &data.display().to_string())
+        .replace("/var/vcap/sys/log/registry-lb", &logs.display().to_string());
+    assert!(!config.contains("/var/vcap"), "an unmapped path:\n{config}");
+    let path = dir.join("nginx-test.conf");
+    std::fs::write(&path, &config).unwrap();
+    let output = Command::new(testkit::load_balancer::find_nginx_binary())
+        .arg("-t")
+        .arg("-p")
+        .arg(&data)
+        .arg("-c")
+        .arg(&path)
+        .args(["-e", "stderr"])
+        .output()
+        .expect("run nginx -t (scripts/test installs nginx)");
+    if output.status.success() {
+        Ok(config)
+    } else {
+        Err(format!(
+            "{}\n{config}",
+            String::from_utf8_lossy(&output.stderr)
+        ))
     }
 }

@@ -1,20 +1,24 @@
 //! The BOSH release's jobs: every template renders with Ruby's ERB through a harness that gives
 //! templates what the director gives them (`bosh-release/tests/render.rb`), for the defaults
 //! and for custom properties; what they render is then validated by the binaries themselves
-//! (`check-config`, `docker-registry garbage-collect --dry-run`), so templates and code cannot
-//! drift apart; bad properties fail at render time with a message that names them.
+//! (`check-config`, `docker-registry garbage-collect --dry-run`, `nginx -t`), so templates and
+//! code cannot drift apart; bad properties fail at render time with a message that names them.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::{Value, json};
-use specs::bosh::{bpm_env, check_config, job_spec, release_dir, render, ruby_yaml as yaml};
+use specs::bosh::{
+    check_config, job_spec, nginx_accepts, release_dir, render, render_job, ruby_yaml as yaml,
+    templates,
+};
 
-const JOBS: [&str; 4] = [
+const JOBS: [&str; 5] = [
     "stager-api",
     "tailor-worker",
     "tailor-pruner",
     "docker-registry",
+    "registry-lb",
 ];
 const TOKEN: &str = "bosh-token-0123456789abcdef";
 
@@ -31,6 +35,23 @@ fn registry_link(tls: bool) -> Value {
         properties["docker_registry"]["tls"] = json!({ "certificate": "PEM" });
     }
     json!({ "address": "registry.tailor.internal", "properties": properties })
+}
+
+/// The docker-registry link as registry-lb consumes it: two instances (IP addresses, so that
+/// `nginx -t`, which resolves upstream names, needs no DNS).
+fn registry_instances_link(tls: bool) -> Value {
+    let mut link = registry_link(tls);
+    link["address"] = json!("q-s0.registry.default.tailor.bosh");
+    link["instances"] = json!([{ "address": "10.0.1.11" }, { "address": "10.0.1.12" }]);
+    link
+}
+
+/// The registry-lb link as tailor's jobs consume it.
+fn registry_lb_link() -> Value {
+    json!({
+        "address": "q-s0.registry-lb.default.tailor.bosh",
+        "properties": { "registry_lb": { "port": 443 } },
+    })
 }
 
 fn postgres_link() -> Value {
@@ -61,6 +82,13 @@ fn minimal(job: &str) -> Value {
         "docker-registry" => json!({
             "properties": { "docker_registry": { "http_secret": "0123456789abcdef0123" } },
         }),
+        "registry-lb" => {
+            let (cert, key) = testkit::certs::self_signed(&["registry-lb.tailor.internal"]);
+            json!({
+                "properties": { "registry_lb": { "tls": { "certificate": cert, "private_key": key } } },
+                "links": { "internal-registry": registry_instances_link(false) },
+            })
+        }
         other => panic!("unknown job {other}"),
     }
 }
@@ -129,40 +157,23 @@ fn custom(job: &str, dir: &Path) -> Value {
                 "upload_purging": false,
             }},
         }),
+        "registry-lb" => json!({
+            "properties": { "registry_lb": {
+                "listen_address": "127.0.0.1",
+                "port": 8443,
+                "tls": { "certificate": cert, "private_key": key },
+                "upstream_tls": { "ca": cert, "server_name": "registry.tailor.internal" },
+                "max_fails": 3,
+                "fail_timeout": "10s",
+                "connect_timeout": "500ms",
+                "read_timeout": "15m",
+                "worker_processes": 2,
+                "worker_connections": 512,
+            }},
+            "links": { "internal-registry": registry_instances_link(true) },
+        }),
         other => panic!("unknown job {other}"),
     }
-}
-
-fn templates(job: &str) -> Vec<(String, String)> {
-    job_spec(job)["templates"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .map(|(source, destination)| (source.clone(), destination.as_str().unwrap().to_owned()))
-        .collect()
-}
-
-/// Renders every template of `job` into `dir` as BOSH lays them out under
-/// /var/vcap/jobs/<job>; returns the bpm process's env with /var/vcap/jobs/<job> mapped to `dir`.
-fn render_job(job: &str, manifest: &Value, dir: &Path) -> Vec<(String, String)> {
-    for (source, destination) in templates(job) {
-        let rendered = render(job, &source, manifest)
-            .unwrap_or_else(|e| panic!("{job}/{source} does not render: {e}"));
-        let path = dir.join(&destination);
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(path, rendered).unwrap();
-    }
-    let rendered = std::fs::read_to_string(dir.join("config/bpm.yml")).unwrap();
-    assert_eq!(
-        yaml(&rendered)["processes"][0]["name"],
-        job,
-        "bpm names its process after the job (monit's pidfile)"
-    );
-    let job_root = format!("/var/vcap/jobs/{job}");
-    bpm_env(&rendered)
-        .into_iter()
-        .map(|(k, v)| (k, v.replace(&job_root, &dir.display().to_string())))
-        .collect()
 }
 
 fn env_value<'a>(env: &'a [(String, String)], name: &str) -> Option<&'a str> {
@@ -312,6 +323,117 @@ fn the_registry_config_is_accepted_by_the_registry_itself() {
 }
 
 #[test]
+fn the_load_balancer_config_is_accepted_by_nginx_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = nginx_accepts(&minimal("registry-lb"), dir.path())
+        .unwrap_or_else(|e| panic!("defaults: {e}"));
+    for line in [
+        "listen 0.0.0.0:443 ssl;",
+        "server 10.0.1.11:5000 max_fails=1 fail_timeout=5s;",
+        "server 10.0.1.12:5000 max_fails=1 fail_timeout=5s;",
+        "proxy_pass http://registry;",
+        "proxy_request_buffering off;",
+        "proxy_buffering off;",
+        "client_max_body_size 0;",
+        "proxy_set_header X-Forwarded-Proto https;",
+        "proxy_next_upstream error timeout http_502 http_503;",
+    ] {
+        assert!(config.contains(line), "defaults: no `{line}` in\n{config}");
+    }
+    assert!(!config.contains("proxy_ssl_verify"), "plain HTTP upstreams");
+    let bpm = yaml(&std::fs::read_to_string(dir.path().join("config/bpm.yml")).unwrap());
+    assert_eq!(
+        bpm["processes"][0]["capabilities"],
+        json!(["NET_BIND_SERVICE"]),
+        "port 443 as vcap needs the capability"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = nginx_accepts(&custom("registry-lb", dir.path()), dir.path())
+        .unwrap_or_else(|e| panic!("custom: {e}"));
+    for line in [
+        "listen 127.0.0.1:8443 ssl;",
+        "worker_processes 2;",
+        "worker_connections 512;",
+        "server 10.0.1.11:5000 max_fails=3 fail_timeout=10s;",
+        "proxy_pass https://registry;",
+        "proxy_ssl_verify on;",
+        "proxy_ssl_name registry.tailor.internal;",
+        "proxy_connect_timeout 500ms;",
+        "proxy_read_timeout 15m;",
+    ] {
+        assert!(config.contains(line), "custom: no `{line}` in\n{config}");
+    }
+    let bpm = yaml(&std::fs::read_to_string(dir.path().join("config/bpm.yml")).unwrap());
+    assert!(
+        bpm["processes"][0]["capabilities"].is_null(),
+        "8443 needs no capability"
+    );
+
+    // Upstreams given as a property win over the link; TLS to them follows from a CA.
+    let dir = tempfile::tempdir().unwrap();
+    let mut manifest = minimal("registry-lb");
+    manifest["properties"]["registry_lb"]["upstreams"] = json!(["127.0.0.1:5001", "[::1]:5002"]);
+    manifest["links"] = json!({});
+    let config = nginx_accepts(&manifest, dir.path()).unwrap_or_else(|e| panic!("upstreams: {e}"));
+    assert!(
+        config.contains("server 127.0.0.1:5001 max_fails=1"),
+        "{config}"
+    );
+    assert!(config.contains("server [::1]:5002 max_fails=1"), "{config}");
+    // The link's address is what the registries' certificates are checked against by default.
+    let dir = tempfile::tempdir().unwrap();
+    let mut manifest = custom("registry-lb", dir.path());
+    manifest["properties"]["registry_lb"]["upstream_tls"]
+        .as_object_mut()
+        .unwrap()
+        .remove("server_name");
+    let config = nginx_accepts(&manifest, dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        config.contains("proxy_ssl_name q-s0.registry.default.tailor.bosh;"),
+        "{config}"
+    );
+}
+
+#[test]
+fn tailor_jobs_use_the_load_balancer_when_the_deployment_has_one() {
+    for job in ["stager-api", "tailor-worker", "tailor-pruner"] {
+        let mut manifest = minimal(job);
+        manifest["links"]["internal-registry"] = registry_link(false);
+        manifest["links"]["internal-registry-lb"] = registry_lb_link();
+        let dir = tempfile::tempdir().unwrap();
+        let env = render_job(job, &manifest, dir.path());
+        assert_eq!(
+            env_value(&env, "TAILOR_INTERNAL_REGISTRY"),
+            Some("q-s0.registry-lb.default.tailor.bosh:443"),
+            "{job}: the load balancer is the internal registry"
+        );
+        assert_eq!(
+            env_value(&env, "TAILOR_INSECURE_REGISTRIES"),
+            None,
+            "{job}: the load balancer speaks HTTPS, whatever the instances do"
+        );
+        assert_eq!(
+            env_value(&env, "TAILOR_INTERNAL_REGISTRY_USER"),
+            Some("tailor"),
+            "{job}: users still come from the registry's link"
+        );
+        check_config(job, &env).unwrap_or_else(|e| panic!("{job}: {e}"));
+
+        // An explicit address still wins.
+        manifest["properties"]["tailor"]["internal_registry"] =
+            json!({ "address": "registry.example.com:443" });
+        let dir = tempfile::tempdir().unwrap();
+        let env = render_job(job, &manifest, dir.path());
+        assert_eq!(
+            env_value(&env, "TAILOR_INTERNAL_REGISTRY"),
+            Some("registry.example.com:443"),
+            "{job}"
+        );
+    }
+}
+
+#[test]
 fn missing_or_contradictory_properties_fail_at_render_time_with_their_names() {
     let cases: Vec<(&str, &str, Value, &str)> = vec![
         (
@@ -432,6 +554,96 @@ fn missing_or_contradictory_properties_fail_at_render_time_with_their_names() {
                 m
             },
             "docker_registry.storage.filesystem.root",
+        ),
+        (
+            "registry-lb",
+            "nginx.conf.erb",
+            json!({ "properties": {},
+                    "links": { "internal-registry": registry_instances_link(false) } }),
+            "registry_lb.tls.certificate",
+        ),
+        (
+            "registry-lb",
+            "nginx.conf.erb",
+            {
+                let mut m = minimal("registry-lb");
+                m["properties"]["registry_lb"]["tls"]
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("private_key");
+                m
+            },
+            "registry_lb.tls.private_key",
+        ),
+        (
+            "registry-lb",
+            "nginx.conf.erb",
+            {
+                let mut m = minimal("registry-lb");
+                m["links"]["internal-registry"]["instances"] = json!([]);
+                m
+            },
+            "registry_lb.upstreams",
+        ),
+        (
+            "registry-lb",
+            "nginx.conf.erb",
+            {
+                let mut m = minimal("registry-lb");
+                m["links"] = json!({});
+                m
+            },
+            "registry_lb.upstreams",
+        ),
+        (
+            "registry-lb",
+            "nginx.conf.erb",
+            {
+                let mut m = minimal("registry-lb");
+                m["properties"]["registry_lb"]["upstreams"] = json!(["10.0.1.11:5000; evil"]);
+                m
+            },
+            "registry_lb.upstreams",
+        ),
+        (
+            "registry-lb",
+            "nginx.conf.erb",
+            {
+                let mut m = minimal("registry-lb");
+                m["links"]["internal-registry"] = registry_instances_link(true);
+                m
+            },
+            "registry_lb.upstream_tls.ca",
+        ),
+        (
+            "registry-lb",
+            "nginx.conf.erb",
+            {
+                let mut m = minimal("registry-lb");
+                m["properties"]["registry_lb"]["upstream_tls"] = json!({ "ca": "PEM" });
+                m
+            },
+            "registry_lb.upstream_tls.ca",
+        ),
+        (
+            "registry-lb",
+            "nginx.conf.erb",
+            {
+                let mut m = minimal("registry-lb");
+                m["properties"]["registry_lb"]["fail_timeout"] = json!("five seconds");
+                m
+            },
+            "registry_lb.fail_timeout",
+        ),
+        (
+            "registry-lb",
+            "bpm.yml.erb",
+            {
+                let mut m = minimal("registry-lb");
+                m["properties"]["registry_lb"]["port"] = json!(70000);
+                m
+            },
+            "registry_lb.port",
         ),
     ];
     for (job, template, manifest, needle) in cases {
@@ -571,6 +783,30 @@ fn the_release_layout_is_complete() {
             "the internal-registry link must share {property}"
         );
     }
+    assert!(
+        provided_types["tailor-registry-lb"]
+            .to_string()
+            .contains("registry_lb.port"),
+        "the internal-registry-lb link must share registry_lb.port"
+    );
+}
+
+#[test]
+fn s3_storage_can_keep_blob_reads_on_the_registry() {
+    let mut manifest = minimal("docker-registry");
+    manifest["properties"]["docker_registry"]["storage"] = json!({
+        "type": "s3",
+        "s3": { "bucket": "b", "region": "us-east-1", "endpoint": "https://s3.example.com" },
+    });
+    let config = yaml(&render("docker-registry", "config.yml.erb", &manifest).unwrap());
+    assert!(
+        config["storage"]["redirect"].is_null(),
+        "distribution's default (redirects) unless asked"
+    );
+    manifest["properties"]["docker_registry"]["storage"]["redirect"] = json!({ "disable": true });
+    let config = yaml(&render("docker-registry", "config.yml.erb", &manifest).unwrap());
+    assert_eq!(config["storage"]["redirect"]["disable"], true);
+    assert_eq!(config["storage"]["s3"]["bucket"], "b");
 }
 
 #[test]

@@ -14,6 +14,9 @@
 //! - [`tcp_target`]: a bare TCP listener that proves whether a client connected at all.
 //! - [`netns`]: running a test in a private network namespace, where metadata addresses such as
 //!   169.254.169.254 can be bound without any traffic leaving the machine.
+//! - [`ha_registry`]: the internal registry's HA shape: registries sharing an S3 bucket
+//!   ([`s3`], SeaweedFS) behind a TLS load balancer ([`load_balancer`], nginx), with instances
+//!   that can be killed and restarted.
 //!
 //! Nothing is assumed to be running: every component is started here and stopped on drop.
 
@@ -22,22 +25,26 @@ pub mod callback_sink;
 pub mod certs;
 pub mod db;
 pub mod fault_proxy;
+pub mod ha_registry;
 pub mod hostile_registry;
 pub mod image;
+pub mod load_balancer;
 pub mod netns;
 pub mod process;
 pub mod push;
 pub mod registry;
+pub mod s3;
 pub mod skopeo;
 pub mod supervised_registry;
 pub mod tcp_target;
 pub mod token_issuer;
 
 pub use db::TestDatabase;
+pub use ha_registry::HaRegistry;
 pub use image::{
     BuiltImage, BuiltIndex, ImageSpec, IndexSpec, LayerSpec, ManifestFormat, Platform,
 };
-pub use push::{PushAuth, push_image, push_index};
+pub use push::{PushAuth, PushOptions, push_image, push_image_with, push_index, push_index_with};
 pub use registry::TestRegistry;
 
 /// Process-wide set-up every test helper calls first: a TLS provider and test logging.

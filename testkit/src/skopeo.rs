@@ -73,3 +73,78 @@ pub fn copy_to_oci_layout(
         .arg(format!("oci:{}:copied", dir.display()));
     run(command).map(|_| ())
 }
+
+/// How skopeo reaches a registry that is not plain HTTP on loopback.
+#[derive(Debug, Clone, Default)]
+pub struct SkopeoOptions {
+    /// Verify TLS against the certificates in this directory (`ca.crt` and friends, added to
+    /// the system roots), instead of speaking plain HTTP without verification.
+    pub cert_dir: Option<std::path::PathBuf>,
+    /// `--retry-times`: how often skopeo tries a failed operation again.
+    pub retry_times: u32,
+}
+
+impl SkopeoOptions {
+    /// HTTPS verified against the CA in `cert_dir`, with a few retries.
+    pub fn https(cert_dir: impl Into<std::path::PathBuf>) -> Self {
+        Self {
+            cert_dir: Some(cert_dir.into()),
+            retry_times: 3,
+        }
+    }
+
+    /// The TLS and retry flags, `prefix` being `""` (inspect) or `"src-"`/`"dest-"` (copy).
+    fn apply(&self, command: &mut Command, prefix: &str) {
+        match &self.cert_dir {
+            Some(dir) => {
+                command.arg(format!("--{prefix}tls-verify=true"));
+                command.arg(format!("--{prefix}cert-dir")).arg(dir);
+            }
+            None => {
+                command.arg(format!("--{prefix}tls-verify=false"));
+            }
+        }
+        if self.retry_times > 0 {
+            command.arg(format!("--retry-times={}", self.retry_times));
+        }
+    }
+}
+
+/// [`inspect_raw`] with TLS verified against a CA and retries.
+pub fn inspect_raw_with(
+    image: &str,
+    credentials: Option<(&str, &str)>,
+    options: &SkopeoOptions,
+) -> Result<Vec<u8>, String> {
+    let mut command = skopeo();
+    command.args(["inspect", "--raw"]);
+    options.apply(&mut command, "");
+    if let Some((user, password)) = credentials {
+        command.arg("--creds").arg(format!("{user}:{password}"));
+    }
+    command.arg(format!("docker://{image}"));
+    run(command)
+}
+
+/// [`copy_to_oci_layout`] with TLS verified against a CA and retries.
+pub fn copy_to_oci_layout_with(
+    image: &str,
+    credentials: Option<(&str, &str)>,
+    dir: &Path,
+    all_platforms: bool,
+    options: &SkopeoOptions,
+) -> Result<(), String> {
+    let mut command = skopeo();
+    command.args(["copy", "--quiet"]);
+    options.apply(&mut command, "src-");
+    if all_platforms {
+        command.arg("--all");
+    }
+    if let Some((user, password)) = credentials {
+        command.arg("--src-creds").arg(format!("{user}:{password}"));
+    }
+    command
+        .arg(format!("docker://{image}"))
+        .arg(format!("oci:{}:copied", dir.display()));
+    run(command).map(|_| ())
+}

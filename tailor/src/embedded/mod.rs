@@ -1,5 +1,5 @@
 //! Real components started by tailor itself: an ephemeral PostgreSQL cluster and CNCF
-//! distribution registries on loopback.
+//! distribution registries on loopback (on local disk or on S3).
 //!
 //! This is what `stager-api embedded` runs on, and what every test runs against (through the
 //! `testkit` crate). Nothing here assumes a system service: each component lives in a private
@@ -14,7 +14,8 @@ mod workdir;
 pub use postgres::{EmbeddedPostgres, find_postgres_bin_dir};
 pub use process::{ManagedChild, free_loopback_port};
 pub use registry::{
-    EmbeddedRegistry, RegistryAuth, RegistryOptions, find_registry_binary, probe_v2, render_config,
+    EmbeddedRegistry, RegistryAuth, RegistryOptions, RegistryStorage, S3Storage,
+    find_registry_binary, probe_v2, render_config,
 };
 pub use workdir::WorkDir;
 
