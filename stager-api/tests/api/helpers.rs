@@ -19,6 +19,8 @@ pub struct TestApp {
     pub internal_registry: Option<TestRegistry>,
     pub client: reqwest::Client,
     pub workers: CancellationToken,
+    /// Kept for the app's lifetime (a private server stops when its last handle goes).
+    pub _database: TestDatabase,
 }
 
 impl TestApp {
@@ -106,15 +108,30 @@ impl Drop for TestApp {
 /// it and to `also_insecure`, loopback allowed as an egress destination (the test's upstreams
 /// and callback sinks live there), and no workers, credentials key or TLS.
 pub fn settings(database_url: &str, internal: &str, also_insecure: &[String]) -> StagerSettings {
+    settings_with(database_url, internal, also_insecure, &[])
+}
+
+/// [`settings`] with `env` read first (it may override any of them).
+pub fn settings_with(
+    database_url: &str,
+    internal: &str,
+    also_insecure: &[String],
+    env: &[(String, String)],
+) -> StagerSettings {
     let mut insecure = vec![internal.to_owned()];
     insecure.extend_from_slice(also_insecure);
     let insecure = insecure.join(",");
-    let tailor = TailorSettings::from_lookup(|name| match name {
-        "DATABASE_URL" => Some(database_url.to_owned()),
-        "TAILOR_INTERNAL_REGISTRY" => Some(internal.to_owned()),
-        "TAILOR_INSECURE_REGISTRIES" => Some(insecure.clone()),
-        "TAILOR_EGRESS_ALLOW" => Some("127.0.0.1".to_owned()),
-        _ => None,
+    let tailor = TailorSettings::from_lookup(|name| {
+        if let Some((_, value)) = env.iter().find(|(k, _)| k == name) {
+            return Some(value.clone());
+        }
+        match name {
+            "DATABASE_URL" => Some(database_url.to_owned()),
+            "TAILOR_INTERNAL_REGISTRY" => Some(internal.to_owned()),
+            "TAILOR_INSECURE_REGISTRIES" => Some(insecure.clone()),
+            "TAILOR_EGRESS_ALLOW" => Some("127.0.0.1".to_owned()),
+            _ => None,
+        }
     })
     .expect("valid test settings");
     StagerSettings {
@@ -133,31 +150,75 @@ pub async fn spawn_app() -> TestApp {
 
 /// The app with `workers` in-process workers (0: nothing is ever claimed) and `hub` upstream.
 pub async fn spawn_app_with(workers: usize, hub: TestRegistry) -> TestApp {
+    spawn(AppOptions {
+        workers,
+        hub: Some(hub),
+        ..AppOptions::default()
+    })
+    .await
+}
+
+/// How [`spawn`] sets an app up.
+#[derive(Default)]
+pub struct AppOptions {
+    /// In-process workers (0: nothing is ever claimed).
+    pub workers: usize,
+    /// The upstream "hub" (an anonymous registry when `None`).
+    pub hub: Option<TestRegistry>,
+    /// More hosts spoken to over plain HTTP (a hostile registry).
+    pub also_insecure: Vec<String>,
+    /// Settings read before the defaults (`TAILOR_REQUEST_TIMEOUT`, `TAILOR_LEASE_SECONDS`...).
+    pub env: Vec<(String, String)>,
+    /// A database of the test's own (one inside a private network namespace).
+    pub database: Option<TestDatabase>,
+}
+
+impl AppOptions {
+    pub fn env(mut self, name: &str, value: &str) -> Self {
+        self.env.push((name.to_owned(), value.to_owned()));
+        self
+    }
+}
+
+pub async fn spawn(options: AppOptions) -> TestApp {
     testkit::init();
-    let db = TestDatabase::new().await;
+    let db = match options.database {
+        Some(db) => db,
+        None => TestDatabase::new().await,
+    };
+    let hub = options.hub.unwrap_or_else(TestRegistry::anonymous);
     let registry = TestRegistry::anonymous();
     let key = tailor::secrets::CredentialsKey::generate();
+    let mut insecure = vec![hub.host()];
+    insecure.extend(options.also_insecure);
     let settings = StagerSettings {
-        workers,
+        workers: options.workers,
         credentials_key: Some(key.clone()),
-        ..settings(&db.url, &registry.host(), &[hub.host()])
+        ..settings_with(&db.url, &registry.host(), &insecure, &options.env)
     };
     let pool = db.pool().await;
+    let app = Application::build(&settings, pool.clone()).expect("build the app");
+    let address = format!("http://{}", app.addr());
     let shutdown = CancellationToken::new();
-    if workers > 0 {
-        let mut worker_settings =
-            WorkerSettings::from_settings(&settings.tailor, Some(key), |_| None).unwrap();
-        worker_settings.poll_interval = Duration::from_millis(500);
+    if options.workers > 0 {
+        let env = options.env.clone();
+        let mut worker_settings = WorkerSettings::from_settings(&settings.tailor, Some(key), |n| {
+            env.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone())
+        })
+        .unwrap();
+        // The workers, like stager-api's own, may not call this very app back.
+        worker_settings.egress = settings.egress_policy(app.addr());
+        if !env.iter().any(|(k, _)| k == "TAILOR_POLL_SECONDS") {
+            worker_settings.poll_interval = Duration::from_millis(500);
+        }
         let worker_pool = tailor::db::connect(&db.url, 4).await.unwrap();
         tokio::spawn(tailor::staging::worker::run(
             worker_pool,
             worker_settings,
-            workers,
+            options.workers,
             shutdown.clone(),
         ));
     }
-    let app = Application::build(&settings, pool.clone()).expect("build the app");
-    let address = format!("http://{}", app.addr());
     tokio::spawn(app.run_until_stopped());
     TestApp {
         address,
@@ -166,5 +227,6 @@ pub async fn spawn_app_with(workers: usize, hub: TestRegistry) -> TestApp {
         internal_registry: Some(registry),
         client: reqwest::Client::new(),
         workers: shutdown,
+        _database: db,
     }
 }
