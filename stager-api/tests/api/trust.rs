@@ -416,13 +416,20 @@ async fn trickling_and_hanging_upstreams_time_out_and_free_their_worker() {
         .collect();
     let slow: Vec<String> =
         futures_util::future::join_all(images.iter().map(|image| stage(&app, image))).await;
-    for guid in &slow {
+    // Each fails for its own reason: no answer within the request deadline, or a transfer
+    // under the throughput floor; none waits for more than the staging's deadline.
+    for (guid, cause) in slow
+        .iter()
+        .zip(["within 2s", "under the floor", "within 2s"])
+    {
         let done = app.wait_finished(guid).await;
         assert_eq!(
             (done["state"].as_str(), error_code(&done)),
             (Some("failed"), "TIMEOUT"),
             "{done}"
         );
+        let message = done["error"]["message"].as_str().unwrap();
+        assert!(message.contains(cause), "{cause:?} in {message:?}");
     }
     app.hub.push("fast/app:v1", &image).await;
     let fast = staged(&app, &format!("{}/fast/app:v1", app.hub.host())).await;

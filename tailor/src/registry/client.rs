@@ -214,17 +214,18 @@ impl Registry {
                 builder = builder.timeout(self.limits.request_timeout);
             }
             let sent = tokio::time::timeout(self.limits.request_timeout, builder.send()).await;
+            let no_answer = || RegistryError::Timeout {
+                registry: self.endpoint.name.clone(),
+                detail: format!(
+                    "no answer to {} {} within {}s",
+                    request.method,
+                    clean(url.path(), 200),
+                    self.limits.request_timeout.as_secs()
+                ),
+            };
             let response = match sent {
                 Err(_) => {
-                    let error = RegistryError::Timeout {
-                        registry: self.endpoint.name.clone(),
-                        detail: format!(
-                            "no answer to {} {} within {}s",
-                            request.method,
-                            url.path(),
-                            self.limits.request_timeout.as_secs()
-                        ),
-                    };
+                    let error = no_answer();
                     if request.idempotent() && tries + 1 < self.retry.max_attempts {
                         tries += 1;
                         tokio::time::sleep(self.retry.backoff(tries)).await;
@@ -244,6 +245,9 @@ impl Registry {
                         tries += 1;
                         tokio::time::sleep(self.retry.backoff(tries)).await;
                         continue;
+                    }
+                    if error.is_timeout() {
+                        return Err(no_answer());
                     }
                     return Err(self.transport_error(&error));
                 }
@@ -525,11 +529,20 @@ impl Registry {
             return Err(too_large());
         }
         let mut body = Vec::new();
-        while let Some(chunk) = response
-            .chunk()
-            .await
-            .map_err(|e| self.transport_error(&e))?
-        {
+        let incomplete = |e: reqwest::Error| {
+            if e.is_timeout() {
+                RegistryError::Timeout {
+                    registry: self.endpoint.name.clone(),
+                    detail: format!(
+                        "{what} did not arrive whole within {}s",
+                        self.limits.request_timeout.as_secs()
+                    ),
+                }
+            } else {
+                self.transport_error(&e)
+            }
+        };
+        while let Some(chunk) = response.chunk().await.map_err(incomplete)? {
             if body.len() as u64 + chunk.len() as u64 > limit {
                 return Err(too_large());
             }

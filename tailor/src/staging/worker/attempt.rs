@@ -56,7 +56,7 @@ pub(crate) async fn run_one(shared: &Shared, worker: &str, claimed: Claimed) {
         tracing::error!(panic = %crate::text::clean(&what, 300), "the worker panicked; the staging is recorded as failed");
         let next = decide(
             Attempt::Panicked(&crate::text::clean(&what, 300)),
-            &circumstances(shared, attempts, Duration::ZERO),
+            &circumstances(shared, attempts, Duration::ZERO, None),
         );
         if let Next::Fail { code, message } = next {
             let recorded = queue::finish(
@@ -76,8 +76,14 @@ pub(crate) async fn run_one(shared: &Shared, worker: &str, claimed: Claimed) {
     }
 }
 
-fn circumstances(shared: &Shared, attempts: i32, time_left: Duration) -> Circumstances {
+fn circumstances(
+    shared: &Shared,
+    attempts: i32,
+    time_left: Duration,
+    last_error: Option<&str>,
+) -> Circumstances {
     Circumstances {
+        last_error: last_error.map(str::to_owned),
         attempts,
         max_attempts: shared.settings.max_attempts,
         time_left,
@@ -157,7 +163,12 @@ async fn attempt(shared: &Shared, worker: &str, claimed: Claimed) {
                 .max(Duration::from_secs(1));
             let next = decide(
                 Attempt::RateLimitWait(wait),
-                &circumstances(shared, staging.attempts, time_left()),
+                &circumstances(
+                    shared,
+                    staging.attempts,
+                    time_left(),
+                    staging.last_error.as_deref(),
+                ),
             );
             record(shared, worker, guid, next, None).await;
             return;
@@ -174,7 +185,12 @@ async fn attempt(shared: &Shared, worker: &str, claimed: Claimed) {
     if !hold_repository(shared, &leases, &repository_lease).await {
         let next = decide(
             Attempt::RepositoryBusy,
-            &circumstances(shared, staging.attempts, time_left()),
+            &circumstances(
+                shared,
+                staging.attempts,
+                time_left(),
+                staging.last_error.as_deref(),
+            ),
         );
         record(shared, worker, guid, next, None).await;
         return;
@@ -266,7 +282,12 @@ async fn attempt(shared: &Shared, worker: &str, claimed: Claimed) {
     };
     let next = decide(
         attempt_outcome,
-        &circumstances(shared, staging.attempts, time_left()),
+        &circumstances(
+            shared,
+            staging.attempts,
+            time_left(),
+            staging.last_error.as_deref(),
+        ),
     );
     match &next {
         Next::Fail { code, message } => tracing::warn!(code, %message, "staging failed"),

@@ -63,6 +63,8 @@ pub struct Circumstances {
     pub read_only_retry: Duration,
     /// A number in [0, 1) that spreads retries of many stagings apart.
     pub jitter: f64,
+    /// Why the previous attempt failed, if it did (`code: message`).
+    pub last_error: Option<String>,
 }
 
 /// The first backoff; it doubles per attempt up to [`Circumstances::max_backoff`].
@@ -93,7 +95,12 @@ pub fn decide(attempt: Attempt<'_>, c: &Circumstances) -> Next {
         }),
         Attempt::Stopped(StopReason::Deadline) => Next::Fail {
             code: "TIMEOUT",
-            message: "the staging did not finish before its deadline".into(),
+            message: match &c.last_error {
+                Some(last) => {
+                    format!("the staging did not finish before its deadline (last error: {last})")
+                }
+                None => "the staging did not finish before its deadline".into(),
+            },
         },
         Attempt::Panicked(what) => Next::Fail {
             code: "INTERNAL_ERROR",
@@ -190,6 +197,7 @@ mod tests {
             max_backoff: Duration::from_secs(300),
             read_only_retry: Duration::from_secs(15),
             jitter: 0.5,
+            last_error: None,
         }
     }
 
@@ -358,6 +366,19 @@ mod tests {
                 ..
             }
         ));
+        let after_a_failure = Circumstances {
+            last_error: Some("TIMEOUT: hub did not answer in time".into()),
+            ..circumstances()
+        };
+        let Next::Fail { message, .. } =
+            decide(Attempt::Stopped(StopReason::Deadline), &after_a_failure)
+        else {
+            panic!()
+        };
+        assert!(
+            message.ends_with("(last error: TIMEOUT: hub did not answer in time)"),
+            "{message}"
+        );
         assert!(matches!(
             decide(Attempt::Panicked("boom"), &circumstances()),
             Next::Fail {
