@@ -15,7 +15,7 @@ use uuid::Uuid;
 
 const GIB: u64 = 1 << 30;
 /// Far above what a bounded process needs, far below a buffered gigabyte.
-const RSS_CEILING_KIB: u64 = 200 * 1024;
+const RSS_CEILING_KIB: u64 = 128 * 1024;
 
 /// A process's peak resident set (`VmHWM`), in KiB.
 fn peak_rss_kib(pid: u32) -> u64 {
@@ -110,9 +110,9 @@ async fn gigabyte_answers_and_large_reference_lists_never_grow_the_processes() {
         "application/vnd.oci.image.manifest.v1+json",
         serde_json::to_vec(&huge_config).unwrap(),
     );
-    tokens.add_image("big/token", "v1", &image);
+    tokens.add_image("big/realm", "v1", &image);
     tokens.require_token(None);
-    tokens.add_rule(Rule::new("/token", endless(200, false)));
+    tokens.add_rule(Rule::new("/token?", endless(200, false)));
 
     let mut guids = Vec::new();
     for image in [
@@ -123,7 +123,7 @@ async fn gigabyte_answers_and_large_reference_lists_never_grow_the_processes() {
         format!("{}/big/layer:v1", hostile.host()),
         format!("{}/big/missing-layer:v1", hostile.host()),
         format!("{}/big/declared-config:v1", hostile.host()),
-        format!("{}/big/token:v1", tokens.host()),
+        format!("{}/big/realm:v1", tokens.host()),
     ] {
         let staged = stage(&api, json!({ "app_guid": Uuid::new_v4(), "image": image })).await;
         guids.push((image, staged["staging_guid"].as_str().unwrap().to_owned()));
