@@ -5,6 +5,8 @@
 //! the README's test command builds them before running the suite.
 
 pub mod bosh;
+pub mod fleet;
+pub mod scale;
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;

@@ -102,6 +102,11 @@ impl FaultProxy {
         self.state.rules.lock().unwrap().push(rule);
     }
 
+    /// Drops every rule: from now on everything is forwarded.
+    pub fn clear_rules(&self) {
+        self.state.rules.lock().unwrap().clear();
+    }
+
     /// The requests a rule answered: (path, status).
     pub fn answered(&self) -> Vec<(String, u16)> {
         self.state.answered.lock().unwrap().clone()

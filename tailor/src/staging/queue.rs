@@ -48,7 +48,7 @@ static CLAIM_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
          UPDATE stagings s SET lease_owner = $1, \
              lease_expires_at = now() + make_interval(secs => $2), attempts = s.attempts + 1, \
              workers_lost = s.workers_lost + CASE WHEN s.state = 'running' THEN 1 ELSE 0 END, \
-             state = 'running', waiting_for = NULL, \
+             state = 'running', waiting_for = NULL, bytes_done = 0, \
              started_at = coalesce(s.started_at, now()), updated_at = now() \
          FROM next WHERE s.staging_guid = next.staging_guid \
          RETURNING {}, s.encrypted_credentials, \
