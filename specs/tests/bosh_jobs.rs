@@ -963,6 +963,42 @@ fn missing_or_contradictory_properties_fail_at_render_time_with_their_names() {
     }
 }
 
+#[test]
+fn processes_with_workers_need_a_database_connection_besides_the_listen_one() {
+    // Workers hold one of the pool's connections for LISTEN/NOTIFY; with a pool of one, their
+    // claims wait for a connection until they time out, over and over. The binaries accept 1
+    // (the pruner needs no more), so the templates refuse it where workers run.
+    let connections =
+        |job: &str, n: u32| with_property(minimal(job), "tailor.database.connections", &json!(n));
+    for (job, manifest) in [
+        ("tailor-worker", connections("tailor-worker", 1)),
+        ("stager-api", connections("stager-api", 1)),
+    ] {
+        let error = render(job, "bpm.yml.erb", &manifest).expect_err(job);
+        assert!(
+            error.contains("tailor.database.connections must be at least 2"),
+            "{job}: {error}"
+        );
+    }
+    for (job, manifest) in [
+        ("tailor-worker", connections("tailor-worker", 2)),
+        ("stager-api", connections("stager-api", 2)),
+        (
+            "stager-api",
+            with_property(
+                connections("stager-api", 1),
+                "stager_api.workers",
+                &json!(0),
+            ),
+        ),
+        ("tailor-pruner", connections("tailor-pruner", 1)),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let env = render_job(job, &manifest, dir.path());
+        check_config(job, &env).unwrap_or_else(|e| panic!("{job}: {e}"));
+    }
+}
+
 /// `manifest` with the property at `path` (under `properties`) set to `value`.
 fn with_property(mut manifest: Value, path: &str, value: &Value) -> Value {
     let mut node = &mut manifest["properties"];
