@@ -93,9 +93,24 @@ fn minimal(job: &str) -> Value {
     }
 }
 
+/// The settings of the processes that copy images and deliver callbacks (stager-api's
+/// in-process workers and tailor-worker), each away from its default.
+fn custom_copying() -> Value {
+    json!({
+        "min_transfer_rate": "1MiB",
+        "min_transfer_window": "1m",
+        "callback": { "timeout": "30s", "retry_for": "2d" },
+        "egress": {
+            "allow": ["10.1.0.0/16", "registry.corp", "harbor.corp:8443", "[fd00::5]:5000", "127.0.0.1"],
+            "deny": ["10.244.0.0/16", "192.168.50.7", " api.system.example.com:443 "],
+        },
+    })
+}
+
 /// Every property set, links the other way round (external database, TLS registry).
 fn custom(job: &str, dir: &Path) -> Value {
     let (cert, key) = testkit::certs::self_signed(&["stager.tailor.internal"]);
+    let (ca, _) = testkit::certs::self_signed(&["tailor-ca"]);
     let key_hex = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
     let tailor = json!({
         "database": { "url": "postgres://tailor:secret@10.0.0.5:5432/tailor?sslmode=require" },
@@ -104,11 +119,21 @@ fn custom(job: &str, dir: &Path) -> Value {
         "default_registry": "registry.example.com",
         "insecure_registries": ["10.1.0.9:5000"],
         "log_format": "text",
+        // A bundle of two certificates, as an internal CA's chain is.
+        "ca_certificates": format!("{ca}{cert}"),
+        "request_timeout": "90s",
     });
+    let with_copying = |mut tailor: Value| {
+        for (key, value) in custom_copying().as_object().unwrap() {
+            tailor[key] = value.clone();
+        }
+        tailor["credentials_key"] = json!(key_hex);
+        tailor
+    };
     match job {
         "stager-api" => {
-            let mut tailor = tailor;
-            tailor["credentials_key"] = json!(key_hex);
+            let mut tailor = with_copying(tailor);
+            tailor["database"]["connections"] = json!(16);
             json!({
                 "properties": {
                     "stager_api": {
@@ -116,6 +141,7 @@ fn custom(job: &str, dir: &Path) -> Value {
                         "port": 8443,
                         "api_tokens": [TOKEN, "another-token-abcdefghij"],
                         "workers": 0,
+                        "staging_timeout": "1h30m",
                         "tls": { "certificate": cert, "private_key": key, "client_ca": cert },
                     },
                     "tailor": tailor,
@@ -124,25 +150,32 @@ fn custom(job: &str, dir: &Path) -> Value {
             })
         }
         "tailor-worker" => {
-            let mut tailor = tailor;
-            tailor["credentials_key"] = json!(key_hex);
+            let mut tailor = with_copying(tailor);
+            tailor["database"]["connections"] = json!("6");
             json!({
                 "properties": {
                     "tailor_worker": {
                         "workers": 16, "copy_concurrency": 4, "lease_seconds": 60, "poll_seconds": 2,
                         "max_attempts": 8, "drain_seconds": 10, "read_only_retry_seconds": 30,
+                        "retry_max_seconds": 600,
                     },
                     "tailor": tailor,
                 },
                 "links": { "internal-registry": registry_link(true) },
             })
         }
-        "tailor-pruner" => json!({
-            "properties": {
-                "tailor_pruner": { "schedule": "*/30 2-5 * * 1-5", "grace": "7d", "dry_run": true },
-                "tailor": tailor,
-            },
-        }),
+        "tailor-pruner" => {
+            let mut tailor = tailor;
+            tailor["database"]["connections"] = json!(1);
+            // Plain seconds, as a YAML integer.
+            tailor["request_timeout"] = json!(120);
+            json!({
+                "properties": {
+                    "tailor_pruner": { "schedule": "*/30 2-5 * * 1-5", "grace": "7d", "dry_run": true },
+                    "tailor": tailor,
+                },
+            })
+        }
         "docker-registry" => json!({
             "properties": { "docker_registry": {
                 "listen_address": "127.0.0.1",
@@ -262,6 +295,128 @@ fn links_and_properties_land_where_the_binaries_read_them() {
         None,
         "the pruner never holds the key"
     );
+}
+
+#[test]
+fn limits_egress_and_trust_land_where_the_binaries_read_them() {
+    // Defaults: what the spec defaults say, and nothing where the binary's default applies.
+    for job in ["stager-api", "tailor-worker", "tailor-pruner"] {
+        let dir = tempfile::tempdir().unwrap();
+        let env = render_job(job, &minimal(job), dir.path());
+        assert_eq!(
+            env_value(&env, "TAILOR_REQUEST_TIMEOUT"),
+            Some("60s"),
+            "{job}"
+        );
+        for unset in [
+            "TAILOR_CA_CERTIFICATES",
+            "TAILOR_DATABASE_CONNECTIONS",
+            "TAILOR_EGRESS_ALLOW",
+            "TAILOR_EGRESS_DENY",
+        ] {
+            assert_eq!(env_value(&env, unset), None, "{job}: {unset}");
+        }
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("config/ca_certificates.pem"))
+                .unwrap()
+                .trim(),
+            "",
+            "{job}: an empty bundle, which nothing points at"
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let env = render_job("tailor-worker", &minimal("tailor-worker"), dir.path());
+    for (setting, value) in [
+        ("TAILOR_MAX_ATTEMPTS", "20"),
+        ("TAILOR_RETRY_MAX_SECONDS", "300"),
+        ("TAILOR_MIN_TRANSFER_RATE", "16KiB"),
+        ("TAILOR_MIN_TRANSFER_WINDOW", "30s"),
+        ("TAILOR_CALLBACK_TIMEOUT", "10s"),
+        ("TAILOR_CALLBACK_RETRY_FOR", "24h"),
+    ] {
+        assert_eq!(env_value(&env, setting), Some(value), "tailor-worker");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let env = render_job("stager-api", &minimal("stager-api"), dir.path());
+    assert_eq!(env_value(&env, "TAILOR_STAGING_TIMEOUT"), Some("15m"));
+
+    // Custom: lists joined with commas, the bundle in a file of the job's config directory.
+    for job in ["stager-api", "tailor-worker"] {
+        let dir = tempfile::tempdir().unwrap();
+        let env = render_job(job, &custom(job, dir.path()), dir.path());
+        assert_eq!(
+            env_value(&env, "TAILOR_EGRESS_ALLOW"),
+            Some("10.1.0.0/16,registry.corp,harbor.corp:8443,[fd00::5]:5000,127.0.0.1"),
+            "{job}"
+        );
+        assert_eq!(
+            env_value(&env, "TAILOR_EGRESS_DENY"),
+            Some("10.244.0.0/16,192.168.50.7,api.system.example.com:443"),
+            "{job}: entries trimmed"
+        );
+        for (setting, value) in [
+            ("TAILOR_MIN_TRANSFER_RATE", "1MiB"),
+            ("TAILOR_MIN_TRANSFER_WINDOW", "1m"),
+            ("TAILOR_CALLBACK_TIMEOUT", "30s"),
+            ("TAILOR_CALLBACK_RETRY_FOR", "2d"),
+            ("TAILOR_REQUEST_TIMEOUT", "90s"),
+        ] {
+            assert_eq!(env_value(&env, setting), Some(value), "{job}");
+        }
+    }
+    for (job, connections) in [
+        ("stager-api", "16"),
+        ("tailor-worker", "6"),
+        ("tailor-pruner", "1"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let env = render_job(job, &custom(job, dir.path()), dir.path());
+        assert_eq!(
+            env_value(&env, "TAILOR_DATABASE_CONNECTIONS"),
+            Some(connections),
+            "{job}"
+        );
+        let bundle = env_value(&env, "TAILOR_CA_CERTIFICATES").expect(job);
+        assert_eq!(
+            Path::new(bundle),
+            dir.path().join("config/ca_certificates.pem"),
+            "{job}: under the job's config directory"
+        );
+        let pem = std::fs::read_to_string(bundle).unwrap();
+        assert_eq!(
+            pem.matches("-----BEGIN CERTIFICATE-----").count(),
+            2,
+            "{job}"
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let env = render_job("stager-api", &custom("stager-api", dir.path()), dir.path());
+    assert_eq!(env_value(&env, "TAILOR_STAGING_TIMEOUT"), Some("1h30m"));
+    let dir = tempfile::tempdir().unwrap();
+    let env = render_job(
+        "tailor-worker",
+        &custom("tailor-worker", dir.path()),
+        dir.path(),
+    );
+    assert_eq!(env_value(&env, "TAILOR_RETRY_MAX_SECONDS"), Some("600"));
+    let dir = tempfile::tempdir().unwrap();
+    let env = render_job(
+        "tailor-pruner",
+        &custom("tailor-pruner", dir.path()),
+        dir.path(),
+    );
+    assert_eq!(env_value(&env, "TAILOR_REQUEST_TIMEOUT"), Some("120"));
+
+    // The pruner reaches only the internal registry, never a tenant's destination, and applies
+    // no egress policy (`tailor prune` connects unrestricted): it takes no egress lists, no
+    // transfer floor (it streams no blobs) and no callback settings (it delivers none).
+    let declared = job_spec("tailor-pruner")["properties"].to_string();
+    for absent in ["tailor.egress", "tailor.min_transfer", "tailor.callback"] {
+        assert!(
+            !declared.contains(absent),
+            "tailor-pruner declares {absent}"
+        );
+    }
 }
 
 #[test]
@@ -646,11 +801,335 @@ fn missing_or_contradictory_properties_fail_at_render_time_with_their_names() {
             "registry_lb.port",
         ),
     ];
-    for (job, template, manifest, needle) in cases {
+    // The limits, trust and egress settings: what the template can judge by itself, named with
+    // the property. Egress entries that are empty or hold a comma would be silently dropped or
+    // split in two by the binary, so only the template can catch them.
+    let (ca, ca_key) = testkit::certs::self_signed(&["tailor-ca"]);
+    let new_cases: Vec<(&str, &str, Value, &str)> = vec![
+        (
+            "stager-api",
+            "tailor.egress.allow",
+            json!(["10.0.0.0/8", ""]),
+            "tailor.egress.allow[1] is empty",
+        ),
+        (
+            "tailor-worker",
+            "tailor.egress.deny",
+            json!([null]),
+            "tailor.egress.deny[0] is empty",
+        ),
+        (
+            "tailor-worker",
+            "tailor.egress.allow",
+            json!(["10.0.0.0/8,registry.corp"]),
+            "tailor.egress.allow[0]",
+        ),
+        (
+            "stager-api",
+            "tailor.egress.deny",
+            json!(["https://api.example.com"]),
+            "tailor.egress.deny[0]",
+        ),
+        (
+            "tailor-worker",
+            "tailor.egress.deny",
+            json!(["registry.corp/v2"]),
+            "tailor.egress.deny[0]",
+        ),
+        (
+            "tailor-worker",
+            "tailor.egress.allow",
+            json!(["registry corp"]),
+            "tailor.egress.allow[0]",
+        ),
+        (
+            "tailor-worker",
+            "tailor.egress.allow",
+            json!([{ "cidr": "10.0.0.0/8" }]),
+            "tailor.egress.allow[0]",
+        ),
+        (
+            "stager-api",
+            "tailor.egress.allow",
+            json!("10.0.0.0/8"),
+            "tailor.egress.allow must be a list",
+        ),
+        (
+            "tailor-pruner",
+            "tailor.database.connections",
+            json!(0),
+            "tailor.database.connections",
+        ),
+        (
+            "stager-api",
+            "tailor.database.connections",
+            json!(1001),
+            "tailor.database.connections",
+        ),
+        (
+            "tailor-worker",
+            "tailor.database.connections",
+            json!("eight"),
+            "tailor.database.connections",
+        ),
+        (
+            "tailor-pruner",
+            "tailor.ca_certificates",
+            json!("/etc/ssl/certs/ca.pem"),
+            "tailor.ca_certificates holds no PEM",
+        ),
+        (
+            "stager-api",
+            "tailor.ca_certificates",
+            json!(format!("{ca}{ca_key}")),
+            "tailor.ca_certificates holds a private key",
+        ),
+        (
+            "stager-api",
+            "stager_api.staging_timeout",
+            json!("15 minutes"),
+            "stager_api.staging_timeout",
+        ),
+        (
+            "stager-api",
+            "stager_api.staging_timeout",
+            json!("1.5h"),
+            "stager_api.staging_timeout",
+        ),
+        (
+            "tailor-pruner",
+            "tailor.request_timeout",
+            json!("2h"),
+            "tailor.request_timeout",
+        ),
+        (
+            "tailor-worker",
+            "tailor.min_transfer_rate",
+            json!("fast"),
+            "tailor.min_transfer_rate",
+        ),
+        (
+            "stager-api",
+            "tailor.min_transfer_rate",
+            json!("16GiB"),
+            "tailor.min_transfer_rate",
+        ),
+        (
+            "tailor-worker",
+            "tailor.min_transfer_window",
+            json!("0"),
+            "tailor.min_transfer_window",
+        ),
+        (
+            "stager-api",
+            "tailor.callback.timeout",
+            json!("1h"),
+            "tailor.callback.timeout",
+        ),
+        (
+            "tailor-worker",
+            "tailor.callback.retry_for",
+            json!("30s"),
+            "tailor.callback.retry_for",
+        ),
+        (
+            "tailor-worker",
+            "tailor_worker.retry_max_seconds",
+            json!("5m"),
+            "tailor_worker.retry_max_seconds",
+        ),
+        (
+            "tailor-worker",
+            "tailor_worker.max_attempts",
+            json!(0),
+            "tailor_worker.max_attempts",
+        ),
+    ]
+    .into_iter()
+    .map(|(job, property, value, needle)| {
+        (
+            job,
+            "bpm.yml.erb",
+            with_property(minimal(job), property, &value),
+            needle,
+        )
+    })
+    .collect();
+    for (job, template, manifest, needle) in cases.into_iter().chain(new_cases) {
         let error = render(job, template, &manifest).err().unwrap_or_else(|| {
             panic!("{job}/{template} rendered; expected an error about {needle}")
         });
         assert!(error.contains(needle), "{job}/{template}: {error}");
+    }
+}
+
+#[test]
+fn processes_with_workers_need_a_database_connection_besides_the_listen_one() {
+    // Workers hold one of the pool's connections for LISTEN/NOTIFY; with a pool of one, their
+    // claims wait for a connection until they time out, over and over. The binaries accept 1
+    // (the pruner needs no more), so the templates refuse it where workers run.
+    let connections =
+        |job: &str, n: u32| with_property(minimal(job), "tailor.database.connections", &json!(n));
+    for (job, manifest) in [
+        ("tailor-worker", connections("tailor-worker", 1)),
+        ("stager-api", connections("stager-api", 1)),
+    ] {
+        let error = render(job, "bpm.yml.erb", &manifest).expect_err(job);
+        assert!(
+            error.contains("tailor.database.connections must be at least 2"),
+            "{job}: {error}"
+        );
+    }
+    for (job, manifest) in [
+        ("tailor-worker", connections("tailor-worker", 2)),
+        ("stager-api", connections("stager-api", 2)),
+        (
+            "stager-api",
+            with_property(
+                connections("stager-api", 1),
+                "stager_api.workers",
+                &json!(0),
+            ),
+        ),
+        ("tailor-pruner", connections("tailor-pruner", 1)),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let env = render_job(job, &manifest, dir.path());
+        check_config(job, &env).unwrap_or_else(|e| panic!("{job}: {e}"));
+    }
+}
+
+/// `manifest` with the property at `path` (under `properties`) set to `value`.
+fn with_property(mut manifest: Value, path: &str, value: &Value) -> Value {
+    let mut node = &mut manifest["properties"];
+    for key in path.split('.') {
+        node = &mut node[key];
+    }
+    *node = value.clone();
+    manifest
+}
+
+#[test]
+fn the_templates_bounds_are_the_binaries_bounds() {
+    // For each new setting the template judges: values at its bounds render and the binary
+    // accepts them; values just past them fail at render time with the property's name, and
+    // the binary, given them directly, refuses them too. So the template refuses nothing the
+    // binary would take, and lets nothing through that it would refuse.
+    // (job, property, setting, values accepted, values refused)
+    type Case<'a> = (&'a str, &'a str, &'a str, &'a [Value], &'a [Value]);
+    let cases: &[Case] = &[
+        (
+            "stager-api",
+            "stager_api.staging_timeout",
+            "TAILOR_STAGING_TIMEOUT",
+            &[json!("10s"), json!("24h"), json!(600), json!("1h30m")],
+            &[json!("9s"), json!("24h1s"), json!("0")],
+        ),
+        (
+            "tailor-pruner",
+            "tailor.request_timeout",
+            "TAILOR_REQUEST_TIMEOUT",
+            &[json!("1s"), json!("1h"), json!(3600)],
+            &[json!("0s"), json!(3601), json!("60m1s")],
+        ),
+        (
+            "tailor-worker",
+            "tailor.min_transfer_window",
+            "TAILOR_MIN_TRANSFER_WINDOW",
+            &[json!(1), json!("60m")],
+            &[json!("0"), json!("1h1s")],
+        ),
+        (
+            "tailor-worker",
+            "tailor.callback.timeout",
+            "TAILOR_CALLBACK_TIMEOUT",
+            &[json!("1s"), json!("10m")],
+            &[json!("0s"), json!("601s")],
+        ),
+        (
+            "stager-api",
+            "tailor.callback.retry_for",
+            "TAILOR_CALLBACK_RETRY_FOR",
+            &[json!("1m"), json!("30d"), json!("2d12h")],
+            &[json!("59s"), json!("30d1s")],
+        ),
+        (
+            "tailor-worker",
+            "tailor.min_transfer_rate",
+            "TAILOR_MIN_TRANSFER_RATE",
+            &[
+                json!(0),
+                json!("16 KiB/s"),
+                json!("512k"),
+                json!("2MB"),
+                json!("18446744073709551615"),
+            ],
+            &[
+                json!("18446744073709551616"),
+                json!("17592186044416MiB"),
+                json!("16 GiB"),
+                json!("-1"),
+                json!("1.5MiB"),
+            ],
+        ),
+        (
+            "tailor-pruner",
+            "tailor.database.connections",
+            "TAILOR_DATABASE_CONNECTIONS",
+            &[json!(1), json!(1000), json!("20")],
+            &[json!(0), json!(1001), json!("-4")],
+        ),
+        (
+            "tailor-worker",
+            "tailor_worker.retry_max_seconds",
+            "TAILOR_RETRY_MAX_SECONDS",
+            &[json!(1), json!(86_400)],
+            &[json!(0), json!(86_401)],
+        ),
+        (
+            "tailor-worker",
+            "tailor_worker.max_attempts",
+            "TAILOR_MAX_ATTEMPTS",
+            &[json!(1), json!(1000)],
+            &[json!(0), json!(1001)],
+        ),
+    ];
+    for (job, property, setting, accepted, refused) in cases {
+        let mut valid_env = None;
+        for value in *accepted {
+            let dir = tempfile::tempdir().unwrap();
+            let env = render_job(
+                job,
+                &with_property(minimal(job), property, value),
+                dir.path(),
+            );
+            check_config(job, &env).unwrap_or_else(|e| panic!("{job} {property}={value}: {e}"));
+            valid_env = Some(env);
+        }
+        let valid_env = valid_env.unwrap();
+        for value in *refused {
+            let manifest = with_property(minimal(job), property, value);
+            let error = render(job, "bpm.yml.erb", &manifest)
+                .err()
+                .unwrap_or_else(|| panic!("{job} {property}={value} rendered"));
+            assert!(
+                error.contains(property),
+                "{job} {property}={value}: {error}"
+            );
+            let text = match value {
+                Value::String(text) => text.clone(),
+                other => other.to_string(),
+            };
+            let env: Vec<(String, String)> = valid_env
+                .iter()
+                .filter(|(k, _)| k != setting)
+                .cloned()
+                .chain([(setting.to_string(), text)])
+                .collect();
+            let error = check_config(job, &env)
+                .expect_err(&format!("{job}: the binary accepts {setting}={value}"));
+            assert!(error.contains(setting), "{job} {setting}={value}: {error}");
+        }
     }
 }
 
@@ -686,6 +1165,29 @@ fn values_only_the_binaries_can_judge_are_refused_by_check_config() {
             "stager-api",
             json!({ "tailor": { "repo_prefix": "Not/Valid" } }),
             "TAILOR_REPO_PREFIX",
+        ),
+        // Well-formed list entries the egress policy's own parser refuses.
+        (
+            "stager-api",
+            json!({ "tailor": { "egress": { "allow": ["10.0.0.0/33"] } } }),
+            "TAILOR_EGRESS_ALLOW",
+        ),
+        (
+            "tailor-worker",
+            json!({ "tailor": { "egress": { "deny": ["registry.corp:99999"] } } }),
+            "TAILOR_EGRESS_DENY",
+        ),
+        (
+            "tailor-worker",
+            json!({ "tailor": { "egress": { "allow": ["under_score.corp"] } } }),
+            "TAILOR_EGRESS_ALLOW",
+        ),
+        // PEM armour around something that is not a certificate.
+        (
+            "tailor-pruner",
+            json!({ "tailor": { "ca_certificates":
+                "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n" } }),
+            "TAILOR_CA_CERTIFICATES",
         ),
     ] {
         let mut manifest = minimal(job);
@@ -809,24 +1311,46 @@ fn s3_storage_can_keep_blob_reads_on_the_registry() {
     assert_eq!(config["storage"]["s3"]["bucket"], "b");
 }
 
+fn template_block(job: &str, start: &str, end: &str) -> Option<String> {
+    let text = std::fs::read_to_string(
+        release()
+            .join("jobs")
+            .join(job)
+            .join("templates/bpm.yml.erb"),
+    )
+    .unwrap();
+    let start = text.find(start)?;
+    let end = text.find(end).expect("the block's end");
+    Some(text[start..end].to_owned())
+}
+
 #[test]
 fn the_three_tailor_jobs_share_one_settings_block_word_for_word() {
     let block = |job: &str| {
-        let text = std::fs::read_to_string(
-            release()
-                .join("jobs")
-                .join(job)
-                .join("templates/bpm.yml.erb"),
+        template_block(
+            job,
+            "# --- The settings every tailor process shares",
+            "# --- end of the shared block.",
         )
-        .unwrap();
-        let start = text
-            .find("# --- The settings every tailor process shares")
-            .unwrap();
-        let end = text.find("# --- end of the shared block.").unwrap();
-        text[start..end].to_owned()
+        .unwrap()
     };
     let reference = block("stager-api");
     for job in ["tailor-worker", "tailor-pruner"] {
         assert_eq!(block(job), reference, "{job} drifted from stager-api");
     }
+    // The egress policy, the transfer floor and callbacks: the same in both processes that
+    // copy images and deliver callbacks; the pruner does neither.
+    let copying = |job: &str| {
+        template_block(
+            job,
+            "# --- The settings of the processes that copy images",
+            "# --- end of the copying block.",
+        )
+    };
+    assert_eq!(
+        copying("tailor-worker").expect("tailor-worker has the copying block"),
+        copying("stager-api").expect("stager-api has the copying block"),
+        "tailor-worker drifted from stager-api"
+    );
+    assert_eq!(copying("tailor-pruner"), None);
 }

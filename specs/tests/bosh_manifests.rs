@@ -235,6 +235,11 @@ fn every_variant_names_only_declared_properties_and_renders_what_the_binaries_ac
 fn the_variants_change_what_they_say_they_change() {
     let base = interpolate(&[]);
     assert!(group(&base, "postgres").is_null());
+    // The egress lists are shown, empty (the example needs no exceptions), and the same on the
+    // API and the workers, as they must be.
+    let egress = |g: &str| group(&base, g)["jobs"][1]["properties"]["tailor"]["egress"].clone();
+    assert_eq!(egress("stager-api"), json!({ "allow": [], "deny": [] }));
+    assert_eq!(egress("worker"), egress("stager-api"));
 
     let postgres = interpolate(&["colocated-postgres.yml"]);
     assert_eq!(group(&postgres, "postgres")["jobs"][0]["name"], "postgres");
