@@ -62,6 +62,10 @@ async fn main() -> anyhow::Result<()> {
             )
             .map_err(config_error)?;
             workers.registries().map_err(config_error)?;
+            settings
+                .tailor
+                .database_pool(8, settings.workers > 0)
+                .map_err(config_error)?;
             println!("{}", settings.egress_policy(settings.listen).describe());
             println!("configuration is valid");
             Ok(())
@@ -79,9 +83,12 @@ async fn serve(settings: StagerSettings) -> anyhow::Result<()> {
             std::env::var(name).ok()
         })
         .map_err(config_error)?;
-    // One pool for the API and the in-process workers: its size does not grow with workers or
-    // blob transfers (plus one LISTEN connection when workers run here).
-    let connections = settings.tailor.database_connections.unwrap_or(8);
+    // One pool for the API and the in-process workers (whose LISTEN connection is one of
+    // them): its size does not grow with workers or blob transfers.
+    let connections = settings
+        .tailor
+        .database_pool(8, settings.workers > 0)
+        .map_err(config_error)?;
     let db = tailor::db::connect(settings.tailor.database_url.expose(), connections)
         .await
         .context("connecting to DATABASE_URL")?;

@@ -251,6 +251,21 @@ impl TailorSettings {
         })
     }
 
+    /// This process's pool size: `TAILOR_DATABASE_CONNECTIONS`, or the binary's `default`. A
+    /// process that runs workers keeps one connection for LISTEN, so it needs at least 2.
+    pub fn database_pool(&self, default: u32, runs_workers: bool) -> Result<u32, ConfigError> {
+        let size = self.database_connections.unwrap_or(default);
+        if runs_workers && size < 2 {
+            return Err(ConfigError::Invalid {
+                setting: "TAILOR_DATABASE_CONNECTIONS",
+                problem: format!(
+                    "{size} is too few for a process that runs workers: one connection is kept for LISTEN, so at least 2"
+                ),
+            });
+        }
+        Ok(size)
+    }
+
     /// Whether the internal registry is spoken to over plain HTTP.
     pub fn internal_registry_insecure(&self) -> bool {
         self.insecure_registries.contains(&self.internal_registry)

@@ -79,6 +79,7 @@ fn check_config(
     let key = tailor::secrets::CredentialsKey::from_lookup(lookup)?;
     let workers = tailor::staging::worker::WorkerSettings::from_settings(&settings, key, lookup)?;
     workers.registries()?;
+    settings.database_pool(4, true)?;
     if let Some(text) = lookup("TAILOR_WORKERS").filter(|t| !t.trim().is_empty())
         && !text
             .trim()
@@ -125,9 +126,9 @@ async fn work(count: usize) -> anyhow::Result<()> {
             std::env::var(n).ok()
         })
         .map_err(config_error)?;
-    // Workers borrow a connection for one short statement at a time; the pool's size does not
-    // grow with workers or blob transfers (plus one LISTEN connection per process).
-    let connections = settings.database_connections.unwrap_or(4);
+    // Workers borrow a connection for one short statement at a time; the pool's size (its
+    // LISTEN connection included) does not grow with workers or blob transfers.
+    let connections = settings.database_pool(4, true).map_err(config_error)?;
     let pool = tailor::db::connect(settings.database_url.expose(), connections)
         .await
         .context("connecting to DATABASE_URL")?;

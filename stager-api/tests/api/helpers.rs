@@ -21,9 +21,22 @@ pub struct TestApp {
     pub workers: CancellationToken,
     /// Kept for the app's lifetime (a private server stops when its last handle goes).
     pub _database: TestDatabase,
+    /// How [`TestApp::start_workers`] starts more workers.
+    worker_settings: WorkerSettings,
 }
 
 impl TestApp {
+    /// Starts `count` more in-process workers (for tests that let stagings wait first).
+    pub async fn start_workers(&self, count: usize) {
+        let pool = tailor::db::connect(&self._database.url, 4).await.unwrap();
+        tokio::spawn(tailor::staging::worker::run(
+            pool,
+            self.worker_settings.clone(),
+            count,
+            self.workers.clone(),
+        ));
+    }
+
     pub fn get(&self, path: &str) -> reqwest::RequestBuilder {
         self.client.get(format!("{}{path}", self.address))
     }
@@ -200,21 +213,21 @@ pub async fn spawn(options: AppOptions) -> TestApp {
     let app = Application::build(&settings, pool.clone()).expect("build the app");
     let address = format!("http://{}", app.addr());
     let shutdown = CancellationToken::new();
+    let env = options.env.clone();
+    let mut worker_settings = WorkerSettings::from_settings(&settings.tailor, Some(key), |n| {
+        env.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone())
+    })
+    .unwrap();
+    // The workers, like stager-api's own, may not call this very app back.
+    worker_settings.egress = settings.egress_policy(app.addr());
+    if !env.iter().any(|(k, _)| k == "TAILOR_POLL_SECONDS") {
+        worker_settings.poll_interval = Duration::from_millis(500);
+    }
     if options.workers > 0 {
-        let env = options.env.clone();
-        let mut worker_settings = WorkerSettings::from_settings(&settings.tailor, Some(key), |n| {
-            env.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone())
-        })
-        .unwrap();
-        // The workers, like stager-api's own, may not call this very app back.
-        worker_settings.egress = settings.egress_policy(app.addr());
-        if !env.iter().any(|(k, _)| k == "TAILOR_POLL_SECONDS") {
-            worker_settings.poll_interval = Duration::from_millis(500);
-        }
         let worker_pool = tailor::db::connect(&db.url, 4).await.unwrap();
         tokio::spawn(tailor::staging::worker::run(
             worker_pool,
-            worker_settings,
+            worker_settings.clone(),
             options.workers,
             shutdown.clone(),
         ));
@@ -228,5 +241,6 @@ pub async fn spawn(options: AppOptions) -> TestApp {
         client: reqwest::Client::new(),
         workers: shutdown,
         _database: db,
+        worker_settings,
     }
 }

@@ -768,3 +768,31 @@ async fn a_failed_staging_removes_the_tag_an_earlier_attempt_pushed() {
     let pinned = live["result"]["pinned_image"].as_str().unwrap();
     assert_eq!(skopeo::digest(pinned, None).unwrap(), image.digest);
 }
+
+#[tokio::test]
+async fn a_staging_overdue_before_any_worker_claims_it_fails_and_leaves_no_tag() {
+    let app = spawn(AppOptions::default()).await;
+    let image = ImageSpec::seeded(ManifestFormat::Docker, 6900, 1, LAYER).build();
+    let (app_guid, guid) = (Uuid::new_v4(), Uuid::new_v4());
+    let repository = format!("tailor/{app_guid}");
+    // What an attempt whose worker then died had pushed.
+    app.internal().push(&format!("{repository}:{guid}"), &image).await;
+    let response = app
+        .put(&format!("/v1/staging/{guid}"))
+        .json(&json!({
+            "app_id": app_guid,
+            "lifecycle": "docker",
+            "lifecycle_data": { "docker_image": format!("{}/late/app:v1", app.hub.host()) },
+            "timeout": 1,
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    // Past its deadline before any worker runs.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    app.start_workers(1).await;
+    let done = app.wait_finished(&guid.to_string()).await;
+    assert_eq!((done["state"].as_str(), error_code(&done)), (Some("failed"), "TIMEOUT"), "{done}");
+    assert!(internal_tags(&app, &repository).await.is_empty(), "the tag is gone");
+}

@@ -105,7 +105,9 @@ async fn execute(args: &PruneArgs) -> Result<PruneReport, (&'static str, String)
     let settings = TailorSettings::from_env().map_err(|e| (e.code(), e.to_string()))?;
     let pool = tailor::db::connect(
         settings.database_url.expose(),
-        settings.database_connections.unwrap_or(2),
+        settings
+            .database_pool(2, false)
+            .map_err(|e| (e.code(), e.to_string()))?,
     )
     .await
     .map_err(|e| ("DATABASE_UNAVAILABLE", e.to_string()))?;

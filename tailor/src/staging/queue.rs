@@ -3,8 +3,9 @@
 //! another worker resumes it. Every statement here is short: nothing holds a connection while
 //! a copy runs.
 //!
-//! A staging ends at its deadline whatever happens: the sweep in [`claim`] fails overdue ones
-//! nobody holds with `TIMEOUT`, and a worker races its copy against the deadline.
+//! A staging ends at its deadline whatever happens: a worker races its copy against it, and an
+//! overdue staging nobody holds (queued, or left by a dead worker) is claimed like any other,
+//! so that its worker records the failure the same way (removing any tag it pushed).
 
 use std::time::Duration;
 
@@ -36,12 +37,12 @@ static CLAIM_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
         "WITH next AS ( \
              SELECT staging_guid FROM stagings q \
-             WHERE ((q.state = 'queued' AND q.run_after <= now() \
-                     AND NOT EXISTS (SELECT 1 FROM registry_budgets b \
-                                     WHERE b.registry = q.source_registry \
-                                       AND (b.blocked_until > now() OR b.probe_until > now()))) \
-                 OR (q.state = 'running' AND q.lease_expires_at < now())) \
-               AND q.attempts < $3 AND q.deadline_at > now() \
+             WHERE (q.state = 'queued' AND (q.run_after <= now() OR q.deadline_at <= now()) \
+                    AND (q.deadline_at <= now() \
+                         OR NOT EXISTS (SELECT 1 FROM registry_budgets b \
+                                        WHERE b.registry = q.source_registry \
+                                          AND (b.blocked_until > now() OR b.probe_until > now())))) \
+                 OR (q.state = 'running' AND q.lease_expires_at < now()) \
              ORDER BY q.created_at \
              FOR UPDATE SKIP LOCKED \
              LIMIT 1) \
@@ -57,18 +58,16 @@ static CLAIM_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     )
 });
 
-/// Claims the oldest claimable staging: queued and due, or running with an expired lease.
+/// Claims the oldest claimable staging: queued and due (or overdue), or running with an
+/// expired lease. The worker decides what an overdue or worn-out staging comes to.
 pub async fn claim(
     pool: &PgPool,
     worker: &str,
     lease: Duration,
-    max_attempts: i32,
 ) -> Result<Option<Claimed>, sqlx::Error> {
-    fail_abandoned(pool, max_attempts).await?;
     let row = sqlx::query(AssertSqlSafe(CLAIM_SQL.as_str()))
         .bind(worker)
         .bind(lease.as_secs_f64())
-        .bind(max_attempts)
         .fetch_optional(pool)
         .await?;
     let Some(row) = row else { return Ok(None) };
@@ -79,33 +78,6 @@ pub async fn claim(
         encrypted_credentials: row.try_get("encrypted_credentials")?,
         time_left: Duration::from_secs_f64(time_left),
     }))
-}
-
-/// Fails the stagings nobody will finish: past their deadline while queued or left by a dead
-/// worker (`TIMEOUT`), or whose worker died on their last allowed attempt
-/// (`ATTEMPTS_EXHAUSTED`). Each with its callback, in one transaction.
-async fn fail_abandoned(pool: &PgPool, max_attempts: i32) -> Result<(), sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    let failed: Vec<Staging> = sqlx::query_as(AssertSqlSafe(format!(
-        "UPDATE stagings SET state = 'failed', lease_owner = NULL, lease_expires_at = NULL, \
-         encrypted_credentials = NULL, waiting_for = NULL, finished_at = now(), updated_at = now(), \
-         error_code = CASE WHEN deadline_at <= now() THEN 'TIMEOUT' ELSE 'ATTEMPTS_EXHAUSTED' END, \
-         error_message = CASE WHEN deadline_at <= now() \
-             THEN 'the staging did not finish before its deadline' \
-             ELSE 'gave up after ' || attempts || ' attempts' END \
-             || coalesce(' (last error: ' || last_error || ')', '') \
-         WHERE (state = 'queued' AND deadline_at <= now()) \
-            OR (state = 'running' AND lease_expires_at < now() \
-                AND (deadline_at <= now() OR attempts >= $1)) \
-         RETURNING {STAGING_COLUMNS}"
-    )))
-    .bind(max_attempts)
-    .fetch_all(&mut *tx)
-    .await?;
-    for staging in &failed {
-        enqueue_callback(&mut tx, staging).await?;
-    }
-    tx.commit().await
 }
 
 /// What a heartbeat learned.

@@ -137,6 +137,39 @@ async fn attempt(shared: &Shared, worker: &str, claimed: Claimed) {
     let time_left = || deadline.saturating_duration_since(tokio::time::Instant::now());
     tracing::info!(image = %staging.source_image, attempt = staging.attempts, "staging started");
 
+    let leases = Leases::new(shared.pool.clone(), worker, shared.settings.lease);
+    let repository = format!("{}/{}", shared.settings.repo_prefix, staging.app_guid);
+    let repository_lease = lease::repository(&repository);
+    let dest = shared
+        .registries
+        .internal(
+            &shared.settings.internal_registry,
+            shared.settings.internal_credentials.clone(),
+        )
+        .repository(&repository);
+
+    // Claimed only to be ended: past its deadline, or worn out by workers that kept vanishing.
+    let hopeless = if claimed.time_left.is_zero() {
+        Some(Attempt::Stopped(StopReason::Deadline))
+    } else if staging.attempts > shared.settings.max_attempts {
+        Some(Attempt::WornOut)
+    } else {
+        None
+    };
+    if let Some(attempt) = hopeless {
+        let next = decide(
+            attempt,
+            &circumstances(shared, staging.attempts, Duration::ZERO, staging.last_error.as_deref()),
+        );
+        tracing::warn!(?next, "staging ends without a copy");
+        remove_failed_tag(shared, &leases, &repository_lease, &dest, guid).await;
+        record(shared, worker, guid, next, None).await;
+        if let Err(error) = leases.release(&repository_lease).await {
+            tracing::warn!(%error, "could not release the repository lease; it will expire");
+        }
+        return;
+    }
+
     let prepared = match prepare(shared, &claimed) {
         Ok(prepared) => prepared,
         Err((code, message)) => {
@@ -179,9 +212,6 @@ async fn attempt(shared: &Shared, worker: &str, claimed: Claimed) {
         }
     };
 
-    let leases = Leases::new(shared.pool.clone(), worker, shared.settings.lease);
-    let repository = format!("{}/{}", shared.settings.repo_prefix, staging.app_guid);
-    let repository_lease = lease::repository(&repository);
     if !hold_repository(shared, &leases, &repository_lease).await {
         let next = decide(
             Attempt::RepositoryBusy,
@@ -206,12 +236,6 @@ async fn attempt(shared: &Shared, worker: &str, claimed: Claimed) {
             Some(observer),
         )
         .repository(&prepared.src.repository);
-    let dest = registries
-        .internal(
-            &shared.settings.internal_registry,
-            shared.settings.internal_credentials.clone(),
-        )
-        .repository(&repository);
 
     let cancel = tokio_util::sync::CancellationToken::new();
     shared

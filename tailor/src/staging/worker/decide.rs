@@ -33,6 +33,8 @@ pub enum Attempt<'a> {
     RepositoryBusy,
     /// The source registry's budget says wait until `after`.
     RateLimitWait(Duration),
+    /// Claimed again after its workers kept vanishing, past `TAILOR_MAX_ATTEMPTS`.
+    WornOut,
 }
 
 /// What to do with the staging.
@@ -118,6 +120,19 @@ pub fn decide(attempt: Attempt<'_>, c: &Circumstances) -> Next {
             "RATE_LIMITED: waiting for the source registry's rate-limit budget".into(),
             c,
         ),
+        Attempt::WornOut => Next::Fail {
+            code: "ATTEMPTS_EXHAUSTED",
+            message: match &c.last_error {
+                Some(last) => format!(
+                    "gave up after {} attempts (last error: {last})",
+                    c.attempts - 1
+                ),
+                None => format!(
+                    "gave up after {} attempts: its workers kept vanishing",
+                    c.attempts - 1
+                ),
+            },
+        },
         Attempt::Failed(error) => failed(error, c),
     }
 }
@@ -379,6 +394,15 @@ mod tests {
             message.ends_with("(last error: TIMEOUT: hub did not answer in time)"),
             "{message}"
         );
+        let worn = Circumstances {
+            attempts: 21,
+            ..circumstances()
+        };
+        let Next::Fail { code, message } = decide(Attempt::WornOut, &worn) else {
+            panic!()
+        };
+        assert_eq!(code, "ATTEMPTS_EXHAUSTED");
+        assert!(message.contains("after 20 attempts"), "{message}");
         assert!(matches!(
             decide(Attempt::Panicked("boom"), &circumstances()),
             Next::Fail {

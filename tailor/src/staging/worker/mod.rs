@@ -257,13 +257,7 @@ async fn work(shared: Arc<Shared>, worker_id: String) {
     let mut new_work = shared.hub.new_work();
     while !shared.shutdown.is_cancelled() {
         new_work.borrow_and_update();
-        let claimed = queue::claim(
-            &shared.pool,
-            &worker_id,
-            shared.settings.lease,
-            shared.settings.max_attempts,
-        )
-        .await;
+        let claimed = queue::claim(&shared.pool, &worker_id, shared.settings.lease).await;
         match claimed {
             Ok(Some(claimed)) => {
                 let span = tracing::info_span!(
