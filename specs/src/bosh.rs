@@ -86,8 +86,14 @@ pub fn check_config(job: &str, env: &[(String, String)]) -> Result<(), String> {
     } else {
         "tailor"
     };
-    let output = Command::new(crate::binary(program))
-        .arg("check-config")
+    let mut command = Command::new(crate::binary(program));
+    command.arg("check-config");
+    // The pruner's settings are checked as `tailor prune` reads them (a worker needs more
+    // database connections than a pruner).
+    if job == "tailor-pruner" {
+        command.args(["--for", "prune"]);
+    }
+    let output = command
         .env_clear()
         .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .output()

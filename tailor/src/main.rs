@@ -30,14 +30,26 @@ enum Command {
     /// Delete images nothing uses any more from the internal registry (for cron). Exit status:
     /// 0 pruned, 3 nothing to do, 1 error.
     Prune(cli::prune::PruneArgs),
-    /// Validate the configuration in the environment (everything `work` and `prune` read) and
-    /// exit: 0 and "configuration is valid", or 1 and a message naming the setting.
-    CheckConfig,
+    /// Validate the configuration in the environment (everything `work` and `prune` read, or
+    /// what one of them reads with `--for`) and exit: 0 and "configuration is valid", or 1 and
+    /// a message naming the setting.
+    CheckConfig {
+        /// Check only what this subcommand reads.
+        #[arg(long = "for", value_enum)]
+        role: Option<Role>,
+    },
     /// Apply pending database migrations to DATABASE_URL and exit.
     Migrate {
         #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
         database_url: String,
     },
+}
+
+/// A subcommand whose configuration `check-config` can check alone.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Role {
+    Work,
+    Prune,
 }
 
 #[tokio::main]
@@ -48,8 +60,8 @@ async fn main() -> anyhow::Result<()> {
         Command::Copy(args) => std::process::exit(cli::copy::run(args).await),
         Command::Prune(args) => std::process::exit(cli::prune::run(args).await),
         Command::Work { workers } => work(usize::from(workers)).await?,
-        Command::CheckConfig => {
-            let policy = check_config(|name| std::env::var(name).ok())
+        Command::CheckConfig { role } => {
+            let policy = check_config(|name| std::env::var(name).ok(), role)
                 .map_err(|e| anyhow::anyhow!("{e} ({})", e.code()))?;
             println!("{policy}");
             println!("configuration is valid");
@@ -73,13 +85,14 @@ async fn main() -> anyhow::Result<()> {
 /// returns the egress policy in words.
 fn check_config(
     lookup: impl Fn(&str) -> Option<String> + Copy,
+    role: Option<Role>,
 ) -> Result<String, tailor::config::ConfigError> {
     use tailor::config::ConfigError;
     let settings = tailor::config::TailorSettings::from_lookup(lookup)?;
     let key = tailor::secrets::CredentialsKey::from_lookup(lookup)?;
     let workers = tailor::staging::worker::WorkerSettings::from_settings(&settings, key, lookup)?;
     workers.registries()?;
-    settings.database_pool(4, true)?;
+    settings.database_pool(4, role != Some(Role::Prune))?;
     if let Some(text) = lookup("TAILOR_WORKERS").filter(|t| !t.trim().is_empty())
         && !text
             .trim()

@@ -776,7 +776,9 @@ async fn a_staging_overdue_before_any_worker_claims_it_fails_and_leaves_no_tag()
     let (app_guid, guid) = (Uuid::new_v4(), Uuid::new_v4());
     let repository = format!("tailor/{app_guid}");
     // What an attempt whose worker then died had pushed.
-    app.internal().push(&format!("{repository}:{guid}"), &image).await;
+    app.internal()
+        .push(&format!("{repository}:{guid}"), &image)
+        .await;
     let response = app
         .put(&format!("/v1/staging/{guid}"))
         .json(&json!({
@@ -793,6 +795,69 @@ async fn a_staging_overdue_before_any_worker_claims_it_fails_and_leaves_no_tag()
     tokio::time::sleep(Duration::from_millis(1500)).await;
     app.start_workers(1).await;
     let done = app.wait_finished(&guid.to_string()).await;
-    assert_eq!((done["state"].as_str(), error_code(&done)), (Some("failed"), "TIMEOUT"), "{done}");
-    assert!(internal_tags(&app, &repository).await.is_empty(), "the tag is gone");
+    assert_eq!(
+        (done["state"].as_str(), error_code(&done)),
+        (Some("failed"), "TIMEOUT"),
+        "{done}"
+    );
+    assert!(
+        internal_tags(&app, &repository).await.is_empty(),
+        "the tag is gone"
+    );
+}
+
+#[tokio::test]
+async fn a_callback_is_never_redirected() {
+    let app = spawn(AppOptions {
+        workers: 1,
+        ..AppOptions::default()
+    })
+    .await;
+    let image = ImageSpec::seeded(ManifestFormat::Docker, 6950, 1, LAYER).build();
+    app.hub.push("cb/redirect:v1", &image).await;
+    let elsewhere = testkit::callback_sink::CallbackSink::start();
+    let redirector = HostileRegistry::start();
+    redirector.add_rule(Rule::new(
+        "/cb",
+        Misbehaviour::Redirect {
+            status: 307,
+            location: elsewhere.url("/moved"),
+        },
+    ));
+    let (_, body) = app
+        .stage(json!({
+            "app_guid": Uuid::new_v4(),
+            "image": format!("{}/cb/redirect:v1", app.hub.host()),
+            "completion_callback": format!("{}/cb", redirector.base_url()),
+        }))
+        .await;
+    let guid: Uuid = body["staging_guid"].as_str().unwrap().parse().unwrap();
+    app.wait_finished(&guid.to_string()).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let last_error = loop {
+        let row: Option<(i32, Option<String>)> =
+            sqlx::query_as("SELECT attempts, last_error FROM callbacks WHERE staging_guid = $1")
+                .bind(guid)
+                .fetch_optional(&app.pool)
+                .await
+                .unwrap();
+        if let Some((attempts, last_error)) = row
+            && attempts > 0
+        {
+            break last_error.unwrap_or_default();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no callback attempt"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        last_error.contains("redirects are not followed"),
+        "{last_error}"
+    );
+    assert!(
+        elsewhere.received().is_empty(),
+        "the redirect's target was never called"
+    );
 }

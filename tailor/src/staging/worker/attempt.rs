@@ -159,7 +159,12 @@ async fn attempt(shared: &Shared, worker: &str, claimed: Claimed) {
     if let Some(attempt) = hopeless {
         let next = decide(
             attempt,
-            &circumstances(shared, staging.attempts, Duration::ZERO, staging.last_error.as_deref()),
+            &circumstances(
+                shared,
+                staging.attempts,
+                Duration::ZERO,
+                staging.last_error.as_deref(),
+            ),
         );
         tracing::warn!(?next, "staging ends without a copy");
         remove_failed_tag(shared, &leases, &repository_lease, &dest, guid).await;
