@@ -351,9 +351,16 @@ fn parse_byte_rate(text: &str) -> Option<u64> {
 /// Checks `host:port` (or a bare host) and returns the port if one is given.
 pub fn parse_host_port(setting: &'static str, value: &str) -> Result<Option<u16>, ConfigError> {
     let invalid = |problem: String| ConfigError::Invalid { setting, problem };
-    if value.contains("://") || value.contains('/') {
+    if let Some((scheme, rest)) = value.split_once("://") {
         return Err(invalid(format!(
-            "{value:?} must be host:port, without scheme or path"
+            "{value:?} is a URL; write host:port ({:?}): whether tailor speaks HTTP or HTTPS to a \
+             registry is what TAILOR_INSECURE_REGISTRIES says, not a {scheme}:// prefix",
+            rest.trim_end_matches('/')
+        )));
+    }
+    if value.contains('/') {
+        return Err(invalid(format!(
+            "{value:?} must be host:port, without a path"
         )));
     }
     let (host, port) = match value.rsplit_once(':') {

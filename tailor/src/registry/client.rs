@@ -337,9 +337,24 @@ impl Registry {
             )));
         }
         if let Some(egress) = &self.egress {
-            egress.check_url(url, Purpose::Source).await?;
+            egress
+                .check_url(url, Purpose::Source)
+                .await
+                .map_err(|denied| self.denial(denied))?;
         }
         Ok(())
+    }
+
+    /// A refusal of the egress policy, or a name that does not resolve (not a refusal: the
+    /// registry cannot be reached).
+    fn denial(&self, denied: crate::egress::EgressDenied) -> RegistryError {
+        match denied.reason {
+            crate::egress::DenyReason::Unresolvable { detail } => RegistryError::Unreachable {
+                registry: self.endpoint.name.clone(),
+                detail: format!("the name {} does not resolve ({detail})", denied.target),
+            },
+            _ => RegistryError::EgressDenied(denied),
+        }
     }
 
     fn redirect_target(&self, from: &Url, response: &Response) -> Result<Url, RegistryError> {
@@ -568,7 +583,7 @@ impl Registry {
     /// Maps a transport failure (no HTTP response) to an error that names its cause.
     pub(crate) fn transport_error(&self, error: &reqwest::Error) -> RegistryError {
         if let Some(denied) = find_denial(error) {
-            return RegistryError::EgressDenied(denied);
+            return self.denial(denied);
         }
         let registry = self.endpoint.name.clone();
         let detail = describe_transport_error(error, self.endpoint.insecure);

@@ -174,7 +174,12 @@ async fn attempt(
         Err(_) => return Some("the callback URL is not a URL".into()),
     };
     if let Err(denied) = settings.egress.check_url(&url, Purpose::Callback).await {
-        return Some(format!("{}: {denied}", denied.code()));
+        return Some(match denied.reason {
+            crate::egress::DenyReason::Unresolvable { .. } => {
+                format!("callback unreachable: {denied}")
+            }
+            _ => format!("{}: {denied}", denied.code()),
+        });
     }
     let sent = http
         .post(url)
