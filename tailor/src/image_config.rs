@@ -63,6 +63,14 @@ pub fn inspect(config_blob: &[u8], platform: &Platform) -> Result<RunInfo, Image
     run_info(&value)
 }
 
+/// Whether the config describes an image for `platform` (only that).
+pub fn check_platform_of(config_blob: &[u8], platform: &Platform) -> Result<(), ImageConfigError> {
+    let value: Value = serde_json::from_slice(config_blob).map_err(|e| {
+        ImageConfigError::Invalid(clean(&format!("it is not JSON: {e}"), MESSAGE_CHARS))
+    })?;
+    check_platform(&value, platform)
+}
+
 fn check_platform(value: &Value, platform: &Platform) -> Result<(), ImageConfigError> {
     let field = |name: &str| value.get(name).and_then(Value::as_str);
     let (Some(os), Some(architecture)) = (field("os"), field("architecture")) else {

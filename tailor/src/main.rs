@@ -13,6 +13,10 @@ use clap::{Parser, Subcommand};
     about = "Stage container images into an internal registry, pinned by digest"
 )]
 struct Cli {
+    /// More log lines on stderr: -v for progress (info), -vv for detail (debug). Commands with
+    /// --json log only errors unless asked.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
     #[command(subcommand)]
     command: Command,
 }
@@ -37,6 +41,9 @@ enum Command {
         /// Check only what this subcommand reads.
         #[arg(long = "for", value_enum)]
         role: Option<Role>,
+        /// Also check that the database and the internal registry answer.
+        #[arg(long)]
+        probe: bool,
     },
     /// Apply pending database migrations to DATABASE_URL and exit.
     Migrate {
@@ -52,17 +59,41 @@ enum Role {
     Prune,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let json = match &cli.command {
+        Command::Copy(args) => args.json,
+        Command::Prune(args) => args.json,
+        _ => false,
+    };
+    tailor::telemetry::init_with_default(match (cli.verbose, json) {
+        (0, true) => "error",
+        (0, false) | (1, _) => "info",
+        _ => "debug",
+    });
     tailor::tls::install_crypto_provider();
-    tailor::telemetry::init();
-    match Cli::parse().command {
-        Command::Copy(args) => std::process::exit(cli::copy::run(args).await),
-        Command::Prune(args) => std::process::exit(cli::prune::run(args).await),
+    let runtime = tokio::runtime::Runtime::new().expect("a Tokio runtime");
+    match runtime.block_on(run(cli.command)) {
+        Ok(code) => std::process::ExitCode::from(code),
+        Err(error) => {
+            // One line, the same shape everywhere, never a backtrace (whatever RUST_BACKTRACE).
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<u8> {
+    match command {
+        Command::Copy(args) => return Ok(cli::copy::run(args).await as u8),
+        Command::Prune(args) => return Ok(cli::prune::run(args).await as u8),
         Command::Work { workers } => work(usize::from(workers)).await?,
-        Command::CheckConfig { role } => {
-            let policy = check_config(|name| std::env::var(name).ok(), role)
-                .map_err(|e| anyhow::anyhow!("{e} ({})", e.code()))?;
+        Command::CheckConfig { role, probe } => {
+            let lookup = |name: &str| std::env::var(name).ok();
+            let policy = check_config(lookup, role).map_err(config_error)?;
+            if probe {
+                self::probe(lookup).await?;
+            }
             println!("{policy}");
             println!("configuration is valid");
         }
@@ -78,6 +109,41 @@ async fn main() -> anyhow::Result<()> {
             println!("database is up to date ({applied} migrations applied)");
         }
     }
+    Ok(0)
+}
+
+fn config_error(error: tailor::config::ConfigError) -> anyhow::Error {
+    anyhow::anyhow!("{error} ({})", error.code())
+}
+
+/// `check-config --probe`: the database answers a query and the internal registry its API root.
+async fn probe(lookup: impl Fn(&str) -> Option<String> + Copy) -> anyhow::Result<()> {
+    let settings = tailor::config::TailorSettings::from_lookup(lookup).map_err(config_error)?;
+    let pool = tailor::db::connect(settings.database_url.expose(), 1)
+        .await
+        .map_err(|e| anyhow::anyhow!("DATABASE_URL: {e} ({})", e.code()))?;
+    sqlx::query("SELECT 1")
+        .execute(&pool)
+        .await
+        .map_err(|e| anyhow::anyhow!("DATABASE_URL: the database does not answer: {e}"))?;
+    println!("database: answers");
+    let registries = settings
+        .registries(tailor::egress::Egress::unrestricted())
+        .map_err(config_error)?;
+    let internal = registries.internal(
+        &settings.internal_registry,
+        settings
+            .internal_registry_credentials
+            .as_ref()
+            .map(|(user, password)| {
+                tailor::registry::Credentials::new(user.clone(), password.expose())
+            }),
+    );
+    internal
+        .ping()
+        .await
+        .map_err(|e| anyhow::anyhow!("TAILOR_INTERNAL_REGISTRY: {e} ({})", e.code()))?;
+    println!("internal registry {}: answers", settings.internal_registry);
     Ok(())
 }
 
@@ -130,7 +196,6 @@ fn check_config(
 }
 
 async fn work(count: usize) -> anyhow::Result<()> {
-    let config_error = |e: tailor::config::ConfigError| anyhow::anyhow!("{e} ({})", e.code());
     let settings = tailor::config::TailorSettings::from_env().map_err(config_error)?;
     let key = tailor::secrets::CredentialsKey::from_lookup(|n| std::env::var(n).ok())
         .map_err(config_error)?;

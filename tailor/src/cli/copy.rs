@@ -49,6 +49,9 @@ pub struct CopyArgs {
     /// Parallel blob transfers.
     #[arg(long, default_value_t = tailor::copy::DEFAULT_CONCURRENCY as u16, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub concurrency: u16,
+    /// PEM certificates to trust besides the system's (a registry with its own CA).
+    #[arg(long, value_name = "FILE", env = "TAILOR_CA_CERTIFICATES")]
+    pub ca_certificates: Option<std::path::PathBuf>,
     /// Registry meant by references without a host.
     #[arg(long, env = "TAILOR_DEFAULT_REGISTRY", default_value = "docker.io")]
     pub default_registry: String,
@@ -76,6 +79,9 @@ pub async fn run(args: CopyArgs) -> i32 {
                     report.blobs.mounted,
                     report.blobs.skipped
                 );
+                for warning in &report.warnings {
+                    eprintln!("warning: {warning}");
+                }
                 if !report.foreign_layers.is_empty() {
                     println!(
                         "skipped non-distributable layers: {}",
@@ -133,10 +139,23 @@ async fn execute(args: &CopyArgs) -> Result<tailor::copy::CopyReport, CopyError>
             "{destination}: a destination is named by tag; its digest is the result of the copy"
         )));
     }
+    let insecure = insecure_hosts(&args.insecure)?;
+    let roots = match &args.ca_certificates {
+        Some(path) => std::fs::read(path).map_err(|e| {
+            CopyError::InvalidArgument(format!("--ca-certificates {}: {e}", path.display()))
+        })?,
+        None => Vec::new(),
+    };
     // The operator's own command: no egress policy, and patient with rate limits (nobody
     // else would schedule a retry).
-    let registries = Registries::unrestricted(args.insecure.iter().map(|h| h.trim().to_owned()))
-        .with_retry(RetryPolicy::patient());
+    let registries = Registries::new(
+        insecure,
+        tailor::egress::Egress::unrestricted(),
+        tailor::registry::Limits::default(),
+        &roots,
+    )
+    .map_err(|e| CopyError::InvalidArgument(format!("--ca-certificates: {e}")))?
+    .with_retry(RetryPolicy::patient());
     let src = registries
         .source(&source.registry, source.endpoint(), src_credentials, None)
         .repository(&source.repository);
@@ -157,6 +176,27 @@ async fn execute(args: &CopyArgs) -> Result<tailor::copy::CopyReport, CopyError>
         ..CopyOptions::default()
     };
     copy_image(&src, &source, &dst, destination.tag_or_latest(), &options).await
+}
+
+/// `--insecure` entries: `host:port` each. A URL is refused with what to write instead.
+fn insecure_hosts(entries: &[String]) -> Result<Vec<String>, CopyError> {
+    entries
+        .iter()
+        .map(|entry| entry.trim())
+        .filter(|entry| !entry.is_empty())
+        .map(|entry| {
+            if let Some((scheme, rest)) = entry.split_once("://") {
+                return Err(CopyError::InvalidArgument(format!(
+                    "--insecure takes host:port, not a URL: write {:?} (listing a registry there \
+                     is what makes tailor speak plain HTTP to it; {scheme}:// is implied)",
+                    rest.trim_end_matches('/')
+                )));
+            }
+            tailor::config::parse_host_port("--insecure", entry)
+                .map_err(|e| CopyError::InvalidArgument(e.to_string()))?;
+            Ok(entry.to_owned())
+        })
+        .collect()
 }
 
 fn credentials(

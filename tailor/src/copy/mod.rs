@@ -182,6 +182,9 @@ pub struct CopyReport {
     /// How to run it, when the copy checked it was runnable.
     #[serde(skip)]
     pub run: Option<RunInfo>,
+    /// What the copy did that may not be what was meant (an image for another platform than
+    /// the one asked for, when there was nothing to choose from).
+    pub warnings: Vec<String>,
 }
 
 /// One manifest or blob in the destination registry.
@@ -271,6 +274,15 @@ async fn copy_unguarded(
         .await?;
     outcomes.extend(moved);
 
+    let mut warnings = Vec::new();
+    if let (None, PlatformChoice::One(platform), false) =
+        (&options.runnable, &options.platforms, plan.from_index)
+        && let Some(warning) = other_platform(dest, &plan.images[0], platform).await
+    {
+        tracing::warn!("{warning}");
+        warnings.push(warning);
+    }
+
     for child in &plan.children {
         dest.put_manifest(&child.digest, child)
             .await
@@ -280,7 +292,32 @@ async fn copy_unguarded(
         .await
         .map_err(CopyError::Destination)?;
 
-    Ok(report(&plan, dest, tag, outcomes, run))
+    let mut report = report(&plan, dest, tag, outcomes, run);
+    report.warnings = warnings;
+    Ok(report)
+}
+
+/// A single-platform image copied for another platform: said, not silent. Read from the
+/// destination (the config was just copied there); an artifact's config is not looked at.
+async fn other_platform(
+    dest: &Repository,
+    image: &crate::manifest::ImageManifest,
+    platform: &Platform,
+) -> Option<String> {
+    if !crate::manifest::IMAGE_CONFIG_TYPES.contains(&image.config.media_type.as_str()) {
+        return None;
+    }
+    let limit = dest.registry().limits().config_bytes;
+    let bytes = dest
+        .get_blob_bytes(&image.config.digest, limit)
+        .await
+        .ok()?;
+    match crate::image_config::check_platform_of(&bytes, platform) {
+        Err(crate::image_config::ImageConfigError::PlatformMismatch(problem)) => Some(format!(
+            "{problem}; the source is a single-platform image, so there was nothing else to choose"
+        )),
+        _ => None,
+    }
 }
 
 async fn transfer_reporting(
@@ -333,6 +370,7 @@ fn report(
         config_digest: plan.config_digest.clone(),
         objects,
         run,
+        warnings: Vec::new(),
     };
     for (blob, outcome) in outcomes {
         match outcome {

@@ -24,6 +24,8 @@ pub(super) struct Plan {
     /// Non-distributable layers, left out.
     pub foreign: Vec<String>,
     pub config_digest: Option<String>,
+    /// The source was an index and the image was chosen from it by platform.
+    pub from_index: bool,
 }
 
 pub(super) async fn plan(
@@ -38,6 +40,7 @@ pub(super) async fn plan(
 
     let mut children: Vec<RawManifest> = Vec::new();
     let mut images = Vec::new();
+    let from_index = top.kind.is_index();
     let tagged = if top.kind.is_index() {
         let entries = top.index()?;
         match &options.platforms {
@@ -112,6 +115,7 @@ pub(super) async fn plan(
         blobs,
         foreign,
         config_digest,
+        from_index,
     })
 }
 
