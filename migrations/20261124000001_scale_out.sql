@@ -116,6 +116,8 @@ ALTER TABLE callbacks ADD COLUMN claimed_until timestamptz;
 ALTER TABLE callbacks ADD COLUMN gave_up_at timestamptz;
 DROP INDEX callbacks_due;
 CREATE INDEX callbacks_due ON callbacks (next_attempt_at) WHERE delivered_at IS NULL AND gave_up_at IS NULL;
+-- The oldest callback still pending (an alert's input), without a scan.
+CREATE INDEX callbacks_pending_age ON callbacks (created_at) WHERE delivered_at IS NULL AND gave_up_at IS NULL;
 
 -- /metrics without scanning stagings: every change of state appends a delta (appends never
 -- contend), and scrapes fold the deltas into totals.
@@ -129,10 +131,25 @@ CREATE TABLE staging_state_totals (
     n     bigint NOT NULL
 );
 
+-- Failures by error code, for alerts on what fails; counted the same way.
+CREATE TABLE staging_failure_deltas (
+    id    bigserial PRIMARY KEY,
+    code  text NOT NULL,
+    delta bigint NOT NULL
+);
+CREATE TABLE staging_failure_totals (
+    code text PRIMARY KEY,
+    n    bigint NOT NULL
+);
+INSERT INTO staging_failure_totals (code, n)
+SELECT coalesce(error_code, 'UNKNOWN'), count(*) FROM stagings WHERE state = 'failed' GROUP BY 1;
+
 CREATE FUNCTION count_inserted_stagings() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO staging_state_deltas (state, delta)
     SELECT state, count(*) FROM new_rows GROUP BY state;
+    INSERT INTO staging_failure_deltas (code, delta)
+    SELECT coalesce(error_code, 'UNKNOWN'), count(*) FROM new_rows WHERE state = 'failed' GROUP BY 1;
     RETURN NULL;
 END $$;
 
@@ -146,6 +163,10 @@ BEGIN
         SELECT n.state, 1 FROM old_rows o JOIN new_rows n USING (staging_guid)
         WHERE o.state <> n.state
     ) AS changes GROUP BY state;
+    INSERT INTO staging_failure_deltas (code, delta)
+    SELECT coalesce(n.error_code, 'UNKNOWN'), count(*)
+    FROM old_rows o JOIN new_rows n USING (staging_guid)
+    WHERE o.state <> n.state AND n.state = 'failed' GROUP BY 1;
     RETURN NULL;
 END $$;
 

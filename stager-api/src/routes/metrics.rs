@@ -112,6 +112,23 @@ pub async fn serve(_: Authenticated, state: web::Data<AppState>) -> Result<HttpR
     );
     family(
         out,
+        "tailor_queue_oldest_seconds",
+        "gauge",
+        "Age of the oldest queued staging (0 when none is queued).",
+        [(String::new(), snapshot.queue_oldest_seconds)],
+    );
+    family(
+        out,
+        "tailor_stagings_failed_total",
+        "counter",
+        "Failed stagings by error code.",
+        snapshot
+            .failed_by_code
+            .iter()
+            .map(|(code, n)| (label("code", escape(code)), *n)),
+    );
+    family(
+        out,
         "tailor_stagings_waiting",
         "gauge",
         "Queued stagings by what they wait for (retry: backing off; rate_limit: their registry's budget; maintenance: the internal registry or the pruner).",
@@ -150,6 +167,13 @@ pub async fn serve(_: Authenticated, state: web::Data<AppState>) -> Result<HttpR
         "gauge",
         "Completion callbacks not yet delivered.",
         [(String::new(), snapshot.callbacks_pending)],
+    );
+    family(
+        out,
+        "tailor_callbacks_oldest_pending_seconds",
+        "gauge",
+        "Age of the oldest completion callback not yet delivered (0 when none is pending).",
+        [(String::new(), snapshot.callback_oldest_pending_seconds)],
     );
     family(
         out,

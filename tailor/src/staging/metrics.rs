@@ -32,6 +32,12 @@ pub struct Snapshot {
     pub rate_limited: Vec<(String, f64)>,
     /// 429s met per registry, ever.
     pub rate_limited_total: Vec<(String, i64)>,
+    /// Failed stagings by error code, ever.
+    pub failed_by_code: Vec<(String, i64)>,
+    /// Age of the oldest queued staging, in seconds (0 when none is queued).
+    pub queue_oldest_seconds: f64,
+    /// Age of the oldest callback not yet delivered (nor given up), in seconds.
+    pub callback_oldest_pending_seconds: f64,
 }
 
 /// Folds the counters' deltas into their totals. Safe to run concurrently: each delta row is
@@ -66,6 +72,14 @@ pub async fn fold(pool: &PgPool) -> Result<(), sqlx::Error> {
     sqlx::query(
         "WITH d AS (DELETE FROM callback_pending_deltas RETURNING delta) \
          UPDATE callback_pending_total SET n = n + (SELECT coalesce(sum(delta), 0) FROM d)",
+    )
+    .execute(pool)
+    .await?;
+    sqlx::query(
+        "WITH d AS (DELETE FROM staging_failure_deltas RETURNING code, delta) \
+         INSERT INTO staging_failure_totals (code, n) \
+         SELECT code, sum(delta) FROM d GROUP BY code ORDER BY code \
+         ON CONFLICT (code) DO UPDATE SET n = staging_failure_totals.n + excluded.n",
     )
     .execute(pool)
     .await?;
@@ -107,6 +121,19 @@ pub async fn snapshot(pool: &PgPool) -> Result<Snapshot, sqlx::Error> {
     )
     .fetch_all(pool)
     .await?;
+    let failed_by_code: Vec<(String, i64)> =
+        sqlx::query_as("SELECT code, n FROM staging_failure_totals ORDER BY code LIMIT 1000")
+            .fetch_all(pool)
+            .await?;
+    // Index minimums: the claim index on queued stagings, the pending-callback index.
+    let (queue_oldest_seconds, callback_oldest_pending_seconds): (f64, f64) = sqlx::query_as(
+        "SELECT coalesce(extract(epoch FROM now() - (SELECT min(created_at) FROM stagings \
+                                                    WHERE state = 'queued')), 0)::float8, \
+                coalesce(extract(epoch FROM now() - (SELECT min(created_at) FROM callbacks \
+                                                    WHERE delivered_at IS NULL AND gave_up_at IS NULL)), 0)::float8",
+    )
+    .fetch_one(pool)
+    .await?;
     let rate_limited_total: Vec<(String, i64)> = sqlx::query_as(
         "SELECT registry, rate_limited_total FROM registry_budgets ORDER BY registry LIMIT 1000",
     )
@@ -124,5 +151,8 @@ pub async fn snapshot(pool: &PgPool) -> Result<Snapshot, sqlx::Error> {
         waiting,
         rate_limited,
         rate_limited_total,
+        failed_by_code,
+        queue_oldest_seconds,
+        callback_oldest_pending_seconds,
     })
 }
