@@ -1,5 +1,7 @@
 //! The `stager-api` binary: configuration in, HTTP server out.
 
+use std::net::TcpListener;
+
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use stager_api::config::{StagerSettings, parse_listen};
@@ -27,32 +29,73 @@ enum Command {
     Serve,
     /// Single-node default: starts an ephemeral PostgreSQL and a local internal registry, then
     /// serves. Ctrl-C stops and deletes everything it started.
-    Embedded {
-        /// Address to listen on.
-        #[arg(long, env = "STAGER_LISTEN", default_value = "127.0.0.1:8080")]
-        listen: String,
-        /// Registry that references without a host refer to.
-        #[arg(long, env = "TAILOR_DEFAULT_REGISTRY", default_value = "docker.io")]
-        default_registry: String,
-    },
+    Embedded(EmbeddedArgs),
     /// Validate the configuration in the environment and exit (0 when valid).
-    CheckConfig,
+    CheckConfig {
+        /// Also check that the database and the internal registry answer.
+        #[arg(long)]
+        probe: bool,
+    },
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+#[derive(clap::Args)]
+struct EmbeddedArgs {
+    /// Address to listen on.
+    #[arg(long, env = "STAGER_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: String,
+    /// Registry that references without a host refer to.
+    #[arg(long, env = "TAILOR_DEFAULT_REGISTRY", default_value = "docker.io")]
+    default_registry: String,
+    /// A registry (host:port) to speak plain HTTP to, e.g. a local one you copy from;
+    /// repeatable, or a comma list in TAILOR_INSECURE_REGISTRIES.
+    #[arg(
+        long = "insecure",
+        value_name = "HOST:PORT",
+        env = "TAILOR_INSECURE_REGISTRIES",
+        value_delimiter = ','
+    )]
+    insecure: Vec<String>,
+    /// Also start a local upstream registry holding a small demo image, so that a first
+    /// staging works without the internet.
+    #[arg(long)]
+    demo: bool,
+    /// Run the embedded PostgreSQL on this port (a free one otherwise).
+    #[arg(long, value_name = "PORT")]
+    postgres_port: Option<u16>,
+    /// Run the embedded internal registry on this port (a free one otherwise).
+    #[arg(long, value_name = "PORT")]
+    registry_port: Option<u16>,
+    /// Run the demo registry (`--demo`) on this port (a free one otherwise).
+    #[arg(long, value_name = "PORT")]
+    demo_port: Option<u16>,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
     tailor::tls::install_crypto_provider();
     tailor::telemetry::init();
-    match Cli::parse().command.unwrap_or(Command::Serve) {
+    // The future runs on this (the main) thread: the embedded children's parent-death signal
+    // follows the thread that started them.
+    let runtime = tokio::runtime::Runtime::new().expect("a Tokio runtime");
+    match runtime.block_on(run(cli.command.unwrap_or(Command::Serve))) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            // One line, the same shape everywhere, never a backtrace (whatever RUST_BACKTRACE).
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Serve => {
             let settings = StagerSettings::from_env().map_err(config_error)?;
-            serve(settings).await
+            let listener = bind(&settings)?;
+            serve(settings, listener, |_| {}).await
         }
-        Command::Embedded {
-            listen,
-            default_registry,
-        } => embedded(&listen, default_registry).await,
-        Command::CheckConfig => {
+        Command::Embedded(args) => embedded(args).await,
+        Command::CheckConfig { probe } => {
             let settings = StagerSettings::from_env().map_err(config_error)?;
             // The in-process workers' tunables too: serve would refuse them at start-up.
             let workers = WorkerSettings::from_settings(
@@ -66,6 +109,9 @@ async fn main() -> anyhow::Result<()> {
                 .tailor
                 .database_pool(8, settings.workers > 0)
                 .map_err(config_error)?;
+            if probe {
+                probe_dependencies(&settings).await?;
+            }
             println!("{}", settings.egress_policy(settings.listen).describe());
             println!("configuration is valid");
             Ok(())
@@ -77,7 +123,56 @@ fn config_error(error: tailor::config::ConfigError) -> anyhow::Error {
     anyhow::anyhow!("{} ({})", error, error.code())
 }
 
-async fn serve(settings: StagerSettings) -> anyhow::Result<()> {
+fn bind(settings: &StagerSettings) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(settings.listen).map_err(|e| {
+        anyhow::anyhow!(
+            "STAGER_LISTEN {}: {e}; choose another address",
+            settings.listen
+        )
+    })
+}
+
+/// `check-config --probe`: the database answers a query and the internal registry its API root.
+async fn probe_dependencies(settings: &StagerSettings) -> anyhow::Result<()> {
+    let pool = tailor::db::connect(settings.tailor.database_url.expose(), 1)
+        .await
+        .map_err(|e| anyhow::anyhow!("DATABASE_URL: {e} ({})", e.code()))?;
+    sqlx::query("SELECT 1")
+        .execute(&pool)
+        .await
+        .map_err(|e| anyhow::anyhow!("DATABASE_URL: the database does not answer: {e}"))?;
+    println!("database: answers");
+    let registries = settings
+        .tailor
+        .registries(tailor::egress::Egress::unrestricted())
+        .map_err(config_error)?;
+    let internal = registries.internal(
+        &settings.tailor.internal_registry,
+        settings
+            .tailor
+            .internal_registry_credentials
+            .as_ref()
+            .map(|(user, password)| {
+                tailor::registry::Credentials::new(user.clone(), password.expose())
+            }),
+    );
+    internal
+        .ping()
+        .await
+        .map_err(|e| anyhow::anyhow!("TAILOR_INTERNAL_REGISTRY: {e} ({})", e.code()))?;
+    println!(
+        "internal registry {}: answers",
+        settings.tailor.internal_registry
+    );
+    Ok(())
+}
+
+/// Serves on `listener` until SIGINT/SIGTERM; `ready` runs once the API answers.
+async fn serve(
+    settings: StagerSettings,
+    listener: TcpListener,
+    ready: impl FnOnce(&str),
+) -> anyhow::Result<()> {
     let mut worker_settings =
         WorkerSettings::from_settings(&settings.tailor, settings.credentials_key.clone(), |name| {
             std::env::var(name).ok()
@@ -97,8 +192,8 @@ async fn serve(settings: StagerSettings) -> anyhow::Result<()> {
         .context("running database migrations")?;
 
     let shutdown = CancellationToken::new();
-    let app = Application::build(&settings, db.clone())
-        .with_context(|| format!("binding STAGER_LISTEN={}", settings.listen))?;
+    let app = Application::build_on(&settings, db.clone(), listener)
+        .with_context(|| format!("serving on STAGER_LISTEN={}", settings.listen))?;
     // The workers' destinations may not include this very listener.
     worker_settings.egress = settings.egress_policy(app.addr());
     tracing::info!("{}", worker_settings.egress.describe());
@@ -117,6 +212,7 @@ async fn serve(settings: StagerSettings) -> anyhow::Result<()> {
     // One line on stdout, for scripts and tests that start us on port 0; logs go to stderr.
     println!("stager-api listening on {}", app.base_url());
     tracing::info!(addr = %app.addr(), "stager-api listening");
+    ready(&app.base_url());
     // Returns after SIGINT/SIGTERM, once in-flight requests are answered.
     let served = app.run_until_stopped().await;
     shutdown.cancel();
@@ -129,12 +225,61 @@ async fn serve(settings: StagerSettings) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn embedded(listen: &str, default_registry: String) -> anyhow::Result<()> {
-    let listen = parse_listen(Some(listen)).map_err(config_error)?;
-    // Started on this (the main) thread: the children's parent-death signal follows it.
-    let postgres = EmbeddedPostgres::start().context("starting the embedded PostgreSQL")?;
-    let registry = EmbeddedRegistry::start(RegistryOptions::default())
-        .context("starting the embedded registry")?;
+/// A port given for an embedded part must be free before anything starts.
+fn check_free(flag: &str, port: Option<u16>) -> anyhow::Result<()> {
+    if let Some(port) = port {
+        TcpListener::bind(("127.0.0.1", port))
+            .map(drop)
+            .map_err(|e| anyhow::anyhow!("{flag} {port}: {e}; choose another port"))?;
+    }
+    Ok(())
+}
+
+async fn embedded(args: EmbeddedArgs) -> anyhow::Result<()> {
+    let listen = parse_listen(Some(&args.listen)).map_err(config_error)?;
+    // Everything that could be refused is, before anything is started.
+    let listener = TcpListener::bind(listen).map_err(|e| {
+        anyhow::anyhow!(
+            "--listen {listen}: {e}; choose another address with --listen or STAGER_LISTEN"
+        )
+    })?;
+    check_free("--postgres-port", args.postgres_port)?;
+    check_free("--registry-port", args.registry_port)?;
+    check_free("--demo-port", args.demo_port)?;
+    let mut insecure = Vec::new();
+    for entry in args
+        .insecure
+        .iter()
+        .map(|e| e.trim())
+        .filter(|e| !e.is_empty())
+    {
+        tailor::config::parse_host_port("--insecure", entry).map_err(config_error)?;
+        insecure.push(entry.to_owned());
+    }
+
+    let postgres = EmbeddedPostgres::start_on(args.postgres_port)
+        .context("starting the embedded PostgreSQL")?;
+    let registry = EmbeddedRegistry::start(RegistryOptions {
+        port: args.registry_port,
+        ..RegistryOptions::default()
+    })
+    .context("starting the embedded registry")?;
+    let demo = if args.demo {
+        let demo = EmbeddedRegistry::start(RegistryOptions {
+            port: args.demo_port,
+            ..RegistryOptions::default()
+        })
+        .context("starting the demo registry")?;
+        let seeding = tailor::registry::Registries::unrestricted([demo.host()]);
+        stager_api::demo::seed(&seeding.internal(&demo.host(), None))
+            .await
+            .context("pushing the demo image")?;
+        insecure.push(demo.host());
+        Some(demo)
+    } else {
+        None
+    };
+
     // The operator's tokens if given, else one generated for this run (printed below).
     let configured = std::env::var("STAGER_API_TOKENS")
         .ok()
@@ -150,10 +295,12 @@ async fn embedded(listen: &str, default_registry: String) -> anyhow::Result<()> 
     let mut tailor = TailorSettings::from_lookup(|name| match name {
         "DATABASE_URL" => Some(postgres.url("postgres")),
         "TAILOR_INTERNAL_REGISTRY" => Some(registry.host()),
-        "TAILOR_DEFAULT_REGISTRY" => Some(default_registry.clone()),
+        "TAILOR_DEFAULT_REGISTRY" => Some(args.default_registry.clone()),
+        "TAILOR_INSECURE_REGISTRIES" => None,
         _ => std::env::var(name).ok(),
     })
     .map_err(config_error)?;
+    tailor.insecure_registries = insecure;
     tailor.insecure_registries.push(registry.host());
     if tailor.egress_allow.is_empty() {
         tailor.egress_allow =
@@ -174,8 +321,8 @@ async fn embedded(listen: &str, default_registry: String) -> anyhow::Result<()> 
     };
     eprintln!("embedded PostgreSQL:        {}", postgres.url("postgres"));
     eprintln!("embedded internal registry: {}", registry.base_url());
-    if let Some(token) = &token {
-        eprintln!("API token (generated for this run): {token}");
+    if let Some(demo) = &demo {
+        eprintln!("demo upstream registry:     {}", demo.base_url());
     }
     eprintln!(
         "egress: loopback allowed (TAILOR_EGRESS_ALLOW={}), as suits a developer's machine; \
@@ -188,9 +335,46 @@ async fn embedded(listen: &str, default_registry: String) -> anyhow::Result<()> 
             .collect::<Vec<_>>()
             .join(",")
     );
-    eprintln!("Ctrl-C stops everything and deletes its data.");
-    let result = serve(settings).await;
-    // Explicit order: registry, then database; both delete their temporary directories.
+    let image = match &demo {
+        Some(demo) => format!(
+            "{}/{}:{}",
+            demo.host(),
+            stager_api::demo::REPOSITORY,
+            stager_api::demo::TAG
+        ),
+        None => "busybox:1.36".to_owned(),
+    };
+    let token_line = match &token {
+        Some(token) => format!("export TOKEN={token}"),
+        None => "export TOKEN=<one of STAGER_API_TOKENS>".to_owned(),
+    };
+    let offline = demo.is_none();
+    let ready = move |base_url: &str| {
+        eprintln!(
+            "\ntailor is ready. Next steps (Ctrl-C stops everything and deletes its data):\n"
+        );
+        eprintln!("  {token_line}");
+        eprintln!("  export TAILOR={base_url}");
+        eprintln!(
+            "  curl -s -H \"Authorization: Bearer $TOKEN\" -H 'Content-Type: application/json' \\\n    -d '{{\"app_guid\": \"{}\", \"image\": \"{image}\"}}' $TAILOR/stage",
+            uuid::Uuid::new_v4()
+        );
+        eprintln!(
+            "  curl -s -H \"Authorization: Bearer $TOKEN\" $TAILOR/stage/<staging_guid from the answer>"
+        );
+        eprintln!(
+            "  skopeo inspect --tls-verify=false docker://<result.pinned_image from the staging>"
+        );
+        if offline {
+            eprintln!(
+                "\n  (busybox comes from Docker Hub; start with --demo for an image that needs no internet)"
+            );
+        }
+        eprintln!();
+    };
+    let result = serve(settings, listener, ready).await;
+    // Explicit order: registries, then database; each deletes its temporary directory.
+    drop(demo);
     drop(registry);
     drop(postgres);
     result

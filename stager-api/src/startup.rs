@@ -44,7 +44,16 @@ pub struct Application {
 impl Application {
     /// Binds the listener and prepares the server on an already migrated database.
     pub fn build(settings: &StagerSettings, db: PgPool) -> std::io::Result<Self> {
-        let listener = TcpListener::bind(settings.listen)?;
+        Self::build_on(settings, db, TcpListener::bind(settings.listen)?)
+    }
+
+    /// Prepares the server on a listener bound earlier (so that a port in use is reported
+    /// before anything else is started).
+    pub fn build_on(
+        settings: &StagerSettings,
+        db: PgPool,
+        listener: TcpListener,
+    ) -> std::io::Result<Self> {
         let addr = listener.local_addr()?;
         let egress = Egress::new(settings.egress_policy(addr));
         let registries = settings

@@ -29,6 +29,11 @@ impl EmbeddedPostgres {
     ///
     /// PostgreSQL refuses to run as root, so as root the cluster runs as the `postgres` user.
     pub fn start() -> Result<Self, EmbeddedError> {
+        Self::start_on(None)
+    }
+
+    /// [`Self::start`] on `port` (one try) instead of a free port (a few tries).
+    pub fn start_on(port: Option<u16>) -> Result<Self, EmbeddedError> {
         let bin = find_postgres_bin_dir()?;
         let workdir = WorkDir::new("postgres")?;
         let run_as = if unsafe { libc::geteuid() } == 0 {
@@ -70,8 +75,12 @@ impl EmbeddedPostgres {
         }
 
         let mut last_error = String::new();
-        for _ in 0..START_ATTEMPTS {
-            let port = free_loopback_port()?;
+        let attempts = if port.is_some() { 1 } else { START_ATTEMPTS };
+        for _ in 0..attempts {
+            let port = match port {
+                Some(port) => port,
+                None => free_loopback_port()?,
+            };
             let log_path = workdir.path().join(format!("postgres-{port}.log"));
             let mut cmd = Command::new(bin.join("postgres"));
             cmd.arg("-D")
