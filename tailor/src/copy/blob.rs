@@ -83,13 +83,13 @@ impl BlobJob {
                 Ok(()) => return Ok(BlobOutcome::Mounted),
                 Err(declined) => declined,
             };
-            match self.ledger.claim_fetch(&blob.digest).await {
+            match self.ledger.claim_fetch(&blob.digest, self.origin()).await {
                 FetchClaim::Busy if round < WAIT_ROUNDS => {
                     // Another copy is bringing it in; afterwards a mount is all that is left.
                     if let Some(session) = declined {
                         session.cancel().await;
                     }
-                    self.ledger.wait_fetch(&blob.digest).await;
+                    self.ledger.wait_fetch(&blob.digest, self.origin()).await;
                 }
                 FetchClaim::Mine(guard) => {
                     let outcome = self.fetch(blob, declined).await;
@@ -298,6 +298,11 @@ impl Stream for VerifyingStream {
         }
         match Pin::new(&mut self.inner).poll_next(cx) {
             Poll::Pending => Poll::Pending,
+            Poll::Ready(Some(Ok(chunk))) if chunk.is_empty() => {
+                // Nothing to hash or pass on (and the hasher is gone once the last byte came).
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
             Poll::Ready(Some(Ok(chunk))) => {
                 self.seen += chunk.len() as u64;
                 if self.seen > self.size {
@@ -346,5 +351,67 @@ impl Stream for VerifyingStream {
                 Poll::Ready(None)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures_util::StreamExt;
+
+    use super::*;
+
+    fn body(chunks: Vec<&'static [u8]>) -> BlobBody {
+        let stream = futures_util::stream::iter(
+            chunks
+                .into_iter()
+                .map(|c| Ok::<_, std::io::Error>(Bytes::from_static(c))),
+        );
+        let response = http::Response::new(reqwest::Body::wrap_stream(stream));
+        BlobBody::new(reqwest::Response::from(response), "upstream.test", false)
+    }
+
+    fn blob(content: &[u8]) -> Blob {
+        Blob {
+            media_type: "application/octet-stream".into(),
+            digest: crate::digest::sha256(content),
+            size: content.len() as u64,
+        }
+    }
+
+    async fn drain(chunks: Vec<&'static [u8]>, blob: &Blob) -> (Vec<u8>, Option<String>) {
+        let failure = Arc::new(Mutex::new(None));
+        let mut stream = VerifyingStream::new(body(chunks), blob, failure.clone(), None);
+        let mut passed = Vec::new();
+        let mut error = None;
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(chunk) => passed.extend_from_slice(&chunk),
+                Err(e) => error = Some(e.to_string()),
+            }
+        }
+        (passed, error)
+    }
+
+    #[tokio::test]
+    async fn empty_chunks_anywhere_are_harmless() {
+        let blob = blob(b"hello world");
+        let (passed, error) = drain(vec![b"", b"hello", b"", b" world", b"", b""], &blob).await;
+        assert_eq!(error, None);
+        assert_eq!(passed, b"hello world");
+        let empty = super::tests::blob(b"");
+        let (passed, error) = drain(vec![b"", b""], &empty).await;
+        assert_eq!(error, None);
+        assert!(passed.is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_last_chunk_is_withheld_on_a_mismatch() {
+        let blob = blob(b"hello world");
+        let (passed, error) = drain(vec![b"hello", b" wurld"], &blob).await;
+        assert_eq!(
+            passed, b"hello",
+            "the chunk that completes a wrong blob is never sent"
+        );
+        assert!(error.unwrap().contains("hashes to"));
     }
 }

@@ -54,11 +54,9 @@ pub(super) async fn plan(
             }
             PlatformChoice::One(platform) => {
                 let entry = select_platform(&entries, platform).ok_or_else(|| {
-                    let available: Vec<String> =
-                        entries.iter().map(IndexEntry::platform_text).collect();
                     CopyError::PlatformMismatch(format!(
                         "{src} has no {platform} image (it has: {})",
-                        available.join(", ")
+                        platforms_listed(&entries)
                     ))
                 })?;
                 let child = fetch_child(source, &top, entry).await?;
@@ -162,4 +160,53 @@ async fn fetch_child(
         .into());
     }
     Ok(child)
+}
+
+/// The platforms an index offers, for a message: each once, at most [`LISTED_PLATFORMS`] of
+/// them (an index is the upstream's to write, and may list thousands), each cut short.
+fn platforms_listed(entries: &[IndexEntry]) -> String {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut listed: Vec<String> = Vec::new();
+    for entry in entries {
+        let text = crate::text::clean(&entry.platform_text(), 64);
+        if seen.insert(text.clone()) && listed.len() < LISTED_PLATFORMS {
+            listed.push(text);
+        }
+    }
+    if seen.len() > listed.len() {
+        listed.push(format!("and {} more", seen.len() - listed.len()));
+    }
+    listed.join(", ")
+}
+
+/// How many platforms a mismatch message names.
+const LISTED_PLATFORMS: usize = 16;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(arch: &str) -> IndexEntry {
+        IndexEntry {
+            digest: format!("sha256:{}", "0".repeat(64)),
+            size: 1,
+            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            os: Some("linux".into()),
+            architecture: Some(arch.into()),
+            variant: None,
+        }
+    }
+
+    #[test]
+    fn a_mismatch_names_a_bounded_number_of_platforms_once_each() {
+        let mut entries: Vec<IndexEntry> = (0..40).map(|n| entry(&format!("arch{n}"))).collect();
+        entries.push(entry("arch0"));
+        entries.push(entry(&"x".repeat(10_000)));
+        let listed = platforms_listed(&entries);
+        assert!(listed.starts_with("linux/arch0, linux/arch1,"), "{listed}");
+        assert_eq!(listed.matches("linux/").count(), 16, "{listed}");
+        assert!(listed.ends_with("and 25 more"), "{listed}");
+        assert!(listed.len() < 16 * 70 + 20, "{} chars", listed.len());
+        assert_eq!(platforms_listed(&[entry("amd64")]), "linux/amd64");
+    }
 }
