@@ -15,6 +15,19 @@ CREATE INDEX stagings_deadline ON stagings (deadline_at) WHERE state IN ('queued
 -- fully qualified, registry first): the key of its rate-limit budget.
 ALTER TABLE stagings ADD COLUMN source_registry text
     GENERATED ALWAYS AS (split_part(source_image, '/', 1)) STORED;
+-- Whose budget: the registry for anonymous pulls, `registry#<hash of the account>` for pulls
+-- with credentials (one tenant's exhausted quota is not everyone's).
+ALTER TABLE stagings ADD COLUMN budget_key text;
+UPDATE stagings SET budget_key = source_registry;
+ALTER TABLE stagings ALTER COLUMN budget_key SET NOT NULL;
+-- A row written without one (by hand, or by an older stager) spends its registry's.
+CREATE FUNCTION default_budget_key() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    NEW.budget_key := coalesce(NEW.budget_key, split_part(NEW.source_image, '/', 1));
+    RETURN NEW;
+END $$;
+CREATE TRIGGER stagings_default_budget_key BEFORE INSERT ON stagings
+    FOR EACH ROW EXECUTE FUNCTION default_budget_key();
 
 -- Why a queued staging is not running: backing off after `last_error`, waiting for its
 -- registry's rate-limit budget, or for the internal registry's maintenance window to end.
@@ -37,7 +50,7 @@ CREATE INDEX blob_locations_origin ON blob_locations (digest, origin_registry);
 -- its heartbeat renews it; whoever finds it expired may take it. Shared holders of one
 -- resource coexist; an exclusive holder excludes everyone else.
 --   repository:<name>  stagings copying into it (shared) against the pruner (exclusive)
---   blob:<digest>      the one copy fetching the blob from upstream (exclusive)
+--   blob:<origin>:<digest>  the one copy fetching the blob from that upstream (exclusive)
 --   prune              one prune run at a time (exclusive)
 CREATE TABLE leases (
     resource    text NOT NULL,
@@ -68,11 +81,12 @@ BEGIN
     RETURN true;
 END $$;
 
--- The fleet's rate-limit budget per upstream registry, learned from 429s (`Retry-After`) and
+-- The fleet's rate-limit budget per upstream registry (and account: see stagings.budget_key),
+-- learned from 429s (`Retry-After`) and
 -- Docker Hub's `ratelimit-*` headers. Until `blocked_until` nobody sends to the registry; after
 -- it, one worker probes (`probe_holder` until `probe_until`) while the others keep waiting.
 CREATE TABLE registry_budgets (
-    registry        text PRIMARY KEY,
+    budget_key      text PRIMARY KEY,
     blocked_until   timestamptz,
     probe_holder    text,
     probe_until     timestamptz,
@@ -83,16 +97,16 @@ CREATE TABLE registry_budgets (
     updated_at      timestamptz NOT NULL DEFAULT now()
 );
 
--- May `p_holder` start work against `p_registry` now? 'go' when nothing is known against it;
+-- May `p_holder` start work spending budget `p_budget_key` now? 'go' when nothing is known against it;
 -- 'probe' when a block has just expired and this holder is the one to try (until
 -- `p_probe_seconds` from now); 'wait' (with when) while blocked or while another holder probes.
-CREATE FUNCTION admit_to_registry(p_registry text, p_holder text, p_probe_seconds float8,
+CREATE FUNCTION admit_to_registry(p_budget_key text, p_holder text, p_probe_seconds float8,
                                   OUT verdict text, OUT wait_until timestamptz)
 LANGUAGE plpgsql AS $$
 DECLARE
     b registry_budgets%ROWTYPE;
 BEGIN
-    SELECT * INTO b FROM registry_budgets WHERE registry = p_registry FOR UPDATE;
+    SELECT * INTO b FROM registry_budgets WHERE budget_key = p_budget_key FOR UPDATE;
     IF NOT FOUND OR b.blocked_until IS NULL THEN
         verdict := 'go';
     ELSIF b.blocked_until > now() THEN
@@ -105,7 +119,7 @@ BEGIN
         UPDATE registry_budgets
         SET probe_holder = p_holder, probe_until = now() + make_interval(secs => p_probe_seconds),
             updated_at = now()
-        WHERE registry = p_registry;
+        WHERE budget_key = p_budget_key;
         verdict := 'probe';
     END IF;
 END $$;

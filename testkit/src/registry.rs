@@ -158,6 +158,22 @@ impl TestRegistry {
             .sum()
     }
 
+    /// [`Self::blob_bytes_served`] once the access log has stopped growing (two readings
+    /// 300 ms apart agree; at most 10 s): after a client gave up mid-request, the registry
+    /// may log that request a moment later.
+    pub fn blob_bytes_served_settled(&self) -> u64 {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut lines = self.access_log().len();
+        loop {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            let now = self.access_log().len();
+            if now == lines || std::time::Instant::now() > deadline {
+                return self.blob_bytes_served();
+            }
+            lines = now;
+        }
+    }
+
     /// Where the registry keeps the blob `digest` on disk (tests corrupt it to simulate
     /// a registry serving bad data).
     pub fn blob_data_path(&self, digest: &str) -> PathBuf {

@@ -1,6 +1,7 @@
 //! stager-api's integration tests: the app in-process, against a real PostgreSQL database of
 //! its own and a real internal registry.
 
+mod coordination;
 mod diego;
 mod fleet;
 mod health;

@@ -76,12 +76,14 @@ pub trait BlobLedger: Send + Sync {
         repository: &'a str,
         origin: &'a str,
     ) -> BoxFuture<'a, ()>;
-    /// Claims the right to fetch `digest` from upstream.
-    fn claim_fetch<'a>(&'a self, _digest: &'a str) -> BoxFuture<'a, FetchClaim> {
+    /// Claims the right to fetch `digest` from `origin`. Copies from different origins never
+    /// wait for each other: what one fetches is no mount source for the other.
+    fn claim_fetch<'a>(&'a self, _digest: &'a str, _origin: &'a str) -> BoxFuture<'a, FetchClaim> {
         Box::pin(async { FetchClaim::Uncoordinated })
     }
-    /// Waits until the copy fetching `digest` is done (or gone).
-    fn wait_fetch<'a>(&'a self, _digest: &'a str) -> BoxFuture<'a, ()> {
+    /// Waits until the copy fetching `digest` from `origin` is done (or gone), or for one
+    /// bounded round: a fetch that takes longer is not waited for forever.
+    fn wait_fetch<'a>(&'a self, _digest: &'a str, _origin: &'a str) -> BoxFuture<'a, ()> {
         Box::pin(async {})
     }
 }

@@ -66,17 +66,21 @@ pub fn is_retryable_status(status: StatusCode) -> bool {
         || status.is_server_error()
 }
 
-/// The server's `Retry-After`, as seconds or an HTTP date.
+/// The longest `Retry-After` taken at its word: beyond it a value is capped (it is added to
+/// clock readings, and `u64::MAX` seconds overflows them).
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
+
+/// The server's `Retry-After`, as seconds or an HTTP date, at most [`MAX_RETRY_AFTER`].
 pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
-    if let Ok(seconds) = value.parse::<u64>() {
-        return Some(Duration::from_secs(seconds));
-    }
-    let when = httpdate::parse_http_date(value).ok()?;
-    Some(
+    let wait = if let Ok(seconds) = value.parse::<u64>() {
+        Duration::from_secs(seconds)
+    } else {
+        let when = httpdate::parse_http_date(value).ok()?;
         when.duration_since(std::time::SystemTime::now())
-            .unwrap_or(Duration::ZERO),
-    )
+            .unwrap_or(Duration::ZERO)
+    };
+    Some(wait.min(MAX_RETRY_AFTER))
 }
 
 #[cfg(test)]
@@ -118,6 +122,14 @@ mod tests {
         );
         headers.insert(RETRY_AFTER, "soon".parse().unwrap());
         assert_eq!(retry_after(&headers), None);
+        // Absurd values are capped, not added to a clock to overflow it.
+        headers.insert(RETRY_AFTER, u64::MAX.to_string().parse().unwrap());
+        assert_eq!(retry_after(&headers), Some(Duration::from_secs(86_400)));
+        headers.insert(
+            RETRY_AFTER,
+            "Fri, 31 Dec 9999 23:59:59 GMT".parse().unwrap(),
+        );
+        assert_eq!(retry_after(&headers), Some(Duration::from_secs(86_400)));
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //! next poll.
 //!
 //! Resources: `repository:<name>` (stagings copying into it, shared, against the pruner,
-//! exclusive), `blob:<digest>` (the one copy fetching it from upstream), `prune` (one run).
+//! exclusive), `blob:<origin>:<digest>` (the one copy fetching it from that upstream), `prune` (one run).
 
 use std::time::Duration;
 
@@ -23,9 +23,9 @@ pub fn repository(name: &str) -> String {
     format!("repository:{name}")
 }
 
-/// The lease key of a blob being fetched from upstream.
-pub fn blob(digest: &str) -> String {
-    format!("blob:{digest}")
+/// The lease key of a blob being fetched from the upstream registry `origin`.
+pub fn blob(origin: &str, digest: &str) -> String {
+    format!("blob:{origin}:{digest}")
 }
 
 /// The lease key of the prune run.
@@ -75,6 +75,19 @@ impl Leases {
              SELECT pg_notify($3, resource) FROM gone",
         )
         .bind(resource)
+        .bind(&self.holder)
+        .bind(RELEASED_CHANNEL)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Lets go of every lease this holder has (an attempt's end, whatever happened in it).
+    pub async fn release_all(&self) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "WITH gone AS (DELETE FROM leases WHERE holder = $1 RETURNING resource) \
+             SELECT pg_notify($2, resource) FROM gone",
+        )
         .bind(&self.holder)
         .bind(RELEASED_CHANNEL)
         .execute(&self.pool)

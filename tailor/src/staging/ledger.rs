@@ -18,6 +18,9 @@ use crate::manifest::Blob;
 
 /// How often a waiter looks again without a notification.
 const WAIT_POLL: Duration = Duration::from_secs(1);
+/// The longest one wait for another copy's fetch lasts (the copy engine waits a few rounds,
+/// then fetches itself): a fetch that crawls holds others back only so long.
+const WAIT_ROUND: Duration = Duration::from_secs(120);
 
 /// The blob index of one internal registry, as one worker uses it.
 #[derive(Clone)]
@@ -97,9 +100,9 @@ impl BlobLedger for PgLedger {
         })
     }
 
-    fn claim_fetch<'a>(&'a self, digest: &'a str) -> BoxFuture<'a, FetchClaim> {
+    fn claim_fetch<'a>(&'a self, digest: &'a str, origin: &'a str) -> BoxFuture<'a, FetchClaim> {
         Box::pin(async move {
-            let resource = lease::blob(digest);
+            let resource = lease::blob(origin, digest);
             match self.leases.acquire(&resource, true).await {
                 Ok(true) => FetchClaim::Mine(Box::new(FetchLease {
                     leases: self.leases.clone(),
@@ -114,11 +117,12 @@ impl BlobLedger for PgLedger {
         })
     }
 
-    fn wait_fetch<'a>(&'a self, digest: &'a str) -> BoxFuture<'a, ()> {
+    fn wait_fetch<'a>(&'a self, digest: &'a str, origin: &'a str) -> BoxFuture<'a, ()> {
         Box::pin(async move {
-            let resource = lease::blob(digest);
+            let resource = lease::blob(origin, digest);
             let mut released = self.released.clone();
-            loop {
+            let round_ends = tokio::time::Instant::now() + WAIT_ROUND;
+            while tokio::time::Instant::now() < round_ends {
                 match Leases::is_held(&self.pool, &resource).await {
                     Ok(false) => return,
                     Ok(true) => {}
@@ -132,6 +136,7 @@ impl BlobLedger for PgLedger {
                     () = tokio::time::sleep(WAIT_POLL) => {}
                 }
             }
+            tracing::info!(%digest, %origin, "another copy is still fetching the blob; looking again");
         })
     }
 }

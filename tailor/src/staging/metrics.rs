@@ -116,8 +116,10 @@ pub async fn snapshot(pool: &PgPool) -> Result<Snapshot, sqlx::Error> {
     .fetch_all(pool)
     .await?;
     let rate_limited: Vec<(String, f64)> = sqlx::query_as(
-        "SELECT registry, extract(epoch FROM blocked_until - now())::float8 FROM registry_budgets \
-         WHERE blocked_until > now() ORDER BY registry",
+        // Per registry (an account's block counts for its registry): the longest block.
+        "SELECT split_part(budget_key, '#', 1) AS registry, \
+                max(extract(epoch FROM blocked_until - now()))::float8 FROM registry_budgets \
+         WHERE blocked_until > now() GROUP BY 1 ORDER BY 1 LIMIT 1000",
     )
     .fetch_all(pool)
     .await?;
@@ -135,7 +137,8 @@ pub async fn snapshot(pool: &PgPool) -> Result<Snapshot, sqlx::Error> {
     .fetch_one(pool)
     .await?;
     let rate_limited_total: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT registry, rate_limited_total FROM registry_budgets ORDER BY registry LIMIT 1000",
+        "SELECT split_part(budget_key, '#', 1) AS registry, sum(rate_limited_total)::bigint \
+         FROM registry_budgets GROUP BY 1 ORDER BY 1 LIMIT 1000",
     )
     .fetch_all(pool)
     .await?;

@@ -101,6 +101,25 @@ pub struct NewStaging {
 }
 
 impl NewStaging {
+    /// Whose rate-limit budget the staging spends: anonymous pulls share the registry's (the
+    /// fleet's addresses are what it counts), pulls with credentials their account's, so one
+    /// tenant's exhausted quota blocks only that tenant. The account is named by a hash, so
+    /// no user name reaches metrics or logs through it.
+    pub fn budget_key(&self) -> String {
+        match &self.credentials {
+            None => self.image.registry.clone(),
+            Some(credentials) => {
+                let account = Sha256::new()
+                    .chain_update(b"tailor-budget\0")
+                    .chain_update(self.image.registry.as_bytes())
+                    .chain_update(b"\0")
+                    .chain_update(credentials.username.as_bytes())
+                    .finalize();
+                format!("{}#{}", self.image.registry, &hex::encode(account)[..16])
+            }
+        }
+    }
+
     /// What makes two requests "the same" for idempotency. The password is left out: a hash
     /// of it at rest would be a way to guess it.
     pub fn fingerprint(&self) -> Vec<u8> {
@@ -160,6 +179,9 @@ pub struct Staging {
     pub pruned_at: Option<DateTime<Utc>>,
     pub deadline_at: DateTime<Utc>,
     pub source_registry: String,
+    /// Whose rate-limit budget the staging spends: its source registry, and the account its
+    /// credentials name (one tenant's exhausted quota is not everyone's).
+    pub budget_key: String,
     pub run_after: DateTime<Utc>,
     pub waiting_for: Option<String>,
     pub workers_lost: i32,
@@ -170,7 +192,7 @@ pub const STAGING_COLUMNS: &str = "staging_guid, app_guid, source_image, platfor
      attempts, cancel_requested, error_code, error_message, last_error, source_digest, pinned_image, tagged_image, \
      bytes_total, bytes_done, bytes_copied, bytes_mounted, bytes_skipped, blobs_copied, blobs_mounted, blobs_skipped, \
      start_command, execution_metadata, created_at, updated_at, started_at, finished_at, released_at, \
-     unreferenced_at, pruned_at, deadline_at, source_registry, run_after, waiting_for, workers_lost";
+     unreferenced_at, pruned_at, deadline_at, source_registry, budget_key, run_after, waiting_for, workers_lost";
 
 impl Staging {
     /// The staging's public JSON (the API's representation and the `stage` callback's body).

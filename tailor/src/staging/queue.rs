@@ -40,9 +40,10 @@ static CLAIM_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
              WHERE (q.state = 'queued' AND (q.run_after <= now() OR q.deadline_at <= now()) \
                     AND (q.deadline_at <= now() \
                          OR NOT EXISTS (SELECT 1 FROM registry_budgets b \
-                                        WHERE b.registry = q.source_registry \
+                                        WHERE b.budget_key = q.budget_key \
                                           AND (b.blocked_until > now() OR b.probe_until > now())))) \
-                 OR (q.state = 'running' AND q.lease_expires_at < now()) \
+                 OR (q.state = 'running' AND (q.lease_expires_at < now() \
+                     OR q.deadline_at < now() - make_interval(secs => $3))) \
              ORDER BY q.created_at \
              FOR UPDATE SKIP LOCKED \
              LIMIT 1) \
@@ -58,8 +59,13 @@ static CLAIM_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     )
 });
 
+/// How long past its deadline a running staging may stay with a worker that still renews its
+/// lease but never ends it (stuck recording, say) before another worker takes it to end it.
+pub const OVERDUE_GRACE: Duration = Duration::from_secs(300);
+
 /// Claims the oldest claimable staging: queued and due (or overdue), or running with an
-/// expired lease. The worker decides what an overdue or worn-out staging comes to.
+/// expired lease (or long overdue). The worker decides what an overdue or worn-out staging
+/// comes to.
 pub async fn claim(
     pool: &PgPool,
     worker: &str,
@@ -68,6 +74,7 @@ pub async fn claim(
     let row = sqlx::query(AssertSqlSafe(CLAIM_SQL.as_str()))
         .bind(worker)
         .bind(lease.as_secs_f64())
+        .bind(OVERDUE_GRACE.as_secs_f64())
         .fetch_optional(pool)
         .await?;
     let Some(row) = row else { return Ok(None) };
@@ -116,6 +123,14 @@ pub async fn heartbeat(
     })
 }
 
+/// The lease that keeps the pruner out of the repository an image was pushed to, as the
+/// attempt that pushed it holds it.
+#[derive(Debug, Clone, Copy)]
+pub struct RepositoryLease<'a> {
+    pub resource: &'a str,
+    pub holder: &'a str,
+}
+
 /// How a held staging ends.
 #[derive(Debug, Clone, Copy)]
 pub enum Outcome<'a> {
@@ -124,7 +139,7 @@ pub enum Outcome<'a> {
     Succeeded {
         report: &'a CopyReport,
         run: &'a RunInfo,
-        repository_lease: &'a str,
+        repository_lease: RepositoryLease<'a>,
     },
     Failed {
         code: &'a str,
@@ -155,14 +170,26 @@ pub async fn finish(
             run,
             repository_lease,
         } => {
+            // The lease row is locked until this transaction ends: a pruner that would take the
+            // repository once the lease expires waits for the commit, and then sees the
+            // success (and the image it references) in its own reading of the stagings.
+            let held: Option<i32> = sqlx::query_scalar(
+                "SELECT 1 FROM leases WHERE resource = $1 AND holder = $2 \
+                 AND expires_at > clock_timestamp() FOR UPDATE",
+            )
+            .bind(repository_lease.resource)
+            .bind(repository_lease.holder)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if held.is_none() {
+                return Ok(None);
+            }
             sqlx::query_as(AssertSqlSafe(format!(
                 "UPDATE stagings SET state = 'succeeded', {common}, source_digest = $3, pinned_image = $4, \
                  tagged_image = $5, bytes_copied = $6, bytes_mounted = $7, bytes_skipped = $8, blobs_copied = $9, \
                  blobs_mounted = $10, blobs_skipped = $11, start_command = $12, execution_metadata = $13, \
                  bytes_done = $6 + $7 + $8, bytes_total = $6 + $7 + $8, error_code = NULL, error_message = NULL \
-                 {guard} AND EXISTS (SELECT 1 FROM leases l WHERE l.resource = $14 AND l.holder = $2 \
-                                     AND l.expires_at > now()) \
-                 RETURNING {STAGING_COLUMNS}"
+                 {guard} RETURNING {STAGING_COLUMNS}"
             )))
             .bind(staging_guid)
             .bind(worker)
@@ -177,22 +204,19 @@ pub async fn finish(
             .bind(report.blobs.skipped as i32)
             .bind(store_safe(&run.start_command).as_ref())
             .bind(store_safe(&run.execution_metadata).as_ref())
-            .bind(repository_lease)
             .fetch_optional(&mut *tx)
             .await?
         }
-        Outcome::Failed { code, message } => {
-            sqlx::query_as(AssertSqlSafe(format!(
-                "UPDATE stagings SET state = 'failed', {common}, error_code = $3, error_message = $4 \
+        Outcome::Failed { code, message } => sqlx::query_as(AssertSqlSafe(format!(
+            "UPDATE stagings SET state = 'failed', {common}, error_code = $3, error_message = $4 \
                  {guard} RETURNING {STAGING_COLUMNS}"
-            )))
-            .bind(staging_guid)
-            .bind(worker)
-            .bind(code)
-            .bind(store_safe(message).as_ref())
-            .fetch_optional(&mut *tx)
-            .await?
-        }
+        )))
+        .bind(staging_guid)
+        .bind(worker)
+        .bind(code)
+        .bind(store_safe(message).as_ref())
+        .fetch_optional(&mut *tx)
+        .await?,
         Outcome::Cancelled => {
             sqlx::query_as(AssertSqlSafe(format!(
                 "UPDATE stagings SET state = 'cancelled', {common}, error_code = 'CANCELLED', \

@@ -53,8 +53,8 @@ pub async fn create(
     let mut tx = pool.begin().await?;
     let inserted: Option<Staging> = sqlx::query_as(AssertSqlSafe(format!(
         "INSERT INTO stagings (staging_guid, app_guid, source_image, platform, request_fingerprint, \
-         completion_callback, api, encrypted_credentials, deadline_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now() + make_interval(secs => $9)) \
+         completion_callback, api, encrypted_credentials, deadline_at, budget_key) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now() + make_interval(secs => $9), $10) \
          ON CONFLICT (staging_guid) DO NOTHING RETURNING {STAGING_COLUMNS}"
     )))
     .bind(new.staging_guid)
@@ -66,6 +66,7 @@ pub async fn create(
     .bind(new.api.as_str())
     .bind(sealed)
     .bind(new.timeout.as_secs_f64())
+    .bind(new.budget_key())
     .fetch_optional(&mut *tx)
     .await?;
     if let Some(staging) = inserted {

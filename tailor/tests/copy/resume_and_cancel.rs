@@ -56,7 +56,7 @@ async fn a_retried_copy_skips_the_blobs_an_earlier_attempt_finished() {
     assert_eq!(error.code(), "DIGEST_MISMATCH");
 
     std::fs::write(&victim, original).unwrap();
-    let served = hub.blob_bytes_served();
+    let served = hub.blob_bytes_served_settled();
     let report = copy_with(&registries, &src, &dst, one_at_a_time())
         .await
         .unwrap();

@@ -4,16 +4,18 @@
 //! 2. ask the fleet's rate-limit budget whether its source registry may be spoken to;
 //! 3. take the repository lease (shared: other stagings of the app may copy alongside; the
 //!    pruner, which takes it exclusively, may not);
-//! 4. copy, raced against the staging's deadline, a cancellation, a lost lease and a drain,
-//!    with the heartbeat renewing the leases meanwhile;
-//! 5. [`decide`] what the outcome means, and record it: a failure first removes the tag the
-//!    attempt may have pushed, so a failed staging leaves no tag behind.
+//! 4. copy, raced against the staging's deadline, a cancellation, a lost lease and a drain;
+//! 5. [`decide`] what the outcome means, and record it: a failure or a cancellation first
+//!    removes the tag the staging may have pushed, so a failed staging leaves no tag behind.
 //!
-//! A panic anywhere in it is caught and recorded as the staging's failure.
+//! The attempt holds its leases under a holder name of its own (the worker's id and a nonce),
+//! renewed by the heartbeat from the claim until the outcome is recorded, and all released at
+//! the end whatever happened: nothing an attempt took outlives it or is renewed by the next.
+//! A panic anywhere in it is caught and recorded as the staging's failure, by the same path.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures_util::FutureExt;
@@ -31,7 +33,7 @@ use crate::registry::{Credentials, Repository};
 use crate::staging::budget::Admission;
 use crate::staging::lease::{self, Leases};
 use crate::staging::ledger::PgLedger;
-use crate::staging::queue::{self, Claimed, Outcome};
+use crate::staging::queue::{self, Claimed, Outcome, RepositoryLease};
 
 /// How long a staging waits in-process for the pruner to leave its repository.
 const REPOSITORY_WAIT: Duration = Duration::from_secs(30);
@@ -39,41 +41,121 @@ const REPOSITORY_WAIT: Duration = Duration::from_secs(30);
 /// tag it pushed (deleting a manifest must not race another staging's push).
 const CLEANUP_WAIT: Duration = Duration::from_secs(10);
 
-/// Runs one attempt; a panic is caught and recorded as the staging's failure.
-pub(crate) async fn run_one(shared: &Shared, worker: &str, claimed: Claimed) {
-    let guid = claimed.staging.staging_guid;
-    let attempts = claimed.staging.attempts;
-    let outcome = AssertUnwindSafe(attempt(shared, worker, claimed))
-        .catch_unwind()
-        .await;
-    shared.running.lock().expect("not poisoned").remove(&guid);
-    if let Err(panic) = outcome {
-        let what = panic
-            .downcast_ref::<&str>()
-            .map(|s| (*s).to_owned())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "a panic".into());
-        tracing::error!(panic = %crate::text::clean(&what, 300), "the worker panicked; the staging is recorded as failed");
-        let next = decide(
-            Attempt::Panicked(&crate::text::clean(&what, 300)),
-            &circumstances(shared, attempts, Duration::ZERO, None),
-        );
-        if let Next::Fail { code, message } = next {
-            let recorded = queue::finish(
-                &shared.pool,
-                guid,
-                worker,
-                Outcome::Failed {
-                    code,
-                    message: &message,
-                },
-            )
-            .await;
-            if let Err(error) = recorded {
-                tracing::error!(%error, "could not record the failure; its lease will expire");
-            }
-        }
+/// What one attempt needs throughout, the recording of its outcome included.
+struct Run<'a> {
+    shared: &'a Shared,
+    worker: &'a str,
+    guid: Uuid,
+    /// Attempts so far, this one included.
+    attempts: i32,
+    /// This attempt's leases (holder `<worker>#<nonce>`).
+    leases: Leases,
+    repository_lease: String,
+    dest: Repository,
+}
+
+/// Aborts the heartbeat however the attempt ends (a spawned task outlives its handle).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
+}
+
+/// The state the heartbeat and the copy share.
+#[derive(Clone, Default)]
+struct Beat {
+    cancel: tokio_util::sync::CancellationToken,
+    stop_reason: Arc<Mutex<Option<StopReason>>>,
+    bytes_done: Arc<AtomicU64>,
+    bytes_total: Arc<AtomicU64>,
+}
+
+/// Runs one attempt and records its outcome; a panic is caught and recorded as the staging's
+/// failure. Every lease the attempt took is released before it returns.
+pub(crate) async fn run_one(shared: &Shared, worker: &str, claimed: Claimed) {
+    let staging = &claimed.staging;
+    let guid = staging.staging_guid;
+    let attempts = staging.attempts;
+    let repository = format!("{}/{}", shared.settings.repo_prefix, staging.app_guid);
+    let run = Run {
+        shared,
+        worker,
+        guid,
+        attempts,
+        leases: Leases::new(
+            shared.pool.clone(),
+            format!("{worker}#{:08x}", fastrand::u32(..)),
+            shared.settings.lease,
+        ),
+        repository_lease: lease::repository(&repository),
+        dest: shared
+            .registries
+            .internal(
+                &shared.settings.internal_registry,
+                shared.settings.internal_credentials.clone(),
+            )
+            .repository(&repository),
+    };
+    let beat = Beat::default();
+    shared
+        .running
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .insert(guid, beat.cancel.clone());
+    let heartbeat = AbortOnDrop(tokio::spawn(keep_alive(Heartbeat {
+        pool: shared.pool.clone(),
+        guid,
+        worker: worker.to_owned(),
+        leases: run.leases.clone(),
+        lease: shared.settings.lease,
+        drain_timeout: shared.settings.drain_timeout,
+        shutdown: shared.shutdown.clone(),
+        cancel: beat.cancel.clone(),
+        stop_reason: beat.stop_reason.clone(),
+        bytes_done: beat.bytes_done.clone(),
+        bytes_total: beat.bytes_total.clone(),
+    })));
+
+    let (next, report) = match AssertUnwindSafe(attempt(&run, &claimed, &beat))
+        .catch_unwind()
+        .await
+    {
+        Ok(ended) => ended,
+        Err(panic) => {
+            let what = crate::text::clean(&panic_message(&*panic), 300);
+            tracing::error!(panic = %what, "the worker panicked; the staging is recorded as failed");
+            let next = decide(
+                Attempt::Panicked(&what),
+                &circumstances(shared, attempts, Duration::ZERO, None),
+            );
+            (next, None)
+        }
+    };
+    if let Err(panic) = AssertUnwindSafe(run.record(next, report.as_ref()))
+        .catch_unwind()
+        .await
+    {
+        tracing::error!(panic = %crate::text::clean(&panic_message(&*panic), 300), "the worker panicked recording the outcome; the staging's lease will expire and it will be retried");
+    }
+    drop(heartbeat);
+    shared
+        .running
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .remove(&guid);
+    if let Err(error) = run.leases.release_all().await {
+        tracing::warn!(%error, "could not release the attempt's leases; they will expire");
+    }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".into())
 }
 
 fn circumstances(
@@ -130,23 +212,22 @@ fn prepare(shared: &Shared, claimed: &Claimed) -> Result<Prepared, (&'static str
     })
 }
 
-async fn attempt(shared: &Shared, worker: &str, claimed: Claimed) {
+/// Works the staging up to the decision of what its attempt means (recorded by the caller),
+/// with the report of the copy when it succeeded.
+async fn attempt(run: &Run<'_>, claimed: &Claimed, beat: &Beat) -> (Next, Option<CopyReport>) {
+    let shared = run.shared;
     let staging = &claimed.staging;
-    let guid = staging.staging_guid;
     let deadline = tokio::time::Instant::now() + claimed.time_left;
     let time_left = || deadline.saturating_duration_since(tokio::time::Instant::now());
-    tracing::info!(image = %staging.source_image, attempt = staging.attempts, "staging started");
-
-    let leases = Leases::new(shared.pool.clone(), worker, shared.settings.lease);
-    let repository = format!("{}/{}", shared.settings.repo_prefix, staging.app_guid);
-    let repository_lease = lease::repository(&repository);
-    let dest = shared
-        .registries
-        .internal(
-            &shared.settings.internal_registry,
-            shared.settings.internal_credentials.clone(),
+    let circumstances_now = || {
+        circumstances(
+            shared,
+            staging.attempts,
+            time_left(),
+            staging.last_error.as_deref(),
         )
-        .repository(&repository);
+    };
+    tracing::info!(image = %staging.source_image, attempt = staging.attempts, "staging started");
 
     // Claimed only to be ended: past its deadline, or worn out by workers that kept vanishing.
     let hopeless = if claimed.time_left.is_zero() {
@@ -157,36 +238,22 @@ async fn attempt(shared: &Shared, worker: &str, claimed: Claimed) {
         None
     };
     if let Some(attempt) = hopeless {
-        let next = decide(
-            attempt,
-            &circumstances(
-                shared,
-                staging.attempts,
-                Duration::ZERO,
-                staging.last_error.as_deref(),
-            ),
-        );
+        let next = decide(attempt, &circumstances_now());
         tracing::warn!(?next, "staging ends without a copy");
-        remove_failed_tag(shared, &leases, &repository_lease, &dest, guid).await;
-        record(shared, worker, guid, next, None).await;
-        if let Err(error) = leases.release(&repository_lease).await {
-            tracing::warn!(%error, "could not release the repository lease; it will expire");
-        }
-        return;
+        return (next, None);
     }
 
-    let prepared = match prepare(shared, &claimed) {
+    let prepared = match prepare(shared, claimed) {
         Ok(prepared) => prepared,
         Err((code, message)) => {
             tracing::warn!(code, %message, "staging failed before copying");
-            record(shared, worker, guid, Next::Fail { code, message }, None).await;
-            return;
+            return (Next::Fail { code, message }, None);
         }
     };
 
     let probing = match shared
         .budgets
-        .admit_staging(&staging.source_registry, worker)
+        .admit_staging(&staging.budget_key, run.leases.holder())
         .await
     {
         Ok(Admission::Go) => false,
@@ -199,17 +266,10 @@ async fn attempt(shared: &Shared, worker: &str, claimed: Claimed) {
                 .to_std()
                 .unwrap_or(Duration::ZERO)
                 .max(Duration::from_secs(1));
-            let next = decide(
-                Attempt::RateLimitWait(wait),
-                &circumstances(
-                    shared,
-                    staging.attempts,
-                    time_left(),
-                    staging.last_error.as_deref(),
-                ),
+            return (
+                decide(Attempt::RateLimitWait(wait), &circumstances_now()),
+                None,
             );
-            record(shared, worker, guid, next, None).await;
-            return;
         }
         Err(error) => {
             tracing::warn!(%error, "rate-limit budget unavailable; going ahead");
@@ -217,22 +277,14 @@ async fn attempt(shared: &Shared, worker: &str, claimed: Claimed) {
         }
     };
 
-    if !hold_repository(shared, &leases, &repository_lease).await {
-        let next = decide(
-            Attempt::RepositoryBusy,
-            &circumstances(
-                shared,
-                staging.attempts,
-                time_left(),
-                staging.last_error.as_deref(),
-            ),
-        );
-        record(shared, worker, guid, next, None).await;
-        return;
+    if !hold_repository(shared, &run.leases, &run.repository_lease).await {
+        return (decide(Attempt::RepositoryBusy, &circumstances_now()), None);
     }
 
     let registries = &shared.registries;
-    let observer = shared.budgets.for_staging(worker, probing);
+    let observer = shared
+        .budgets
+        .for_staging(&staging.budget_key, run.leases.holder(), probing);
     let source = registries
         .source(
             &prepared.src.registry,
@@ -242,30 +294,8 @@ async fn attempt(shared: &Shared, worker: &str, claimed: Claimed) {
         )
         .repository(&prepared.src.repository);
 
-    let cancel = tokio_util::sync::CancellationToken::new();
-    shared
-        .running
-        .lock()
-        .expect("not poisoned")
-        .insert(guid, cancel.clone());
-    let stop_reason = Arc::new(Mutex::new(None));
-    let bytes_done = Arc::new(AtomicU64::new(0));
-    let bytes_total = Arc::new(AtomicU64::new(0));
-    let heartbeat = tokio::spawn(keep_alive(Heartbeat {
-        pool: shared.pool.clone(),
-        guid,
-        worker: worker.to_owned(),
-        leases: leases.clone(),
-        lease: shared.settings.lease,
-        drain_timeout: shared.settings.drain_timeout,
-        shutdown: shared.shutdown.clone(),
-        cancel: cancel.clone(),
-        stop_reason: stop_reason.clone(),
-        bytes_done: bytes_done.clone(),
-        bytes_total: bytes_total.clone(),
-    }));
     let progress = {
-        let (done, total) = (bytes_done.clone(), bytes_total.clone());
+        let (done, total) = (beat.bytes_done.clone(), beat.bytes_total.clone());
         Arc::new(move |event: Progress| match event {
             Progress::Planned { bytes, .. } => total.store(bytes, Ordering::Relaxed),
             Progress::BlobBytes { bytes, .. } => {
@@ -284,62 +314,37 @@ async fn attempt(shared: &Shared, worker: &str, claimed: Claimed) {
         concurrency: shared.settings.concurrency,
         ledger: Arc::new(PgLedger::new(
             shared.pool.clone(),
-            leases.clone(),
+            run.leases.clone(),
             shared.hub.lease_released(),
         )),
         progress: Some(progress),
-        cancel: cancel.clone(),
+        cancel: beat.cancel.clone(),
         runnable: Some(prepared.platform.clone()),
     };
-    let tag = guid.to_string();
+    let tag = run.guid.to_string();
     let result = tokio::select! {
-        result = copy_image(&source, &prepared.src, &dest, &tag, &options) => result,
+        result = copy_image(&source, &prepared.src, &run.dest, &tag, &options) => result,
         () = tokio::time::sleep_until(deadline) => {
-            stop_reason.lock().expect("not poisoned").get_or_insert(StopReason::Deadline);
-            cancel.cancel();
+            beat.stop_reason
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get_or_insert(StopReason::Deadline);
+            beat.cancel.cancel();
             Err(CopyError::Cancelled)
         }
     };
-    heartbeat.abort();
-    let stop = *stop_reason.lock().expect("not poisoned");
-
+    let stop = *beat
+        .stop_reason
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
     let attempt_outcome = match (&result, stop) {
         (Ok(_), _) => Attempt::Succeeded,
         (Err(CopyError::Cancelled), Some(reason)) => Attempt::Stopped(reason),
         (Err(CopyError::Cancelled), None) => Attempt::Stopped(StopReason::CancelRequested),
         (Err(error), _) => Attempt::Failed(error),
     };
-    let next = decide(
-        attempt_outcome,
-        &circumstances(
-            shared,
-            staging.attempts,
-            time_left(),
-            staging.last_error.as_deref(),
-        ),
-    );
-    match &next {
-        Next::Fail { code, message } => tracing::warn!(code, %message, "staging failed"),
-        Next::Requeue(requeue) => tracing::warn!(
-            retry_in_s = requeue.after.as_secs(),
-            reason = requeue.last_error.as_deref().unwrap_or("handed back"),
-            "staging goes back to the queue"
-        ),
-        Next::Cancel => tracing::info!("staging cancelled"),
-        Next::Abandon => tracing::warn!("lease lost to another worker; abandoning this attempt"),
-        Next::Succeed => {}
-    }
-    if matches!(next, Next::Fail { .. } | Next::Cancel) {
-        remove_failed_tag(shared, &leases, &repository_lease, &dest, guid).await;
-    }
-    let success = result
-        .as_ref()
-        .ok()
-        .map(|report| (report, &repository_lease));
-    record(shared, worker, guid, next, success).await;
-    if let Err(error) = leases.release(&repository_lease).await {
-        tracing::warn!(%error, "could not release the repository lease; it will expire");
-    }
+    let next = decide(attempt_outcome, &circumstances_now());
+    (next, result.ok())
 }
 
 /// Takes the repository lease, waiting a little while the pruner works there.
@@ -365,135 +370,152 @@ async fn hold_repository(shared: &Shared, leases: &Leases, resource: &str) -> bo
     }
 }
 
-/// Records what `decide` decided.
-async fn record(
-    shared: &Shared,
-    worker: &str,
-    guid: Uuid,
-    next: Next,
-    success: Option<(&CopyReport, &String)>,
-) {
-    let recorded = match next {
-        Next::Succeed => {
-            let (report, repository_lease) = success.expect("a success has a report");
-            let run = report.run.clone().unwrap_or(RunInfo {
-                start_command: String::new(),
-                execution_metadata: "{}".into(),
-            });
-            tracing::info!(
-                pinned = %report.pinned,
-                copied = report.blobs.copied,
-                mounted = report.blobs.mounted,
-                skipped = report.blobs.skipped,
-                bytes_copied = report.bytes_copied,
-                "staging succeeded"
-            );
-            let outcome = Outcome::Succeeded {
-                report,
-                run: &run,
-                repository_lease,
-            };
-            match queue::finish(&shared.pool, guid, worker, outcome).await {
-                Ok(Some(_)) => Ok(()),
-                Ok(None) => {
-                    // The pruner may have deleted what was pushed while the lease was lost:
-                    // not recorded, the lease expires and a later attempt pushes again.
-                    tracing::warn!(
-                        "the staging's or its repository's lease was lost before the success was recorded; it will be retried"
-                    );
-                    Ok(())
-                }
-                Err(error) => Err(error),
+impl Run<'_> {
+    /// Records what `decide` decided. A failure or a cancellation first removes the tag the
+    /// staging may have pushed (in this attempt or an earlier one), whichever path led here.
+    async fn record(&self, next: Next, report: Option<&CopyReport>) {
+        let (pool, guid, worker) = (&self.shared.pool, self.guid, self.worker);
+        match &next {
+            Next::Fail { code, message } => tracing::warn!(code, %message, "staging failed"),
+            Next::Requeue(requeue) => tracing::warn!(
+                attempt = self.attempts,
+                retry_in_s = requeue.after.as_secs(),
+                reason = requeue.last_error.as_deref().unwrap_or("handed back"),
+                "staging goes back to the queue"
+            ),
+            Next::Cancel => tracing::info!("staging cancelled"),
+            Next::Abandon => {
+                tracing::warn!("lease lost to another worker; abandoning this attempt")
             }
+            Next::Succeed => {}
         }
-        Next::Fail { code, message } => queue::finish(
-            &shared.pool,
-            guid,
-            worker,
-            Outcome::Failed {
-                code,
-                message: &message,
-            },
-        )
-        .await
-        .map(|_| ()),
-        Next::Cancel => queue::finish(&shared.pool, guid, worker, Outcome::Cancelled)
+        if matches!(next, Next::Fail { .. } | Next::Cancel) {
+            self.remove_failed_tag().await;
+        }
+        let recorded = match next {
+            Next::Succeed => {
+                let Some(report) = report else {
+                    tracing::error!("a success without a copy report; not recorded");
+                    return;
+                };
+                let run = report.run.clone().unwrap_or(RunInfo {
+                    start_command: String::new(),
+                    execution_metadata: "{}".into(),
+                });
+                tracing::info!(
+                    pinned = %report.pinned,
+                    copied = report.blobs.copied,
+                    mounted = report.blobs.mounted,
+                    skipped = report.blobs.skipped,
+                    bytes_copied = report.bytes_copied,
+                    "staging succeeded"
+                );
+                let outcome = Outcome::Succeeded {
+                    report,
+                    run: &run,
+                    repository_lease: RepositoryLease {
+                        resource: &self.repository_lease,
+                        holder: self.leases.holder(),
+                    },
+                };
+                match queue::finish(pool, guid, worker, outcome).await {
+                    Ok(Some(_)) => Ok(()),
+                    Ok(None) => {
+                        // The pruner may have deleted what was pushed while the lease was lost:
+                        // not recorded, the lease expires and a later attempt pushes again.
+                        tracing::warn!(
+                            "the staging's or its repository's lease was lost before the success was recorded; it will be retried"
+                        );
+                        Ok(())
+                    }
+                    Err(error) => Err(error),
+                }
+            }
+            Next::Fail { code, message } => queue::finish(
+                pool,
+                guid,
+                worker,
+                Outcome::Failed {
+                    code,
+                    message: &message,
+                },
+            )
             .await
             .map(|_| ()),
-        Next::Requeue(requeue) => queue::requeue(&shared.pool, guid, worker, &requeue)
-            .await
-            .map(|_| ()),
-        Next::Abandon => Ok(()),
-    };
-    if let Err(error) = recorded {
-        tracing::error!(%error, "could not record the staging's outcome; its lease will expire and it will be retried");
+            Next::Cancel => queue::finish(pool, guid, worker, Outcome::Cancelled)
+                .await
+                .map(|_| ()),
+            Next::Requeue(requeue) => queue::requeue(pool, guid, worker, &requeue)
+                .await
+                .map(|_| ()),
+            Next::Abandon => Ok(()),
+        };
+        if let Err(error) = recorded {
+            tracing::error!(%error, "could not record the staging's outcome; its lease will expire and it will be retried");
+        }
     }
-}
 
-/// Removes the tag this staging may have pushed (in this attempt or an earlier one), unless
-/// its manifest is another staging's image too (the registry deletes by digest, and with the
-/// digest every tag on it). Done with the repository to itself, so no other staging's push
-/// of the same manifest can race the deletion; if others keep copying there, the tag stays
-/// (and the log says so).
-async fn remove_failed_tag(
-    shared: &Shared,
-    leases: &Leases,
-    repository_lease: &str,
-    dest: &Repository,
-    guid: Uuid,
-) {
-    let head = match dest.head_manifest(&guid.to_string()).await {
-        Ok(Some(head)) => head,
-        Ok(None) => return,
-        Err(error) => {
-            tracing::warn!(%error, "could not check for a tag to remove");
-            return;
-        }
-    };
-    let deadline = tokio::time::Instant::now() + CLEANUP_WAIT;
-    let mut released = shared.hub.lease_released();
-    loop {
-        match leases.acquire(repository_lease, true).await {
-            Ok(true) => break,
-            Ok(false) if tokio::time::Instant::now() < deadline => {
-                tokio::select! {
-                    _ = released.changed() => {}
-                    () = tokio::time::sleep(Duration::from_millis(500)) => {}
+    /// Removes the tag this staging may have pushed, unless its manifest is another
+    /// staging's image too (the registry deletes by digest, and with the digest every tag on
+    /// it). Done with the repository to itself, so no other staging's push of the same
+    /// manifest can race the deletion; if others keep copying there, the tag stays (and the
+    /// log says so).
+    async fn remove_failed_tag(&self) {
+        let (shared, dest) = (self.shared, &self.dest);
+        let head = match dest.head_manifest(&self.guid.to_string()).await {
+            Ok(Some(head)) => head,
+            Ok(None) => return,
+            Err(error) => {
+                tracing::warn!(%error, "could not check for a tag to remove");
+                return;
+            }
+        };
+        let deadline = tokio::time::Instant::now() + CLEANUP_WAIT;
+        let mut released = shared.hub.lease_released();
+        loop {
+            match self.leases.acquire(&self.repository_lease, true).await {
+                Ok(true) => break,
+                Ok(false) if tokio::time::Instant::now() < deadline => {
+                    tokio::select! {
+                        _ = released.changed() => {}
+                        () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    }
+                }
+                Ok(false) => {
+                    tracing::warn!(digest = %head.digest, "a failed staging's tag stays: other stagings of the app are copying into its repository");
+                    return;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "could not take the repository to remove a tag");
+                    return;
                 }
             }
-            Ok(false) => {
-                tracing::warn!(digest = %head.digest, "a failed staging's tag stays: other stagings of the app are copying into its repository");
-                return;
+        }
+        let manifest = format!("{}@{}", dest.name(), head.digest);
+        let shared_with_live: Result<bool, sqlx::Error> = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM stagings WHERE state = 'succeeded' AND pruned_at IS NULL \
+             AND substr(pinned_image, strpos(pinned_image, '/') + 1) = $1)",
+        )
+        .bind(&manifest)
+        .fetch_one(&shared.pool)
+        .await;
+        match shared_with_live {
+            Ok(false) => match dest.delete_manifest(&head.digest).await {
+                Ok(_) => {
+                    tracing::info!(digest = %head.digest, "removed the tag the failed staging had pushed")
+                }
+                Err(error) => tracing::warn!(%error, "could not remove the failed staging's tag"),
+            },
+            Ok(true) => {
+                tracing::info!(digest = %head.digest, "the failed staging's tag stays: its manifest is another staging's image")
             }
             Err(error) => {
-                tracing::warn!(%error, "could not take the repository to remove a tag");
-                return;
+                tracing::warn!(%error, "could not check whether the tag's manifest is in use; it stays")
             }
         }
-    }
-    let manifest = format!("{}@{}", dest.name(), head.digest);
-    let shared_with_live: Result<bool, sqlx::Error> = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM stagings WHERE state = 'succeeded' AND pruned_at IS NULL \
-         AND substr(pinned_image, strpos(pinned_image, '/') + 1) = $1)",
-    )
-    .bind(&manifest)
-    .fetch_one(&shared.pool)
-    .await;
-    match shared_with_live {
-        Ok(false) => match dest.delete_manifest(&head.digest).await {
-            Ok(_) => {
-                tracing::info!(digest = %head.digest, "removed the tag the failed staging had pushed")
-            }
-            Err(error) => tracing::warn!(%error, "could not remove the failed staging's tag"),
-        },
-        Ok(true) => {
-            tracing::info!(digest = %head.digest, "the failed staging's tag stays: its manifest is another staging's image")
+        // Shared again (the attempt's leases are all released when it ends).
+        if let Err(error) = self.leases.acquire(&self.repository_lease, false).await {
+            tracing::warn!(%error, "could not hand the repository back to other stagings; the lease will expire");
         }
-        Err(error) => {
-            tracing::warn!(%error, "could not check whether the tag's manifest is in use; it stays")
-        }
-    }
-    if let Err(error) = leases.acquire(repository_lease, false).await {
-        tracing::warn!(%error, "could not hand the repository back to other stagings; the lease will expire");
     }
 }
