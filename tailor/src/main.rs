@@ -67,7 +67,8 @@ fn main() -> std::process::ExitCode {
         _ => false,
     };
     tailor::telemetry::init_with_default(match (cli.verbose, json) {
-        (0, true) => "error",
+        // The JSON on stdout says everything, errors included.
+        (0, true) => "off",
         (0, false) | (1, _) => "info",
         _ => "debug",
     });

@@ -20,9 +20,13 @@ pub fn init() {
 }
 
 /// Installs the global subscriber with `default` as the filter unless `RUST_LOG` is set (a
-/// command printing JSON on stdout keeps stderr quiet this way: `error`).
+/// command printing JSON on stdout keeps stderr quiet this way: `off`).
 pub fn init_with_default(default: &str) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    // The TLS verifier logs an ERROR for every certificate it refuses, which tailor reports
+    // itself (as the staging's or the command's error, with the fix): an upstream's bad
+    // certificate is not an error of this process.
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("{default},rustls_platform_verifier=off")));
     let json = std::env::var("TAILOR_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
     let ansi = !json && std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let builder = tracing_subscriber::fmt()

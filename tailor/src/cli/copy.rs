@@ -55,6 +55,10 @@ pub struct CopyArgs {
     /// Registry meant by references without a host.
     #[arg(long, env = "TAILOR_DEFAULT_REGISTRY", default_value = "docker.io")]
     pub default_registry: String,
+    /// Longest a request other than a blob stream may take, in seconds (a blob stream fails
+    /// when it moves too slowly instead).
+    #[arg(long, value_name = "SECONDS", env = "TAILOR_REQUEST_TIMEOUT", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub request_timeout: u64,
     /// Print one JSON object (the report, or {"error": {code, message}}) and no progress.
     #[arg(long)]
     pub json: bool,
@@ -151,7 +155,10 @@ async fn execute(args: &CopyArgs) -> Result<tailor::copy::CopyReport, CopyError>
     let registries = Registries::new(
         insecure,
         tailor::egress::Egress::unrestricted(),
-        tailor::registry::Limits::default(),
+        tailor::registry::Limits {
+            request_timeout: std::time::Duration::from_secs(args.request_timeout),
+            ..tailor::registry::Limits::default()
+        },
         &roots,
     )
     .map_err(|e| CopyError::InvalidArgument(format!("--ca-certificates: {e}")))?
