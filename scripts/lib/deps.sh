@@ -72,6 +72,8 @@ ensure_deps() {
             wrk) command -v wrk >/dev/null 2>&1 || missing+=(wrk) ;;
             ruby) command -v ruby >/dev/null 2>&1 || missing+=(ruby) ;;
             curl) command -v curl >/dev/null 2>&1 || missing+=(curl) ;;
+            # promtool (alerting rules' checks and unit tests) ships in Debian's prometheus.
+            promtool) command -v promtool >/dev/null 2>&1 || missing+=(prometheus) ;;
             # /usr/sbin is not on every user's PATH; the binaries are found there anyway.
             nginx) command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx) ;;
             iproute2) command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || [ -x /sbin/ip ] || missing+=(iproute2) ;;
