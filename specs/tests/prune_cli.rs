@@ -98,6 +98,11 @@ async fn prune_reports_per_app_and_its_exit_status_says_what_happened() {
     let real = prune(&db.url, &internal_host, &["--grace", "0s", "--json"]);
     assert_eq!(real.status.code(), Some(0), "{real:?}");
     let report = json_of(&real);
+    assert_eq!(
+        String::from_utf8_lossy(&real.stderr),
+        "",
+        "--json: the report on stdout, nothing on stderr"
+    );
     assert_eq!(report["outcome"], "pruned");
     assert_eq!(report["images_pruned"], 1);
     assert_eq!(report["decisions"][0]["staging_guid"], old.as_str());

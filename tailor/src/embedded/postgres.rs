@@ -44,6 +44,7 @@ impl EmbeddedPostgres {
         let data = workdir.path().join("data");
         if let Some((uid, gid)) = run_as {
             chown(workdir.path(), uid, gid)?;
+            ensure_reachable_by(workdir.path(), uid, gid)?;
         }
 
         let mut initdb = Command::new(bin.join("initdb"));
@@ -223,7 +224,66 @@ fn lookup_user(name: &str) -> Result<(u32, u32), EmbeddedError> {
     Ok((entry.pw_uid, entry.pw_gid))
 }
 
+/// Fails with the fix when a directory above `dir` (a private `$TMPDIR`, say) keeps the user
+/// PostgreSQL runs as from entering it: otherwise `initdb` fails with a bare "permission denied".
+fn ensure_reachable_by(dir: &Path, uid: u32, gid: u32) -> Result<(), EmbeddedError> {
+    use std::os::unix::fs::MetadataExt;
+    for ancestor in dir.ancestors().skip(1) {
+        let Ok(meta) = std::fs::metadata(ancestor) else {
+            continue;
+        };
+        let mode = meta.mode();
+        let can_enter = if meta.uid() == uid {
+            mode & 0o100 != 0
+        } else if meta.gid() == gid {
+            mode & 0o010 != 0
+        } else {
+            mode & 0o001 != 0
+        };
+        if !can_enter {
+            return Err(EmbeddedError::StartFailed {
+                component: "postgres",
+                detail: format!(
+                    "running as root, PostgreSQL runs as the `postgres` user, which cannot enter {} (mode {:o}); \
+                     point TMPDIR at a directory it can reach (such as /tmp) or `chmod o+x` it",
+                    ancestor.display(),
+                    mode & 0o7777
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 fn chown(path: &Path, uid: u32, gid: u32) -> Result<(), EmbeddedError> {
     std::os::unix::fs::chown(path, Some(uid), Some(gid))
         .map_err(|source| EmbeddedError::io(format!("chown {}", path.display()), source))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_directory_the_server_user_cannot_enter_is_named_with_the_fix() {
+        let private = tempfile::tempdir().unwrap();
+        let inner = private.path().join("postgres-work");
+        std::fs::create_dir(&inner).unwrap();
+        // Neither owner nor group of the temporary directory: only the "other" bits apply.
+        let (uid, gid) = (u32::MAX - 1, u32::MAX - 1);
+
+        std::fs::set_permissions(private.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let error = ensure_reachable_by(&inner, uid, gid)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains(&private.path().display().to_string()),
+            "{error}"
+        );
+        assert!(error.contains("TMPDIR"), "{error}");
+
+        std::fs::set_permissions(private.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+        ensure_reachable_by(&inner, uid, gid).unwrap();
+    }
 }
