@@ -351,7 +351,15 @@ fn limits_egress_and_trust_land_where_the_binaries_read_them() {
         );
         assert_eq!(
             env_value(&env, "TAILOR_EGRESS_DENY"),
-            Some("10.244.0.0/16,192.168.50.7,api.system.example.com:443"),
+            if job == "tailor-worker" {
+                // Its internal registry is given by address, yet it consumes the registry's
+                // link: that registry's instances are denied too.
+                Some(
+                    "10.244.0.0/16,192.168.50.7,api.system.example.com:443,registry.tailor.internal:5000",
+                )
+            } else {
+                Some("10.244.0.0/16,192.168.50.7,api.system.example.com:443")
+            },
             "{job}: entries trimmed"
         );
         for (setting, value) in [
@@ -585,6 +593,33 @@ fn tailor_jobs_use_the_load_balancer_when_the_deployment_has_one() {
             Some("registry.example.com:443"),
             "{job}"
         );
+    }
+}
+
+#[test]
+fn behind_a_load_balancer_the_registry_instances_are_denied_to_tenants() {
+    for job in ["stager-api", "tailor-worker"] {
+        let mut manifest = minimal(job);
+        manifest["links"]["internal-registry"] = registry_instances_link(false);
+        manifest["properties"]["tailor"]["egress"] = json!({ "deny": ["10.244.0.0/16"] });
+        let dir = tempfile::tempdir().unwrap();
+        let env = render_job(job, &manifest, dir.path());
+        assert_eq!(
+            env_value(&env, "TAILOR_EGRESS_DENY"),
+            Some("10.244.0.0/16"),
+            "{job}: the registry in use is the link's own, which tailor protects by itself"
+        );
+
+        manifest["links"]["internal-registry-lb"] = registry_lb_link();
+        let env = render_job(job, &manifest, dir.path());
+        assert_eq!(
+            env_value(&env, "TAILOR_EGRESS_DENY"),
+            Some(
+                "10.244.0.0/16,q-s0.registry.default.tailor.bosh:5000,10.0.1.11:5000,10.0.1.12:5000"
+            ),
+            "{job}: the instances behind the load balancer, by name and by address"
+        );
+        check_config(job, &env).unwrap_or_else(|e| panic!("{job}: {e}"));
     }
 }
 

@@ -17,26 +17,39 @@
 //! then the deny list; then the allow list; then the default address classes.
 //!
 //! The check is made on resolved addresses, and the addresses checked are the ones connected
-//! to: [`Egress::check_url`] resolves a name, checks every address and *pins* them, and the
-//! HTTP client's resolver ([`Egress::resolver`]) hands out exactly the pinned addresses, so a
-//! name that resolves differently a moment later (DNS rebinding) changes nothing. A name the
-//! resolver meets without a pin (it should not happen) is resolved and checked there, without
-//! the port-specific rules.
+//! to: [`Egress::check_url`] resolves a name, checks every address for the URL's port and
+//! returns the allowed ones as a [`Checked`] destination, and [`PolicedClients`] hands the
+//! request a client built for exactly that host, port and those addresses, whose resolver
+//! refuses every name. So a name that resolves differently a moment later (DNS rebinding), a
+//! check made for another port of the same name, or a flood of names filling a cache changes
+//! nothing: no client of tailor's ever resolves a tenant's name by itself.
+//!
+//! A protected endpoint given by a name is resolved again (every minute) before every check; a
+//! name that has never resolved protects its whole port (every address on it is refused) rather
+//! than nothing, and one on this host (loopback, unspecified or one of this host's interface
+//! addresses) is matched by any of this host's addresses on its port, since a listener may be
+//! reachable on all of them.
+
+mod clients;
+
+pub use clients::{ClientError, PolicedClients};
 
 use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::str::FromStr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 use reqwest::Url;
 
-/// How long a checked resolution is pinned (and a protected endpoint's resolution cached).
-const PIN_FOR: Duration = Duration::from_secs(60);
-/// Most pinned names kept; the oldest are dropped beyond it.
-const MAX_PINNED: usize = 4096;
+/// How long a protected endpoint's resolution is used before its name is resolved again.
+const PROTECTED_REFRESH: Duration = Duration::from_secs(60);
+/// How soon a protected endpoint's name that failed to resolve is tried again. Until it
+/// resolves, its port is refused whatever the address, so it is retried sooner than the
+/// refresh, but not on every check: a resolver that is down would cost each check its timeout.
+const PROTECTED_RETRY: Duration = Duration::from_secs(5);
 /// Longest a name resolution may take.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -176,10 +189,21 @@ pub enum DenyReason {
         rule: String,
     },
     Protected(Protected),
+    /// The port is a protected endpoint's whose name has never resolved: any address on it may
+    /// be that endpoint, so every one is refused until the name resolves.
+    ProtectedUnresolved {
+        what: Protected,
+        host: String,
+        port: u16,
+    },
     /// The name does not resolve (or resolves to nothing usable).
     Unresolvable {
         detail: String,
     },
+    /// An HTTP client was asked to resolve a name no check gave it addresses for. Policed
+    /// clients refuse every name they were not given; reaching this is a bug in tailor, and
+    /// refusing is what keeps it from being an unchecked connection.
+    Unchecked,
 }
 
 /// A refused destination. Its message names the target and why, never a credential.
@@ -219,7 +243,16 @@ impl EgressDenied {
                 "it is {} (name it exactly as host:port in TAILOR_EGRESS_ALLOW to allow it)",
                 p.describe()
             ),
+            DenyReason::ProtectedUnresolved { what, host, port } => format!(
+                "it may be {} ({host}:{port}): that name could not be resolved, so every \
+                 address on port {port} is refused until it does",
+                what.describe()
+            ),
             DenyReason::Unresolvable { detail } => format!("it does not resolve: {detail}"),
+            DenyReason::Unchecked => {
+                "it was not checked before the connection, so it is not resolved (a bug in tailor)"
+                    .into()
+            }
         }
     }
 }
@@ -440,13 +473,47 @@ pub enum Purpose {
     Callback,
 }
 
-/// The policy at run time: checks, and the pins that make checks stick.
+/// A destination the policy allowed: the host as the URL spells it, the port, and the
+/// addresses (with that port) that may be connected to, and only those.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checked {
+    pub host: String,
+    pub port: u16,
+    pub addrs: Vec<SocketAddr>,
+}
+
+/// A name lookup standing in for DNS in tests.
+#[cfg(test)]
+pub(crate) type TestLookup = Arc<dyn Fn(&str) -> Vec<IpAddr> + Send + Sync>;
+
+/// What is known of a protected endpoint's name.
+#[derive(Debug, Clone)]
+struct ProtectedResolution {
+    /// Its addresses when it last resolved; empty if it never has.
+    addrs: Vec<IpAddr>,
+    /// When it was last looked up, and whether that lookup succeeded.
+    at: Instant,
+    resolved: bool,
+}
+
+/// A protected endpoint's addresses as far as they are known.
+enum ProtectedAddrs {
+    Known(Vec<IpAddr>),
+    /// Looked up, and never resolved.
+    Unresolved,
+    /// Not looked up yet: only [`Egress::check_literal`], which resolves nothing, meets this;
+    /// every [`Egress::check_url`] looks protected names up first.
+    NotLookedUp,
+}
+
+/// The policy at run time.
 pub struct Egress {
     policy: EgressPolicy,
-    pinned: Mutex<HashMap<String, (Vec<IpAddr>, Instant)>>,
     /// Resolutions of protected endpoints' names.
-    protected_addrs: Mutex<HashMap<String, (Vec<IpAddr>, Instant)>>,
+    protected_addrs: Mutex<HashMap<String, ProtectedResolution>>,
     local_addrs: Vec<IpAddr>,
+    #[cfg(test)]
+    test_lookup: Option<TestLookup>,
 }
 
 impl fmt::Debug for Egress {
@@ -461,9 +528,26 @@ impl Egress {
     pub fn new(policy: EgressPolicy) -> Arc<Self> {
         Arc::new(Self {
             policy,
-            pinned: Mutex::new(HashMap::new()),
             protected_addrs: Mutex::new(HashMap::new()),
             local_addrs: local_addresses(),
+            #[cfg(test)]
+            test_lookup: None,
+        })
+    }
+
+    /// A policy whose name lookups are `lookup`'s answers instead of DNS (an empty answer is a
+    /// name that does not resolve), and whose host has `local_addrs`.
+    #[cfg(test)]
+    pub(crate) fn with_lookup(
+        policy: EgressPolicy,
+        local_addrs: Vec<IpAddr>,
+        lookup: TestLookup,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            policy,
+            protected_addrs: Mutex::new(HashMap::new()),
+            local_addrs,
+            test_lookup: Some(lookup),
         })
     }
 
@@ -475,50 +559,80 @@ impl Egress {
         &self.policy
     }
 
-    /// The resolver for HTTP clients whose destinations this policy governs.
-    pub fn resolver(self: &Arc<Self>) -> Arc<EgressResolver> {
-        Arc::new(EgressResolver(self.clone()))
-    }
-
-    /// Checks `url`'s destination before a request: resolves a name, checks every address it
-    /// has, and pins them for the connection that follows.
-    pub async fn check_url(&self, url: &Url, purpose: Purpose) -> Result<(), EgressDenied> {
+    /// Checks `url`'s destination before a request: resolves a name and checks every address
+    /// it has for the URL's port. Returns the addresses that may be connected to (`None` for an
+    /// address literal, which is checked as it is). Connect only through a client built for
+    /// the result ([`PolicedClients`]): resolving the name again would undo the check.
+    pub async fn check_url(
+        &self,
+        url: &Url,
+        purpose: Purpose,
+    ) -> Result<Option<Checked>, EgressDenied> {
         let port = url.port_or_known_default().unwrap_or(0);
-        let target = match url.host() {
-            Some(host) => format!("{host}:{port}"),
-            None => url.as_str().to_owned(),
-        };
         let deny = |reason| EgressDenied {
-            target: target.clone(),
+            target: target_of(url, port),
             reason,
             purpose,
         };
+        // Whatever the destination: an address literal may be a protected name's address.
+        self.refresh_protected().await;
         match url.host() {
             None => Err(deny(DenyReason::Unresolvable {
                 detail: "the URL has no host".into(),
             })),
             Some(url::Host::Ipv4(ip)) => self
                 .check_addr(None, ip.into(), port, purpose)
+                .map(|()| None)
                 .map_err(deny),
             Some(url::Host::Ipv6(ip)) => self
                 .check_addr(None, ip.into(), port, purpose)
+                .map(|()| None)
                 .map_err(deny),
-            Some(url::Host::Domain(name)) => {
-                let name = normalise_name(name);
-                self.refresh_protected().await;
-                let addrs = match self.pinned(&name) {
-                    Some(addrs) => addrs,
-                    None => lookup(&name, port)
-                        .await
-                        .map_err(|detail| deny(DenyReason::Unresolvable { detail }))?,
-                };
-                let allowed = self
-                    .check_name(&name, &addrs, port, purpose)
-                    .map_err(deny)?;
-                self.pin(&name, allowed);
-                Ok(())
+            Some(url::Host::Domain(host)) => {
+                let addrs = self
+                    .lookup(&normalise_name(host))
+                    .await
+                    .map_err(|detail| deny(DenyReason::Unresolvable { detail }))?;
+                self.check_resolved(host, &addrs, port, purpose)
+                    .map(Some)
+                    .map_err(deny)
             }
         }
+    }
+
+    /// Checks addresses `host` resolved to earlier (a cached client's) again, for `port`,
+    /// without resolving anything: what a protected endpoint's fresh resolution changes.
+    pub(crate) async fn recheck(
+        &self,
+        checked: &Checked,
+        purpose: Purpose,
+    ) -> Result<Checked, EgressDenied> {
+        self.refresh_protected().await;
+        let ips: Vec<IpAddr> = checked.addrs.iter().map(SocketAddr::ip).collect();
+        self.check_resolved(&checked.host, &ips, checked.port, purpose)
+            .map_err(|reason| EgressDenied {
+                target: format!("{}:{}", checked.host, checked.port),
+                reason,
+                purpose,
+            })
+    }
+
+    fn check_resolved(
+        &self,
+        host: &str,
+        addrs: &[IpAddr],
+        port: u16,
+        purpose: Purpose,
+    ) -> Result<Checked, DenyReason> {
+        let allowed = self.check_name(&normalise_name(host), addrs, port, purpose)?;
+        Ok(Checked {
+            host: host.to_owned(),
+            port,
+            addrs: allowed
+                .into_iter()
+                .map(|ip| SocketAddr::new(ip, port))
+                .collect(),
+        })
     }
 
     /// What can be refused without resolving anything: for `POST /stage`, so that a request
@@ -618,7 +732,11 @@ impl Egress {
         for ip in addrs {
             match self.check_addr(Some(name), *ip, port, purpose) {
                 Ok(()) => allowed.push(ip.to_canonical()),
-                Err(reason @ DenyReason::Protected(_)) => return Err(reason),
+                Err(
+                    reason @ (DenyReason::Protected(_) | DenyReason::ProtectedUnresolved { .. }),
+                ) => {
+                    return Err(reason);
+                }
                 Err(reason) => {
                     first_denial.get_or_insert(reason);
                 }
@@ -643,10 +761,10 @@ impl Egress {
         }
         let ip = ip.to_canonical();
         for p in &self.policy.protected {
-            if self.protected_matches(p, name, ip, port)
+            if let Some(reason) = self.protected_match(p, name, ip, port)
                 && self.protected_applies(p, name, Some(ip), port, purpose)
             {
-                return Err(DenyReason::Protected(p.what));
+                return Err(reason);
             }
         }
         if let Some(rule) = self
@@ -693,183 +811,159 @@ impl Egress {
         }
     }
 
-    /// Whether `ip:port` (reached as `name`) is the protected endpoint `p`: same port, and the
-    /// same address, or both on this host's loopback, or `p` listening on every address.
-    fn protected_matches(
+    /// Whether `ip:port` (reached as `name`) may be the protected endpoint `p`, and the
+    /// refusal if so: same port, and the same address, or both addresses this host's (a
+    /// listener on loopback, on every address or on one interface may be reachable on any of
+    /// them), or `p` a name that has never resolved (then it may be anything on that port).
+    fn protected_match(
         &self,
         p: &ProtectedEndpoint,
         name: Option<&str>,
         ip: IpAddr,
         port: u16,
-    ) -> bool {
+    ) -> Option<DenyReason> {
         if p.port != port {
-            return false;
+            return None;
         }
+        let matched = Some(DenyReason::Protected(p.what));
         if name == Some(p.host.as_str()) {
-            return true;
+            return matched;
         }
+        let addrs = match self.protected_addresses(&p.host) {
+            ProtectedAddrs::Known(addrs) => addrs,
+            ProtectedAddrs::Unresolved => {
+                return Some(DenyReason::ProtectedUnresolved {
+                    what: p.what,
+                    host: p.host.clone(),
+                    port: p.port,
+                });
+            }
+            // `check_literal` only: what it cannot know, the check before connecting decides.
+            ProtectedAddrs::NotLookedUp => return None,
+        };
         let local =
             |a: IpAddr| a.is_loopback() || a.is_unspecified() || self.local_addrs.contains(&a);
-        self.protected_addresses(&p.host).iter().any(|a| {
-            let a = a.to_canonical();
-            a == ip
-                || (a.is_loopback() && (ip.is_loopback() || ip.is_unspecified()))
-                || (a.is_unspecified() && local(ip))
-                || (ip.is_unspecified() && local(a))
-                || (ip.is_loopback() && a.is_unspecified())
-        })
+        let same = addrs
+            .iter()
+            .map(|a| a.to_canonical())
+            .any(|a| a == ip || (local(a) && local(ip)));
+        if same { matched } else { None }
     }
 
-    /// A protected endpoint's addresses: itself if an address; else its resolution, cached.
-    /// (Resolved synchronously through the cache filled by [`Self::refresh_protected`].)
-    fn protected_addresses(&self, host: &str) -> Vec<IpAddr> {
+    /// A protected endpoint's addresses: itself if an address; else its resolution, cached
+    /// (looked up by [`Self::refresh_protected`], so that the checks themselves are synchronous).
+    fn protected_addresses(&self, host: &str) -> ProtectedAddrs {
         if let Ok(ip) = IpAddr::from_str(host) {
-            return vec![ip];
+            return ProtectedAddrs::Known(vec![ip]);
         }
         if is_localhost_name(host) {
-            return vec![
+            return ProtectedAddrs::Known(vec![
                 IpAddr::V4(Ipv4Addr::LOCALHOST),
                 IpAddr::V6(Ipv6Addr::LOCALHOST),
-            ];
+            ]);
         }
-        self.protected_addrs
+        match self
+            .protected_addrs
             .lock()
-            .expect("not poisoned")
+            .unwrap_or_else(PoisonError::into_inner)
             .get(host)
-            .map(|(addrs, _)| addrs.clone())
-            .unwrap_or_default()
+        {
+            None => ProtectedAddrs::NotLookedUp,
+            Some(r) if r.addrs.is_empty() => ProtectedAddrs::Unresolved,
+            Some(r) => ProtectedAddrs::Known(r.addrs.clone()),
+        }
     }
 
-    /// Resolves the protected endpoints' names again if their cached resolution is old.
+    /// Looks the protected endpoints' names up again if their resolution is old (or failed a
+    /// little while ago). A name that fails to resolve keeps the addresses it last had: the
+    /// endpoint is most likely still there.
     async fn refresh_protected(&self) {
         let names: Vec<String> = {
-            let cache = self.protected_addrs.lock().expect("not poisoned");
+            let cache = self
+                .protected_addrs
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             self.policy
                 .protected
                 .iter()
                 .filter(|p| IpAddr::from_str(&p.host).is_err() && !is_localhost_name(&p.host))
                 .filter(|p| {
-                    cache
-                        .get(&p.host)
-                        .is_none_or(|(_, at)| at.elapsed() > PIN_FOR)
+                    cache.get(&p.host).is_none_or(|r| {
+                        let due = if r.resolved {
+                            PROTECTED_REFRESH
+                        } else {
+                            PROTECTED_RETRY
+                        };
+                        r.at.elapsed() > due
+                    })
                 })
                 .map(|p| p.host.clone())
                 .collect()
         };
         for name in names {
-            if let Ok(addrs) = lookup(&name, 0).await {
-                self.protected_addrs
-                    .lock()
-                    .expect("not poisoned")
-                    .insert(name, (addrs, Instant::now()));
+            let looked_up = self.lookup(&name).await;
+            let mut cache = self
+                .protected_addrs
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let entry = cache
+                .entry(name.clone())
+                .or_insert_with(|| ProtectedResolution {
+                    addrs: Vec::new(),
+                    at: Instant::now(),
+                    resolved: false,
+                });
+            entry.at = Instant::now();
+            match looked_up {
+                Ok(addrs) => {
+                    entry.addrs = addrs;
+                    entry.resolved = true;
+                }
+                Err(detail) => {
+                    entry.resolved = false;
+                    tracing::warn!(name = %name, %detail, "a protected endpoint's name does not resolve; its port is refused on every address until it does");
+                }
             }
         }
     }
 
-    /// Pins the checked addresses of `name` for the connection that follows.
-    fn pin(&self, name: &str, addrs: Vec<IpAddr>) {
-        let mut pinned = self.pinned.lock().expect("not poisoned");
-        if pinned.len() >= MAX_PINNED {
-            pinned.retain(|_, (_, at)| at.elapsed() < PIN_FOR);
-            if pinned.len() >= MAX_PINNED {
-                pinned.clear();
-            }
+    /// Resolves `name` (normalised), with a deadline. Addresses are canonical and unique.
+    async fn lookup(&self, name: &str) -> Result<Vec<IpAddr>, String> {
+        #[cfg(test)]
+        if let Some(lookup) = &self.test_lookup {
+            return unique_addrs(name, lookup(name));
         }
-        pinned.insert(name.to_owned(), (addrs, Instant::now()));
-    }
-
-    fn pinned(&self, name: &str) -> Option<Vec<IpAddr>> {
-        self.pinned
-            .lock()
-            .expect("not poisoned")
-            .get(name)
-            .filter(|(_, at)| at.elapsed() < PIN_FOR)
-            .map(|(addrs, _)| addrs.clone())
+        let resolved = tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((name, 0)))
+            .await
+            .map_err(|_| format!("resolving {name} took longer than {RESOLVE_TIMEOUT:?}"))?
+            .map_err(|e| crate::text::clean(&e.to_string(), crate::text::MESSAGE_CHARS))?;
+        unique_addrs(name, resolved.map(|a| a.ip()).collect())
     }
 }
 
-async fn lookup(name: &str, port: u16) -> Result<Vec<IpAddr>, String> {
-    let resolved = tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((name, port)))
-        .await
-        .map_err(|_| format!("resolving {name} took longer than {RESOLVE_TIMEOUT:?}"))?
-        .map_err(|e| crate::text::clean(&e.to_string(), crate::text::MESSAGE_CHARS))?;
-    let mut addrs: Vec<IpAddr> = resolved.map(|a| a.ip().to_canonical()).collect();
-    addrs.dedup();
+fn unique_addrs(name: &str, resolved: Vec<IpAddr>) -> Result<Vec<IpAddr>, String> {
+    let mut addrs: Vec<IpAddr> = Vec::with_capacity(resolved.len());
+    for ip in resolved.into_iter().map(|ip| ip.to_canonical()) {
+        if !addrs.contains(&ip) {
+            addrs.push(ip);
+        }
+    }
     if addrs.is_empty() {
         return Err(format!("{name} has no addresses"));
     }
     Ok(addrs)
 }
 
-/// reqwest's resolver for policed clients: the pinned addresses if [`Egress::check_url`] ran
-/// (it always does), else a fresh resolution with every address checked.
-pub struct EgressResolver(Arc<Egress>);
-
-impl reqwest::dns::Resolve for EgressResolver {
-    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
-        let egress = self.0.clone();
-        let name = normalise_name(name.as_str());
-        Box::pin(async move {
-            let addrs = match egress.pinned(&name) {
-                Some(addrs) => addrs,
-                None => {
-                    let addrs = lookup(&name, 0).await.map_err(|detail| {
-                        Box::new(EgressDenied {
-                            target: name.clone(),
-                            reason: DenyReason::Unresolvable { detail },
-                            purpose: Purpose::Source,
-                        }) as Box<dyn std::error::Error + Send + Sync>
-                    })?;
-                    for ip in &addrs {
-                        // Without the port, only the address rules can be applied here.
-                        if let Some(reason) = egress.addr_only_verdict(&name, *ip) {
-                            return Err(Box::new(EgressDenied {
-                                target: name.clone(),
-                                reason,
-                                purpose: Purpose::Source,
-                            })
-                                as Box<dyn std::error::Error + Send + Sync>);
-                        }
-                    }
-                    addrs
-                }
-            };
-            let addrs: reqwest::dns::Addrs =
-                Box::new(addrs.into_iter().map(|ip| SocketAddr::new(ip, 0)));
-            Ok(addrs)
-        })
+/// `host:port` of a URL, for messages.
+fn target_of(url: &Url, port: u16) -> String {
+    match url.host() {
+        Some(host) => format!("{host}:{port}"),
+        None => url.as_str().to_owned(),
     }
 }
 
-impl Egress {
-    fn addr_only_verdict(&self, name: &str, ip: IpAddr) -> Option<DenyReason> {
-        if self.policy.unrestricted {
-            return None;
-        }
-        if let Some(rule) = self
-            .policy
-            .deny
-            .iter()
-            .find(|r| r.matches(Some(name), Some(ip), None))
-        {
-            return Some(DenyReason::Operator {
-                rule: rule.to_string(),
-            });
-        }
-        let allowed = self.policy.allow.iter().any(|r| match r {
-            Rule::Net(_) | Rule::Name(_) => r.matches(Some(name), Some(ip), None),
-            Rule::NamePort(n, _) => n == name,
-            Rule::AddrPort(a, _) => *a == ip,
-        });
-        if allowed {
-            return None;
-        }
-        denied_class(ip).map(|class| DenyReason::AddressClass { class, ip })
-    }
-}
-
-/// Finds an [`EgressDenied`] in an error's chain of causes (a refusal by the resolver reaches
-/// the caller wrapped in the HTTP client's connect error).
+/// Finds an [`EgressDenied`] in an error's chain of causes (a refusal by a policed client's
+/// resolver reaches the caller wrapped in the HTTP client's connect error).
 pub fn find_denial(error: &(dyn std::error::Error + 'static)) -> Option<EgressDenied> {
     let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(e) = current {
@@ -1090,7 +1184,7 @@ mod tests {
     }
 
     #[test]
-    fn resolved_names_are_checked_and_pinned() {
+    fn resolved_names_are_checked_and_their_checked_addresses_returned() {
         let egress = Egress::new(EgressPolicy::default());
         block_on(async {
             let denied = egress
@@ -1117,12 +1211,25 @@ mod tests {
             Rule::parse_list("localhost").unwrap(),
             vec![],
         ));
-        block_on(async {
+        let checked = block_on(async {
             open.check_url(&url("http://localhost:1234/"), Purpose::Callback)
                 .await
-                .unwrap();
+                .unwrap()
+                .expect("a name is resolved")
         });
-        assert!(open.pinned("localhost").is_some());
+        assert_eq!((checked.host.as_str(), checked.port), ("localhost", 1234));
+        assert!(
+            checked
+                .addrs
+                .contains(&SocketAddr::from((Ipv4Addr::LOCALHOST, 1234))),
+            "{checked:?}"
+        );
+        let literal = block_on(async {
+            open.check_url(&url("http://10.1.2.3:1234/"), Purpose::Callback)
+                .await
+                .unwrap()
+        });
+        assert_eq!(literal, None, "an address literal is checked as it is");
     }
 
     #[test]
@@ -1133,5 +1240,393 @@ mod tests {
                 .check_literal("169.254.169.254", 80, Purpose::Source)
                 .is_ok()
         );
+    }
+
+    // DNS rebinding and cache exhaustion against the policed clients. A real TCP listener on
+    // 127.0.0.1 stands for the internal registry (a protected endpoint); loopback is allowed,
+    // so only the protected rule stands between a tenant's name and it. Name lookups are the
+    // test's (`Egress::with_lookup`), so a name can resolve to one address for the check and to
+    // the listener's a moment later. Every client is bound to 127.0.0.1: a connection to the
+    // "public" address a name was checked against then fails at once on this machine (EINVAL)
+    // and nothing leaves it, while a connection to the listener would succeed and be counted.
+
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// The address names resolve to when they are checked: public, and never reached.
+    const PUBLIC: IpAddr = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 9));
+    /// Names an attacker makes tailor check to flush caches: more than the old pin map held
+    /// (4096) and than the client cache holds.
+    const FLOOD: usize = 4100;
+    /// The longest any step of these tests may take.
+    const DEADLINE: Duration = Duration::from_secs(20);
+
+    /// A name lookup the test rewrites at will; `*.flood.test` names resolve to [`PUBLIC`].
+    #[derive(Clone, Default)]
+    struct Dns(Arc<Mutex<HashMap<String, Vec<IpAddr>>>>);
+
+    impl Dns {
+        fn set(&self, name: &str, addrs: &[IpAddr]) {
+            self.0
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(name.to_owned(), addrs.to_vec());
+        }
+
+        fn lookup(&self) -> TestLookup {
+            let names = self.0.clone();
+            Arc::new(move |name: &str| {
+                if name.ends_with(".flood.test") {
+                    return vec![PUBLIC];
+                }
+                names
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .get(name)
+                    .cloned()
+                    .unwrap_or_default()
+            })
+        }
+    }
+
+    /// The protected endpoint: a listener that counts the connections it accepts.
+    struct Listener {
+        port: u16,
+        accepted: Arc<AtomicUsize>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Listener {
+        async fn start() -> Self {
+            let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+                .await
+                .unwrap();
+            let port = listener.local_addr().unwrap().port();
+            let accepted = Arc::new(AtomicUsize::new(0));
+            let count = accepted.clone();
+            let task = tokio::spawn(async move {
+                while let Ok((stream, _)) = listener.accept().await {
+                    count.fetch_add(1, Ordering::SeqCst);
+                    drop(stream);
+                }
+            });
+            Self {
+                port,
+                accepted,
+                task,
+            }
+        }
+
+        /// Asserts nothing connected, after giving a connection in flight time to be accepted;
+        /// then proves the listener would have counted one.
+        async fn assert_never_reached(self) {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            assert_eq!(
+                self.accepted.load(Ordering::SeqCst),
+                0,
+                "something connected to the protected endpoint"
+            );
+            tokio::time::timeout(
+                DEADLINE,
+                tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, self.port)),
+            )
+            .await
+            .expect("connecting in time")
+            .expect("the listener accepts");
+            tokio::time::timeout(DEADLINE, async {
+                while self.accepted.load(Ordering::SeqCst) == 0 {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
+            .await
+            .expect("the listener counts what connects to it");
+            self.task.abort();
+        }
+    }
+
+    /// Loopback allowed; the listener's port on 127.0.0.1 is the internal registry.
+    fn policy(port: u16) -> EgressPolicy {
+        EgressPolicy::new(Rule::parse_list("127.0.0.0/8, ::1").unwrap(), vec![]).protect(
+            Protected::InternalRegistry,
+            "127.0.0.1",
+            port,
+        )
+    }
+
+    fn template() -> clients::ClientTemplate {
+        let tls = crate::tls::client_config(&[]).unwrap();
+        Arc::new(move || {
+            reqwest::Client::builder()
+                .local_address(IpAddr::V4(Ipv4Addr::LOCALHOST))
+                .connect_timeout(Duration::from_secs(2))
+                .tls_backend_preconfigured(tls.clone())
+        })
+    }
+
+    fn clients(egress: &Arc<Egress>) -> PolicedClients {
+        PolicedClients::new(egress.clone(), Purpose::Source, template()).unwrap()
+    }
+
+    async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(DEADLINE, f)
+            .await
+            .unwrap_or_else(|_| panic!("{what} took longer than {DEADLINE:?}"))
+    }
+
+    /// An attacker's flood: names that each get a check and a client.
+    async fn flood(clients: &PolicedClients) {
+        within("the flood", async {
+            for n in 0..FLOOD {
+                let url = url(&format!("https://n{n}.flood.test/v2/"));
+                clients.client_for(&url).await.unwrap();
+            }
+        })
+        .await;
+    }
+
+    /// Sends through `http`, which must not reach the listener; any answer or failure is fine.
+    async fn send(http: &reqwest::Client, url: &Url) {
+        let _ = within("a request", http.get(url.clone()).send()).await;
+    }
+
+    #[tokio::test]
+    async fn a_name_rebound_to_a_protected_endpoint_after_its_check_is_never_connected_to() {
+        let listener = Listener::start().await;
+        let dns = Dns::default();
+        dns.set("victim.test", &[PUBLIC]);
+        let egress = Egress::with_lookup(policy(listener.port), vec![], dns.lookup());
+        let clients = clients(&egress).with_limits(Duration::from_millis(200), 16);
+        let victim = url(&format!("http://victim.test:{}/v2/", listener.port));
+
+        let http = within("the check", clients.client_for(&victim))
+            .await
+            .expect("a public address is allowed");
+        // Between the check and the connection the name is rebound to the internal registry,
+        // the check expires, and a flood of names evicts whatever remembered it.
+        dns.set("victim.test", &[Ipv4Addr::LOCALHOST.into()]);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        flood(&clients).await;
+        send(&http, &victim).await;
+        // The next request is checked again, on the new address, and refused.
+        let denied = within("the second check", clients.client_for(&victim))
+            .await
+            .expect_err("the internal registry is never a source");
+        assert_eq!(denied.code(), "INTERNAL_SOURCE_REFUSED", "{denied}");
+        listener.assert_never_reached().await;
+    }
+
+    #[tokio::test]
+    async fn a_check_for_one_port_never_lends_its_addresses_to_another() {
+        let listener = Listener::start().await;
+        let dns = Dns::default();
+        dns.set("evil.test", &[PUBLIC]);
+        let egress = Egress::with_lookup(policy(listener.port), vec![], dns.lookup());
+        let clients = clients(&egress);
+        let protected_port = url(&format!("http://evil.test:{}/v2/", listener.port));
+        let other_port = url("http://evil.test:443/v2/");
+
+        let http = within("the check", clients.client_for(&protected_port))
+            .await
+            .expect("a public address is allowed");
+        // Now the name means the internal registry's address. On port 443 that is allowed
+        // (loopback is, and nothing is protected there); on the listener's port it is not.
+        dns.set("evil.test", &[Ipv4Addr::LOCALHOST.into()]);
+        flood(&clients).await;
+        within("the other port's check", clients.client_for(&other_port))
+            .await
+            .expect("loopback is allowed on another port");
+        let checked = within("a check", egress.check_url(&other_port, Purpose::Source))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            checked.addrs,
+            [SocketAddr::from((Ipv4Addr::LOCALHOST, 443))],
+            "addresses are checked, and handed out, for one port"
+        );
+        // The request to the listener's port goes where that port's check allowed.
+        send(&http, &protected_port).await;
+        let denied = within("the second check", clients.client_for(&protected_port))
+            .await
+            .expect_err("the addresses allowed on 443 are not reused for another port");
+        assert_eq!(denied.code(), "INTERNAL_SOURCE_REFUSED", "{denied}");
+        listener.assert_never_reached().await;
+    }
+
+    #[tokio::test]
+    async fn filling_the_client_cache_past_its_bound_never_yields_an_unchecked_connection() {
+        let listener = Listener::start().await;
+        let dns = Dns::default();
+        dns.set("victim.test", &[PUBLIC]);
+        let egress = Egress::with_lookup(policy(listener.port), vec![], dns.lookup());
+        let clients = clients(&egress).with_limits(clients::CLIENT_TTL, 8);
+        let victim = url(&format!("http://victim.test:{}/v2/", listener.port));
+
+        let http = within("the check", clients.client_for(&victim))
+            .await
+            .unwrap();
+        dns.set("victim.test", &[Ipv4Addr::LOCALHOST.into()]);
+        flood(&clients).await;
+        assert!(clients.cached() <= 8, "{} clients kept", clients.cached());
+        send(&http, &victim).await;
+        // Evicted: checked again, on the new address, and refused.
+        let denied = within("the second check", clients.client_for(&victim))
+            .await
+            .expect_err("an evicted destination is checked again");
+        assert_eq!(denied.code(), "INTERNAL_SOURCE_REFUSED", "{denied}");
+        listener.assert_never_reached().await;
+    }
+
+    #[tokio::test]
+    async fn a_policed_client_resolves_no_name_by_itself() {
+        let listener = Listener::start().await;
+        let dns = Dns::default();
+        dns.set("checked.test", &[PUBLIC]);
+        let egress = Egress::with_lookup(
+            EgressPolicy::new(Rule::parse_list("127.0.0.0/8, ::1").unwrap(), vec![]),
+            vec![],
+            dns.lookup(),
+        );
+        let clients = clients(&egress);
+        let port = listener.port;
+        // The client for an address literal, and the client for a checked name, asked for a
+        // name they were given no addresses for (a misuse): refused, not resolved.
+        let literal = within("a check", clients.client_for(&url("http://10.1.2.3/")))
+            .await
+            .unwrap();
+        let named = within(
+            "a check",
+            clients.client_for(&url(&format!("http://checked.test:{port}/"))),
+        )
+        .await
+        .unwrap();
+        for http in [literal, named] {
+            let error = within(
+                "a request",
+                http.get(url(&format!("http://localhost:{port}/"))).send(),
+            )
+            .await
+            .expect_err("no name is resolved by a policed client");
+            let denied = find_denial(&error).expect("the refusal is an egress denial");
+            assert_eq!(denied.reason, DenyReason::Unchecked);
+        }
+        listener.assert_never_reached().await;
+    }
+
+    #[tokio::test]
+    async fn the_unrestricted_policy_connects_to_what_names_resolve_to() {
+        let listener = Listener::start().await;
+        let clients = clients(&Egress::unrestricted());
+        let target = url(&format!("http://localhost:{}/", listener.port));
+        let http = within("the check", clients.client_for(&target))
+            .await
+            .unwrap();
+        send(&http, &target).await;
+        assert!(listener.accepted.load(Ordering::SeqCst) > 0);
+        listener.task.abort();
+    }
+
+    #[test]
+    fn a_protected_name_that_never_resolved_protects_its_whole_port() {
+        let dns = Dns::default();
+        let policy = || {
+            EgressPolicy::new(vec![], vec![]).protect_database("postgres://u:p@db.test:5432/tailor")
+        };
+        let egress = Egress::with_lookup(policy(), vec![], dns.lookup());
+        // Before any check has looked the name up, the early check cannot know; the check
+        // before connecting does.
+        assert!(
+            egress
+                .check_literal("10.1.2.3:5432", 443, Purpose::Source)
+                .is_ok()
+        );
+        dns.set("registry.test", &["10.1.2.3".parse().unwrap()]);
+        block_on(async {
+            for target in ["http://10.1.2.3:5432/", "http://registry.test:5432/"] {
+                let denied = egress
+                    .check_url(&url(target), Purpose::Source)
+                    .await
+                    .expect_err(target);
+                assert_eq!(denied.code(), "EGRESS_DENIED");
+                assert!(
+                    matches!(denied.reason, DenyReason::ProtectedUnresolved { .. }),
+                    "{denied:?}"
+                );
+                assert!(
+                    denied.to_string().contains("db.test:5432")
+                        && denied.to_string().contains("could not be resolved"),
+                    "{denied}"
+                );
+            }
+            for target in ["http://10.1.2.3:5433/", "http://registry.test:443/"] {
+                assert!(
+                    egress
+                        .check_url(&url(target), Purpose::Source)
+                        .await
+                        .is_ok(),
+                    "{target}: other ports are not affected"
+                );
+            }
+        });
+        assert!(
+            egress
+                .check_literal("10.1.2.3:5432", 443, Purpose::Source)
+                .is_err(),
+            "once looked up and unresolved, the early check refuses too"
+        );
+        // Once the name resolves, only its addresses are protected.
+        dns.set("db.test", &["10.9.9.9".parse().unwrap()]);
+        let egress = Egress::with_lookup(policy(), vec![], dns.lookup());
+        block_on(async {
+            assert!(
+                egress
+                    .check_url(&url("http://10.1.2.3:5432/"), Purpose::Source)
+                    .await
+                    .is_ok()
+            );
+            let denied = egress
+                .check_url(&url("http://10.9.9.9:5432/"), Purpose::Source)
+                .await
+                .unwrap_err();
+            assert_eq!(denied.reason, DenyReason::Protected(Protected::Database));
+        });
+    }
+
+    #[test]
+    fn a_protected_endpoint_on_this_host_matches_every_address_of_this_host() {
+        let this_host: IpAddr = "10.9.8.7".parse().unwrap();
+        let policy = EgressPolicy::new(Rule::parse_list("127.0.0.0/8").unwrap(), vec![])
+            .protect(Protected::OwnListener, "127.0.0.1", 8080)
+            .protect(Protected::Database, "10.9.8.7", 5432);
+        let egress = Egress::with_lookup(policy, vec![this_host], Dns::default().lookup());
+        block_on(async {
+            for target in [
+                // A listener on loopback may be reachable on this host's other addresses.
+                "http://10.9.8.7:8080/",
+                // One on an interface address may be reachable on loopback.
+                "http://127.0.0.1:5432/",
+            ] {
+                let denied = egress
+                    .check_url(&url(target), Purpose::Callback)
+                    .await
+                    .expect_err(target);
+                assert!(
+                    matches!(denied.reason, DenyReason::Protected(_)),
+                    "{target}: {denied:?}"
+                );
+            }
+            for target in [
+                "http://10.9.8.8:8080/",
+                "http://10.9.8.7:8081/",
+                "http://127.0.0.1:8081/",
+            ] {
+                assert!(
+                    egress
+                        .check_url(&url(target), Purpose::Callback)
+                        .await
+                        .is_ok(),
+                    "{target}"
+                );
+            }
+        });
     }
 }

@@ -1,7 +1,7 @@
 //! One registry as one party sees it: sending a request with authentication (the 401
-//! challenge flow, basic or bearer tokens cached per scope), egress checks on every hop,
-//! redirects followed by hand, the safe retries, deadlines, and the mapping of answers to
-//! [`RegistryError`].
+//! challenge flow, basic or bearer tokens cached per scope), egress checks on every hop (each
+//! hop sent through the client for the addresses its check allowed), redirects followed by
+//! hand, the safe retries, deadlines, and the mapping of answers to [`RegistryError`].
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,7 +17,7 @@ use super::observe::RegistryObserver;
 use super::retry::{self, RetryPolicy};
 use super::{Limits, Repository};
 use crate::config::Secret;
-use crate::egress::{Egress, Purpose, find_denial};
+use crate::egress::{ClientError, PolicedClients, find_denial};
 use crate::text::{MESSAGE_CHARS, clean};
 
 /// Most redirects followed for one request.
@@ -34,13 +34,21 @@ pub(crate) struct Endpoint {
     pub insecure: bool,
 }
 
+/// How a registry's requests reach the network.
+#[derive(Clone)]
+pub(crate) enum Http {
+    /// The operator's internal registry: one plain client, no egress policy.
+    Trusted(reqwest::Client),
+    /// An image source: every destination is checked, and reached through the client built
+    /// for the addresses checked.
+    Policed(Arc<PolicedClients>),
+}
+
 /// One registry, as seen by one party (a staging's source, or tailor's internal registry).
 pub struct Registry {
     endpoint: Endpoint,
     base: Url,
-    http: reqwest::Client,
-    /// `Some` for sources: every destination is checked.
-    egress: Option<Arc<Egress>>,
+    http: Http,
     credentials: Option<Credentials>,
     auth: Mutex<AuthState>,
     limits: Limits,
@@ -115,8 +123,7 @@ impl<'a> Request<'a> {
 impl Registry {
     pub(crate) fn new(
         endpoint: Endpoint,
-        http: reqwest::Client,
-        egress: Option<Arc<Egress>>,
+        http: Http,
         credentials: Option<Credentials>,
         limits: Limits,
         retry: RetryPolicy,
@@ -129,7 +136,6 @@ impl Registry {
             endpoint,
             base,
             http,
-            egress,
             credentials,
             auth: Mutex::new(AuthState::default()),
             limits,
@@ -190,7 +196,7 @@ impl Registry {
         let mut reauthenticated = request.scopes.is_empty();
         let mut rate_limit_waits = 0;
         loop {
-            self.check_destination(&url).await?;
+            let http = self.client_for(&url).await?;
             if let Some(observer) = &self.observer {
                 observer.admit(&self.endpoint.name).map_err(|retry_after| {
                     RegistryError::RateLimited {
@@ -200,8 +206,7 @@ impl Registry {
                 })?;
             }
             let same_origin = url.origin() == self.base.origin();
-            let mut builder = self
-                .http
+            let mut builder = http
                 .request(request.method.clone(), url.clone())
                 .headers(request.headers.clone());
             if same_origin {
@@ -234,12 +239,9 @@ impl Registry {
                     return Err(error);
                 }
                 Ok(Err(error)) => {
-                    let retryable =
-                        !error.is_timeout() && (error.is_connect() || error.is_request());
-                    if retryable
+                    if worth_retrying(&error)
                         && request.idempotent()
                         && tries + 1 < self.retry.max_attempts
-                        && find_denial(&error).is_none()
                     {
                         tracing::debug!(registry = %self.endpoint.name, tries, "retrying after a transport error");
                         tries += 1;
@@ -315,8 +317,8 @@ impl Registry {
         headers: HeaderMap,
         body: reqwest::Body,
     ) -> Result<Response, RegistryError> {
-        self.check_destination(&url).await?;
-        let mut builder = self.http.request(method, url.clone()).headers(headers);
+        let http = self.client_for(&url).await?;
+        let mut builder = http.request(method, url.clone()).headers(headers);
         if url.origin() == self.base.origin() {
             builder = self.authorize(builder, scopes).await?;
         }
@@ -327,22 +329,26 @@ impl Registry {
             .map_err(|e| self.transport_error(&e))
     }
 
-    /// The egress policy's verdict on `url` (sources only); a redirect or realm may not
-    /// downgrade an HTTPS registry to plain HTTP.
-    async fn check_destination(&self, url: &Url) -> Result<(), RegistryError> {
+    /// The client to send to `url` with: for a source, after the egress policy's check, the
+    /// client that connects only to the addresses checked for `url`'s host and port. A
+    /// redirect or realm may not downgrade an HTTPS registry to plain HTTP.
+    async fn client_for(&self, url: &Url) -> Result<reqwest::Client, RegistryError> {
         if !self.endpoint.insecure && url.scheme() != "https" {
             return Err(self.protocol(format!(
                 "refusing to follow {} to plain HTTP from an HTTPS registry",
                 clean(url.as_str(), 200)
             )));
         }
-        if let Some(egress) = &self.egress {
-            egress
-                .check_url(url, Purpose::Source)
-                .await
-                .map_err(|denied| self.denial(denied))?;
+        match &self.http {
+            Http::Trusted(client) => Ok(client.clone()),
+            Http::Policed(clients) => clients.client_for(url).await.map_err(|e| match e {
+                ClientError::Denied(denied) => self.denial(denied),
+                setup @ ClientError::Setup { .. } => RegistryError::Unreachable {
+                    registry: self.endpoint.name.clone(),
+                    detail: setup.to_string(),
+                },
+            }),
         }
-        Ok(())
     }
 
     /// A refusal of the egress policy, or a name that does not resolve (not a refusal: the
@@ -464,13 +470,10 @@ impl Registry {
         }
         // The realm is the registry's choice, so it is checked like any destination, and an
         // HTTPS registry's credentials never travel to a plain-HTTP realm.
-        self.check_destination(&url).await?;
+        let http = self.client_for(&url).await?;
         let mut tries = 0;
         let response = loop {
-            let mut request = self
-                .http
-                .get(url.clone())
-                .timeout(self.limits.request_timeout);
+            let mut request = http.get(url.clone()).timeout(self.limits.request_timeout);
             if let Some(c) = &self.credentials {
                 request = request.basic_auth(&c.username, Some(c.password.expose()));
             }
@@ -480,11 +483,7 @@ impl Registry {
                         && r.status() != StatusCode::TOO_MANY_REQUESTS
                         && tries + 1 < self.retry.max_attempts => {}
                 Ok(r) => break r,
-                Err(e)
-                    if (e.is_connect() || e.is_request())
-                        && !e.is_timeout()
-                        && find_denial(&e).is_none()
-                        && tries + 1 < self.retry.max_attempts => {}
+                Err(e) if worth_retrying(&e) && tries + 1 < self.retry.max_attempts => {}
                 Err(e) => return Err(self.transport_error(&e)),
             }
             tries += 1;
@@ -651,6 +650,38 @@ impl Registry {
 
 /// A transport failure in words that say what to check: name resolution, a refused or reset
 /// connection, TLS spoken to a plain-HTTP server, an untrusted certificate, a timeout.
+/// Whether a request that failed before any answer may succeed if sent again: a refused or
+/// broken connection may, a timeout is the caller's to decide (its deadline is spent), and a
+/// refusal of the egress policy or a TLS handshake the server failed (an untrusted certificate,
+/// a server that does not speak TLS) is the same every time: retrying only delays the error.
+fn worth_retrying(error: &reqwest::Error) -> bool {
+    !error.is_timeout()
+        && (error.is_connect() || error.is_request())
+        && find_denial(error).is_none()
+        && !is_tls_failure(error)
+}
+
+/// Whether `error` is a TLS failure (the handshake or the certificate), not the network's.
+fn is_tls_failure(error: &reqwest::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(error);
+    while let Some(e) = source {
+        // An io::Error's `source()` skips the error it wraps (where rustls puts its own, one
+        // or more io::Errors deep), so the wrapped errors are looked into.
+        let mut wrapped = Some(e);
+        while let Some(w) = wrapped {
+            if w.is::<rustls::Error>() {
+                return true;
+            }
+            wrapped = w
+                .downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .map(|inner| inner as &(dyn std::error::Error + 'static));
+        }
+        source = e.source();
+    }
+    false
+}
+
 pub(crate) fn describe_transport_error(error: &reqwest::Error, insecure: bool) -> String {
     let mut chain = Vec::new();
     let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(error);

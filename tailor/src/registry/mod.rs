@@ -9,7 +9,8 @@
 //! Failures are [`RegistryError`]s with stable codes.
 //!
 //! [`Registries`] makes them, and decides the trust: an image *source* is reached through the
-//! egress policy ([`crate::egress`]), with only the credentials the staging brought, and its
+//! egress policy ([`crate::egress`]: every hop checked, and sent through a client that connects
+//! only to the addresses checked), with only the credentials the staging brought, and its
 //! answers are bounded in size, time and throughput ([`Limits`]); the *internal* registry is
 //! the operator's own and reached directly with tailor's credentials.
 //!
@@ -44,7 +45,7 @@ pub use retry::RetryPolicy;
 pub use transfer::{BlobBody, Floor, TransferMeter};
 pub use upload::UploadSession;
 
-use crate::egress::Egress;
+use crate::egress::{Egress, PolicedClients, Purpose};
 
 /// Bounds on what one registry answer may cost.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,12 +81,12 @@ impl Default for Limits {
     }
 }
 
-/// How a process reaches registries: two HTTP connection pools (one governed by the egress
-/// policy, one for the operator's own internal registry), which hosts speak plain HTTP, the
-/// bounds and the retry policy.
+/// How a process reaches registries: the egress policy's clients (one per checked
+/// destination) and one plain client for the operator's own internal registry, which hosts
+/// speak plain HTTP, the bounds and the retry policy.
 #[derive(Clone)]
 pub struct Registries {
-    policed: reqwest::Client,
+    policed: Arc<PolicedClients>,
     trusted: reqwest::Client,
     egress: Arc<Egress>,
     insecure: Arc<HashSet<String>>,
@@ -123,30 +124,37 @@ impl Registries {
             reqwest::Certificate::from_pem_bundle(extra_roots)
                 .map_err(|e| ClientSetupError(format!("the CA bundle is not PEM: {e}")))?
         };
-        let builder = || {
-            let mut builder = reqwest::Client::builder()
-                .user_agent(concat!("tailor/", env!("CARGO_PKG_VERSION")))
-                .connect_timeout(limits.connect_timeout)
+        let (connect_timeout, user_agent) = (
+            limits.connect_timeout,
+            concat!("tailor/", env!("CARGO_PKG_VERSION")),
+        );
+        let builder = move || {
+            reqwest::Client::builder()
+                .user_agent(user_agent)
+                .connect_timeout(connect_timeout)
                 // Redirects are followed by `Registry::send`, which checks each hop.
                 .redirect(reqwest::redirect::Policy::none())
                 .pool_max_idle_per_host(32)
-                .pool_idle_timeout(Duration::from_secs(60));
-            if !roots.is_empty() {
-                builder = builder.tls_certs_merge(roots.clone());
-            }
-            builder
+                .pool_idle_timeout(Duration::from_secs(60))
         };
-        let policed = builder()
-            // A proxy would resolve names where the policy cannot see them.
-            .no_proxy()
-            .dns_resolver(egress.resolver())
-            .build()
-            .map_err(|e| ClientSetupError(e.to_string()))?;
-        let trusted = builder()
+        // The policed clients are many (one per destination), so the roots are loaded once
+        // into a TLS configuration they share.
+        let tls = crate::tls::client_config(extra_roots).map_err(ClientSetupError)?;
+        let policed = PolicedClients::new(
+            egress.clone(),
+            Purpose::Source,
+            Arc::new(move || builder().tls_backend_preconfigured(tls.clone())),
+        )
+        .map_err(|e| ClientSetupError(e.to_string()))?;
+        let mut trusted = builder();
+        if !roots.is_empty() {
+            trusted = trusted.tls_certs_merge(roots);
+        }
+        let trusted = trusted
             .build()
             .map_err(|e| ClientSetupError(e.to_string()))?;
         Ok(Self {
-            policed,
+            policed: Arc::new(policed),
             trusted,
             egress,
             insecure: Arc::new(insecure.into_iter().collect()),
@@ -196,8 +204,7 @@ impl Registries {
                 host: endpoint.to_owned(),
                 insecure: self.is_insecure(name, endpoint),
             },
-            self.policed.clone(),
-            Some(self.egress.clone()),
+            client::Http::Policed(self.policed.clone()),
             credentials,
             self.limits.clone(),
             self.retry.clone(),
@@ -213,8 +220,7 @@ impl Registries {
                 host: host.to_owned(),
                 insecure: self.insecure.contains(host),
             },
-            self.trusted.clone(),
-            None,
+            client::Http::Trusted(self.trusted.clone()),
             credentials,
             self.limits.clone(),
             self.retry.clone(),

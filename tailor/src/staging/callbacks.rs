@@ -4,8 +4,9 @@
 //! attempt (a short statement, `FOR UPDATE SKIP LOCKED`, so any number of deliverers share the
 //! work), POSTs each in a task of its own with its own timeout, and records each result alone.
 //! A slow or dead endpoint therefore holds up only its own callbacks. Every URL is checked
-//! against the egress policy (on its resolved address) before a connection is made, and
-//! redirects are never followed. A failed attempt is tried again after a backoff counted from
+//! against the egress policy (on its resolved addresses) before a connection is made, and
+//! POSTed through a client that connects only to the addresses checked
+//! ([`crate::egress::PolicedClients`]); redirects are never followed. A failed attempt is tried again after a backoff counted from
 //! when it ended; a callback is given up after `TAILOR_CALLBACK_RETRY_FOR` (24 h).
 
 use std::sync::Arc;
@@ -16,7 +17,7 @@ use sqlx::PgPool;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::egress::{Egress, Purpose};
+use crate::egress::{ClientError, Egress, PolicedClients, Purpose};
 
 /// Most callbacks one process delivers at once.
 const IN_FLIGHT: usize = 32;
@@ -44,15 +45,8 @@ struct Due {
 
 /// Delivers due callbacks until `shutdown`.
 pub async fn run_deliverer(pool: PgPool, settings: DelivererSettings, shutdown: CancellationToken) {
-    let http = match reqwest::Client::builder()
-        .user_agent(concat!("tailor/", env!("CARGO_PKG_VERSION")))
-        .redirect(reqwest::redirect::Policy::none())
-        .no_proxy()
-        .dns_resolver(settings.egress.resolver())
-        .connect_timeout(settings.timeout)
-        .build()
-    {
-        Ok(http) => http,
+    let clients = match callback_clients(&settings) {
+        Ok(clients) => Arc::new(clients),
         Err(error) => {
             tracing::error!(%error, "the callback deliverer cannot start");
             return;
@@ -66,9 +60,11 @@ pub async fn run_deliverer(pool: PgPool, settings: DelivererSettings, shutdown: 
             match claim_due(&pool, &settings, room).await {
                 Ok(due) => {
                     for callback in due {
-                        let (pool, http, settings) = (pool.clone(), http.clone(), settings.clone());
-                        in_flight
-                            .spawn(async move { deliver(&pool, &http, &settings, callback).await });
+                        let (pool, clients, settings) =
+                            (pool.clone(), clients.clone(), settings.clone());
+                        in_flight.spawn(async move {
+                            deliver(&pool, &clients, &settings, callback).await
+                        });
                     }
                 }
                 Err(error) => {
@@ -91,6 +87,24 @@ pub async fn run_deliverer(pool: PgPool, settings: DelivererSettings, shutdown: 
     }
     // Deliveries under way finish (each is bounded by its timeout).
     while in_flight.join_next().await.is_some() {}
+}
+
+/// The clients callbacks are POSTed with: one per checked destination, each connecting only to
+/// the addresses its check allowed, never redirected, never through a proxy.
+fn callback_clients(settings: &DelivererSettings) -> Result<PolicedClients, String> {
+    let tls = crate::tls::client_config(&[])?;
+    let connect_timeout = settings.timeout;
+    PolicedClients::new(
+        settings.egress.clone(),
+        Purpose::Callback,
+        Arc::new(move || {
+            reqwest::Client::builder()
+                .user_agent(concat!("tailor/", env!("CARGO_PKG_VERSION")))
+                .connect_timeout(connect_timeout)
+                .tls_backend_preconfigured(tls.clone())
+        }),
+    )
+    .map_err(|e| e.to_string())
 }
 
 /// Claims up to `limit` due callbacks for the length of one attempt; gives up on the ones
@@ -125,8 +139,8 @@ async fn claim_due(
 }
 
 /// One attempt at one callback, and its result recorded.
-async fn deliver(pool: &PgPool, http: &reqwest::Client, settings: &DelivererSettings, due: Due) {
-    let failure = attempt(http, settings, &due).await;
+async fn deliver(pool: &PgPool, clients: &PolicedClients, settings: &DelivererSettings, due: Due) {
+    let failure = attempt(clients, settings, &due).await;
     let recorded = match &failure {
         None => sqlx::query(
             "UPDATE callbacks SET delivered_at = now(), attempts = attempts + 1, claimed_until = NULL \
@@ -165,7 +179,7 @@ async fn deliver(pool: &PgPool, http: &reqwest::Client, settings: &DelivererSett
 
 /// POSTs the payload; `Some(why)` if it was not delivered.
 async fn attempt(
-    http: &reqwest::Client,
+    clients: &PolicedClients,
     settings: &DelivererSettings,
     due: &Due,
 ) -> Option<String> {
@@ -173,14 +187,20 @@ async fn attempt(
         Ok(url) => url,
         Err(_) => return Some("the callback URL is not a URL".into()),
     };
-    if let Err(denied) = settings.egress.check_url(&url, Purpose::Callback).await {
-        return Some(match denied.reason {
-            crate::egress::DenyReason::Unresolvable { .. } => {
-                format!("callback unreachable: {denied}")
-            }
-            _ => format!("{}: {denied}", denied.code()),
-        });
-    }
+    let http = match clients.client_for(&url).await {
+        Ok(http) => http,
+        Err(ClientError::Denied(denied)) => {
+            return Some(match denied.reason {
+                crate::egress::DenyReason::Unresolvable { .. } => {
+                    format!("callback unreachable: {denied}")
+                }
+                _ => format!("{}: {denied}", denied.code()),
+            });
+        }
+        Err(setup @ ClientError::Setup { .. }) => {
+            return Some(format!("callback unreachable: {setup}"));
+        }
+    };
     let sent = http
         .post(url)
         .json(&due.payload)

@@ -196,6 +196,33 @@ async fn registry_errors_map_to_stable_codes() {
     assert_eq!(unreachable.code(), "UPSTREAM_UNREACHABLE");
 }
 
+/// A failed TLS handshake is the same on every try (a server that does not speak TLS, a
+/// certificate nobody vouches for): it is reported at once, not retried.
+#[tokio::test]
+async fn a_failed_tls_handshake_is_reported_without_retrying() {
+    let internal = TestRegistry::anonymous();
+    let plain = testkit::tcp_target::TcpTarget::bind("127.0.0.1:0".parse().unwrap());
+    let source = plain.addr().to_string();
+    // Only the internal registry is plain HTTP: the source is spoken to over HTTPS.
+    let registries = registries(std::slice::from_ref(&internal.host()));
+    assert!(
+        tailor::registry::RetryPolicy::patient().max_attempts > 1,
+        "the policy would retry a transport error"
+    );
+
+    let error = copy(
+        &registries,
+        &format!("{source}/tls/app:v1"),
+        &format!("{}/t/app:s", internal.host()),
+    )
+    .await
+    .unwrap_err();
+
+    assert_eq!(error.code(), "UPSTREAM_UNREACHABLE", "{error}");
+    assert!(error.to_string().contains("does not speak TLS"), "{error}");
+    assert_eq!(plain.accepted(), 1, "one handshake, no retries: {error}");
+}
+
 fn testkit_closed_port() -> String {
     let port = tailor::embedded::free_loopback_port().unwrap();
     format!("127.0.0.1:{port}")
