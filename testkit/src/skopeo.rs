@@ -2,20 +2,12 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::sync::OnceLock;
 
 /// A permissive signature policy, so skopeo needs no system-wide `/etc/containers/policy.json`.
+/// A file of the repository's rather than a temporary one: a test process has no moment to
+/// delete a file every test in it shares, and must leave nothing behind.
 fn policy_path() -> &'static Path {
-    static POLICY: OnceLock<tempfile::TempPath> = OnceLock::new();
-    POLICY.get_or_init(|| {
-        let file = tempfile::NamedTempFile::new().expect("policy file");
-        std::fs::write(
-            file.path(),
-            r#"{"default":[{"type":"insecureAcceptAnything"}]}"#,
-        )
-        .expect("write policy");
-        file.into_temp_path()
-    })
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/skopeo-policy.json"))
 }
 
 /// A `skopeo` command with the permissive policy, for callers that need their own arguments.
