@@ -69,6 +69,28 @@ impl TestApp {
             .expect("internal registry running")
     }
 
+    /// The tags of `repository` in the internal registry (none if it does not exist).
+    pub async fn internal_tags(&self, repository: &str) -> Vec<String> {
+        let response = reqwest::get(format!(
+            "{}/v2/{repository}/tags/list",
+            self.internal().base_url()
+        ))
+        .await
+        .unwrap();
+        if response.status() == 404 {
+            return Vec::new();
+        }
+        let body: serde_json::Value = response.json().await.unwrap();
+        body["tags"]
+            .as_array()
+            .map(|t| {
+                t.iter()
+                    .filter_map(|t| t.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// POSTs a staging and returns (status, body).
     pub async fn stage(&self, body: serde_json::Value) -> (u16, serde_json::Value) {
         let response = self.post("/stage").json(&body).send().await.unwrap();

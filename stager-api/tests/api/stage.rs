@@ -169,9 +169,13 @@ async fn a_running_staging_is_cancelled_promptly() {
     let app = spawn_app().await;
     let image = ImageSpec::seeded(ManifestFormat::Oci, 1010, 2, 96 * 1024 * 1024).build();
     app.hub.push("big/app:v1", &image).await;
-    let (_, body) = app.stage(json!({ "app_guid": Uuid::new_v4(), "image": format!("{}/big/app:v1", app.hub.host()) })).await;
+    let app_guid = Uuid::new_v4();
+    let (_, body) = app
+        .stage(json!({ "app_guid": app_guid, "image": format!("{}/big/app:v1", app.hub.host()) }))
+        .await;
     let guid = body["staging_guid"].as_str().unwrap().to_owned();
     // Wait until it runs, then cancel it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
         let body: serde_json::Value = app
             .get_authed(&format!("/stage/{guid}"))
@@ -185,6 +189,10 @@ async fn a_running_staging_is_cancelled_promptly() {
             break;
         }
         assert_eq!(body["state"], "queued");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the staging never started: {body}"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     let response = app.delete(&format!("/stage/{guid}")).send().await.unwrap();
@@ -192,6 +200,21 @@ async fn a_running_staging_is_cancelled_promptly() {
     let done = app.wait_finished(&guid).await;
     assert_eq!(done["state"], "cancelled", "{done}");
     assert!(done["result"].is_null());
+
+    // Promptly: the copy stopped part-way, rather than finishing and being thrown away.
+    let layer_bytes: u64 = image.layers.iter().map(|l| l.size).sum();
+    let served = app.hub.blob_bytes_served_settled();
+    assert!(
+        served < layer_bytes,
+        "the upstream served {served} of the layers' {layer_bytes} bytes: the copy ran on after \
+         the cancellation"
+    );
+    assert!(
+        !app.internal_tags(&format!("tailor/{app_guid}"))
+            .await
+            .contains(&guid),
+        "a cancelled staging leaves no tag"
+    );
 }
 
 #[tokio::test]

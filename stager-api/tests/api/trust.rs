@@ -70,28 +70,6 @@ fn internal_requests(app: &TestApp, needle: &str) -> usize {
         .count()
 }
 
-/// The tags of `repository` in the internal registry (none if it does not exist).
-async fn internal_tags(app: &TestApp, repository: &str) -> Vec<String> {
-    let response = reqwest::get(format!(
-        "{}/v2/{repository}/tags/list",
-        app.internal().base_url()
-    ))
-    .await
-    .unwrap();
-    if response.status() == 404 {
-        return Vec::new();
-    }
-    let body: Value = response.json().await.unwrap();
-    body["tags"]
-        .as_array()
-        .map(|t| {
-            t.iter()
-                .filter_map(|t| t.as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 #[tokio::test]
 async fn the_internal_registry_is_never_a_source_under_any_spelling() {
     let hostile = HostileRegistry::start();
@@ -231,7 +209,7 @@ async fn a_tenant_cannot_mount_another_tenants_blobs_by_naming_their_digests() {
         "no mount was even tried from the owner's repository"
     );
     assert!(
-        internal_tags(&app, &format!("tailor/{thief_app}"))
+        app.internal_tags(&format!("tailor/{thief_app}"))
             .await
             .is_empty()
     );
@@ -693,7 +671,7 @@ async fn only_images_that_can_run_on_the_platform_succeed_and_nothing_is_tagged_
         );
         let repository = format!("tailor/{}", done["app_guid"].as_str().unwrap());
         assert!(
-            internal_tags(&app, &repository).await.is_empty(),
+            app.internal_tags(&repository).await.is_empty(),
             "{image}: nothing tagged"
         );
     }
@@ -740,7 +718,7 @@ async fn a_failed_staging_removes_the_tag_an_earlier_attempt_pushed() {
     let done = app.wait_finished(&guid.to_string()).await;
     assert_eq!(error_code(&done), "IMAGE_NOT_FOUND", "{done}");
     assert!(
-        internal_tags(&app, &repository).await.is_empty(),
+        app.internal_tags(&repository).await.is_empty(),
         "the failed staging's tag is gone"
     );
 
@@ -801,7 +779,7 @@ async fn a_staging_overdue_before_any_worker_claims_it_fails_and_leaves_no_tag()
         "{done}"
     );
     assert!(
-        internal_tags(&app, &repository).await.is_empty(),
+        app.internal_tags(&repository).await.is_empty(),
         "the tag is gone"
     );
 }
