@@ -206,6 +206,8 @@ pub struct AppOptions {
     pub env: Vec<(String, String)>,
     /// A database of the test's own (one inside a private network namespace).
     pub database: Option<TestDatabase>,
+    /// How long a staging waits in-process for the pruner to leave its repository (30 s).
+    pub repository_wait: Option<Duration>,
 }
 
 impl AppOptions {
@@ -244,6 +246,9 @@ pub async fn spawn(options: AppOptions) -> TestApp {
     worker_settings.egress = settings.egress_policy(app.addr());
     if !env.iter().any(|(k, _)| k == "TAILOR_POLL_SECONDS") {
         worker_settings.poll_interval = Duration::from_millis(500);
+    }
+    if let Some(wait) = options.repository_wait {
+        worker_settings.repository_wait = wait;
     }
     if options.workers > 0 {
         let worker_pool = tailor::db::connect(&db.url, 4).await.unwrap();

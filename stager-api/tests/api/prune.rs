@@ -12,7 +12,7 @@ use testkit::image::{BuiltImage, ImageSpec, ManifestFormat};
 use testkit::skopeo;
 use uuid::Uuid;
 
-use crate::helpers::{TestApp, spawn_app_with};
+use crate::helpers::{AppOptions, TestApp, spawn, spawn_app_with};
 
 const LAYER: u64 = 256 * 1024;
 
@@ -485,4 +485,102 @@ async fn pruning_while_twenty_stagings_run_leaves_every_success_pullable() {
         assert_eq!(staging["state"], "succeeded", "{staging}");
         pulls(staging).unwrap_or_else(|e| panic!("a live staging stopped pulling: {e}"));
     }
+}
+
+/// The race the repository lease closes: a restaging of a released image starts while the
+/// pruner has committed its decision to delete that image's manifest and has not yet sent the
+/// DELETE. Without the lease the restaging would tag the manifest and succeed, and the DELETE
+/// would then take its tag with it. The pruner is held at exactly that point until the
+/// staging has met it (it went back to the queue, waiting for maintenance), so the test
+/// proves the window was hit; after the deletion the staging runs again and pulls.
+#[tokio::test]
+async fn a_restaging_started_between_the_pruners_decision_and_its_delete_still_pulls() {
+    let app = spawn(AppOptions {
+        workers: 2,
+        repository_wait: Some(Duration::from_millis(300)),
+        ..AppOptions::default()
+    })
+    .await;
+    let app_guid = Uuid::new_v4();
+    let old = ImageSpec::seeded(ManifestFormat::Docker, 4960, 1, LAYER).build();
+    let new = ImageSpec::seeded(ManifestFormat::Docker, 4961, 1, LAYER).build();
+    let first = staged(&app, app_guid, &old, "race/one:v1").await;
+    staged(&app, app_guid, &new, "race/one:v2").await;
+    release(&app, &first).await;
+
+    let (decided_tx, decided_rx) = tokio::sync::oneshot::channel::<String>();
+    let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Some((decided_tx, go_rx))));
+    let hooks = tailor::prune::PruneHooks {
+        before_delete: Some(std::sync::Arc::new(move |repository: String| {
+            let held = held.lock().unwrap().take();
+            Box::pin(async move {
+                if let Some((decided, go)) = held {
+                    decided.send(repository).unwrap();
+                    let _ = go.await;
+                }
+            })
+        })),
+    };
+    let (pool, internal) = (app.pool.clone(), internal(&app));
+    let pruning = tokio::spawn(async move {
+        tailor::prune::prune_with_hooks(
+            &pool,
+            &internal,
+            &PruneOptions {
+                grace: Duration::ZERO,
+                dry_run: false,
+            },
+            &hooks,
+        )
+        .await
+    });
+    let repository = tokio::time::timeout(Duration::from_secs(60), decided_rx)
+        .await
+        .expect("the pruner reaches its deletions within a minute")
+        .expect("the pruner decided");
+    assert_eq!(repository, format!("tailor/{app_guid}"));
+    assert!(
+        manifest_exists(&app, &first).await,
+        "held before the DELETE: the manifest is still there"
+    );
+
+    // In the window: the same image staged again for the same app.
+    let (status, body) = app
+        .stage(json!({ "app_guid": app_guid, "image": format!("{}/race/one:v1", app.hub.host()) }))
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let guid = body["staging_guid"].as_str().unwrap().to_owned();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let staging = app.staging(&guid).await;
+        if staging["waiting"]["reason"] == "maintenance" {
+            break;
+        }
+        assert!(
+            matches!(staging["state"].as_str(), Some("queued" | "running")),
+            "the staging went ahead while the pruner held its repository: {staging}"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the staging never met the pruner: {staging}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    go_tx.send(()).unwrap();
+    let report = pruning.await.unwrap().expect("prune runs");
+    assert_eq!(
+        decision(&report, &first).unwrap().action,
+        Action::Deleted,
+        "{report:?}"
+    );
+    let done = app.wait_finished(&guid).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(
+        pinned(&done),
+        pinned(&first),
+        "the same image, staged again"
+    );
+    pulls(&done).unwrap_or_else(|e| panic!("the restaging does not pull: {e}"));
 }

@@ -38,6 +38,25 @@ pub struct PruneOptions {
     pub dry_run: bool,
 }
 
+/// Points in a run where a test can step in. Production runs have none ([`prune`]); tests of
+/// races use them to hold a run at the exact moment a race needs (see
+/// `stager-api/tests/api/prune.rs`), so a test can prove it hit the window it is about.
+#[derive(Clone, Default)]
+pub struct PruneHooks {
+    /// Awaited after a repository's decisions are committed and before its first deletion,
+    /// with the repository's name, while the run holds that repository's lease.
+    pub before_delete:
+        Option<Arc<dyn Fn(String) -> futures_util::future::BoxFuture<'static, ()> + Send + Sync>>,
+}
+
+impl std::fmt::Debug for PruneHooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PruneHooks")
+            .field("before_delete", &self.before_delete.is_some())
+            .finish()
+    }
+}
+
 /// Why an image is no longer needed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -284,10 +303,20 @@ pub async fn prune(
     internal: &Arc<Registry>,
     options: &PruneOptions,
 ) -> Result<PruneReport, PruneError> {
+    prune_with_hooks(pool, internal, options, &PruneHooks::default()).await
+}
+
+/// [`prune`], stepping into `hooks` on the way (tests of races).
+pub async fn prune_with_hooks(
+    pool: &PgPool,
+    internal: &Arc<Registry>,
+    options: &PruneOptions,
+    hooks: &PruneHooks,
+) -> Result<PruneReport, PruneError> {
     let leases = locks::PruneLeases::try_start(pool)
         .await?
         .ok_or(PruneError::AlreadyRunning)?;
-    let result = run_locked(pool, internal, &leases, options).await;
+    let result = run_locked(pool, internal, &leases, options, hooks).await;
     leases.finish().await;
     result
 }
@@ -297,6 +326,7 @@ async fn run_locked(
     internal: &Arc<Registry>,
     leases: &locks::PruneLeases,
     options: &PruneOptions,
+    hooks: &PruneHooks,
 ) -> Result<PruneReport, PruneError> {
     let run_id: Option<i64> = if options.dry_run {
         None
@@ -313,6 +343,7 @@ async fn run_locked(
         internal,
         leases,
         options,
+        hooks,
         run_id,
         decisions: Vec::new(),
         errors: Vec::new(),
@@ -382,6 +413,7 @@ struct Run<'a> {
     internal: &'a Arc<Registry>,
     leases: &'a locks::PruneLeases,
     options: &'a PruneOptions,
+    hooks: &'a PruneHooks,
     run_id: Option<i64>,
     decisions: Vec<Decision>,
     errors: Vec<String>,
@@ -530,6 +562,11 @@ impl Run<'_> {
             to_delete.push((stagings, intents));
         }
         tx.commit().await?;
+        if let Some(hook) = &self.hooks.before_delete
+            && !to_delete.is_empty()
+        {
+            hook(repository.to_owned()).await;
+        }
 
         let repo = self.internal.repository(repository);
         for (stagings, intents) in to_delete {

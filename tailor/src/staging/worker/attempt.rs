@@ -35,8 +35,6 @@ use crate::staging::lease::{self, Leases};
 use crate::staging::ledger::PgLedger;
 use crate::staging::queue::{self, Claimed, Outcome, RepositoryLease};
 
-/// How long a staging waits in-process for the pruner to leave its repository.
-const REPOSITORY_WAIT: Duration = Duration::from_secs(30);
 /// How long a failing staging waits for the other stagings of its app before it removes the
 /// tag it pushed (deleting a manifest must not race another staging's push).
 const CLEANUP_WAIT: Duration = Duration::from_secs(10);
@@ -349,7 +347,7 @@ async fn attempt(run: &Run<'_>, claimed: &Claimed, beat: &Beat) -> (Next, Option
 
 /// Takes the repository lease, waiting a little while the pruner works there.
 async fn hold_repository(shared: &Shared, leases: &Leases, resource: &str) -> bool {
-    let deadline = tokio::time::Instant::now() + REPOSITORY_WAIT;
+    let deadline = tokio::time::Instant::now() + shared.settings.repository_wait;
     let mut released = shared.hub.lease_released();
     loop {
         match leases.acquire(resource, false).await {

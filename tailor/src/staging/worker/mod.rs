@@ -60,6 +60,9 @@ pub struct WorkerSettings {
     pub drain_timeout: Duration,
     /// How long a staging waits before trying again when the internal registry is read-only.
     pub read_only_retry: Duration,
+    /// How long a staging waits in-process for the pruner to leave its repository before it
+    /// goes back to the queue (30 s; the pruner holds a repository for one run's deletions).
+    pub repository_wait: Duration,
     pub callback_timeout: Duration,
     pub callback_retry_for: Duration,
 }
@@ -82,6 +85,7 @@ impl WorkerSettings {
             concurrency: crate::copy::DEFAULT_CONCURRENCY,
             drain_timeout: Duration::from_secs(60),
             read_only_retry: Duration::from_secs(15),
+            repository_wait: Duration::from_secs(30),
             callback_timeout: Duration::from_secs(10),
             callback_retry_for: Duration::from_secs(24 * 3600),
         }
