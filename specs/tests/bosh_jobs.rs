@@ -339,6 +339,11 @@ fn limits_egress_and_trust_land_where_the_binaries_read_them() {
     let dir = tempfile::tempdir().unwrap();
     let env = render_job("stager-api", &minimal("stager-api"), dir.path());
     assert_eq!(env_value(&env, "TAILOR_STAGING_TIMEOUT"), Some("15m"));
+    assert_eq!(
+        env_value(&env, "TAILOR_DRAIN_SECONDS"),
+        Some("10"),
+        "in-process workers drain within bpm's 20 s, after the last requests are answered"
+    );
 
     // Custom: lists joined with commas, the bundle in a file of the job's config directory.
     for job in ["stager-api", "tailor-worker"] {
@@ -696,6 +701,16 @@ fn missing_or_contradictory_properties_fail_at_render_time_with_their_names() {
                 m
             },
             "tailor_worker.drain_seconds",
+        ),
+        (
+            "stager-api",
+            "bpm.yml.erb",
+            {
+                let mut m = minimal("stager-api");
+                m["properties"]["stager_api"]["drain_seconds"] = json!(20);
+                m
+            },
+            "stager_api.drain_seconds",
         ),
         (
             "docker-registry",

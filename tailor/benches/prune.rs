@@ -1,15 +1,15 @@
 //! The pruner benchmark: `cargo bench -p tailor --bench prune`.
 //!
 //! On an ephemeral PostgreSQL and a loopback registry, it measures:
-//! - deleting 200 released images: one `tailor::prune::prune` run against `skopeo delete` of the
-//!   same manifests one by one (what a script-based pruner does), side by side, same registry;
+//! - deleting 200 released images: one `tailor prune` process against `skopeo delete` of the
+//!   same manifests one process each (what a script-based pruner does), same registry;
 //! - a dry run (planning and reclaimable bytes) over 20 000 stagings of 2 000 apps, 18 000 of
 //!   them prunable;
 //! - a reference sync (`PUT /references`' work) listing 100 000 staging GUIDs.
 
 use std::time::{Duration, Instant};
 
-use tailor::prune::{PruneOptions, PruneOutcome, prune};
+use tailor::prune::{PruneOptions, prune};
 use tailor::registry::Registries;
 use testkit::image::{BuiltImage, ImageSpec, ManifestFormat};
 use testkit::{TestDatabase, TestRegistry};
@@ -88,15 +88,28 @@ async fn main() {
         .map(|i| ImageSpec::seeded(ManifestFormat::Docker, 90_000 + i, 1, 4096).build())
         .collect();
 
-    // 1. Deleting released images: tailor's one run against skopeo, one manifest at a time.
+    // 1. Deleting released images: one `tailor prune` process against skopeo, one process per
+    //    manifest (what a script-based pruner runs), start-up included on both sides.
     let db = TestDatabase::new().await;
     let pool = db.pool().await;
     seed_released(&pool, &registry, &images).await;
     let started = Instant::now();
-    let report = prune(&pool, &internal, &options).await.unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_tailor"))
+        .args(["prune", "--grace", "1h", "--json"])
+        .env("DATABASE_URL", &db.url)
+        .env("TAILOR_INTERNAL_REGISTRY", registry.host())
+        .env("TAILOR_INSECURE_REGISTRIES", registry.host())
+        .output()
+        .expect("run tailor prune");
     let tailor_delete = started.elapsed();
-    assert_eq!(report.outcome, PruneOutcome::Pruned);
-    assert_eq!(report.manifests_deleted, IMAGES, "{:?}", report.errors);
+    assert!(
+        output.status.success(),
+        "tailor prune: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("--json");
+    assert_eq!(report["outcome"], "pruned", "{report}");
+    assert_eq!(report["manifests_deleted"], IMAGES, "{report}");
 
     let peer_db = TestDatabase::new().await;
     let peer_pool = peer_db.pool().await;
