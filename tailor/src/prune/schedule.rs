@@ -12,9 +12,10 @@ pub struct Schedule {
     days: Vec<bool>,
     months: Vec<bool>,
     weekdays: Vec<bool>,
-    /// Cron's rule: when both day fields are restricted, a day matching either one counts.
-    days_restricted: bool,
-    weekdays_restricted: bool,
+    /// Cron's rule (Vixie cron, cronie): when a day field starts with `*` (`*`, `*/2`), a day
+    /// must match both fields; otherwise a day matching either one counts.
+    days_starred: bool,
+    weekdays_starred: bool,
 }
 
 impl Schedule {
@@ -44,8 +45,8 @@ impl Schedule {
             days: field(2, "day-of-month", 1, 31)?,
             months: field(3, "month", 1, 12)?,
             weekdays,
-            days_restricted: fields[2] != "*",
-            weekdays_restricted: fields[4] != "*",
+            days_starred: fields[2].starts_with('*'),
+            weekdays_starred: fields[4].starts_with('*'),
         };
         let leap_year_start = DateTime::from_timestamp(946_684_800, 0).expect("2000-01-01");
         if schedule.next_after(leap_year_start).is_none() {
@@ -79,11 +80,10 @@ impl Schedule {
     fn day_matches(&self, t: DateTime<Utc>) -> bool {
         let day = self.days[t.day() as usize];
         let weekday = self.weekdays[t.weekday().num_days_from_sunday() as usize];
-        match (self.days_restricted, self.weekdays_restricted) {
-            (true, true) => day || weekday,
-            (true, false) => day,
-            (false, true) => weekday,
-            (false, false) => true,
+        if self.days_starred || self.weekdays_starred {
+            day && weekday
+        } else {
+            day || weekday
         }
     }
 }
@@ -202,6 +202,36 @@ mod tests {
         ] {
             let error = Schedule::parse(text).unwrap_err();
             assert!(error.contains(needle), "{text}: {error}");
+        }
+    }
+
+    /// What Vixie cron and cronie do with both day fields, written out by hand for November and
+    /// December 2026 (Monday 23 November is odd, Monday 30 November even, 7 December odd).
+    #[test]
+    fn the_day_fields_combine_as_in_cron() {
+        let at = |text: &str| {
+            DateTime::parse_from_rfc3339(text)
+                .unwrap()
+                .with_timezone(&Utc)
+        };
+        let monday_23 = at("2026-11-23T00:00:00Z");
+        for (schedule, next) in [
+            // A field starting with `*` makes the two fields both apply: odd-dated Mondays.
+            ("0 0 */2 * 1", "2026-12-07T00:00:00Z"),
+            ("0 0 * * 1", "2026-11-30T00:00:00Z"),
+            ("0 0 1-31/2 * *", "2026-11-25T00:00:00Z"),
+            // Both restricted without `*`: either one (the 1st or 15th, or a Monday).
+            ("0 0 1,15 * 1", "2026-11-30T00:00:00Z"),
+            ("0 0 1,15 * 3", "2026-11-25T00:00:00Z"),
+            ("0 0 1 * 4-5", "2026-11-26T00:00:00Z"),
+            ("0 0 1 12 0", "2026-12-01T00:00:00Z"),
+        ] {
+            let parsed = Schedule::parse(schedule).unwrap();
+            assert_eq!(
+                parsed.next_after(monday_23),
+                Some(at(next)),
+                "{schedule} after Monday 23 November 2026"
+            );
         }
     }
 
