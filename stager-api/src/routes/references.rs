@@ -5,7 +5,7 @@
 use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde::Deserialize;
-use tailor::staging::references::{self, ReferenceError};
+use tailor::staging::references::{self, SyncError};
 use uuid::Uuid;
 
 use crate::auth::Authenticated;
@@ -163,14 +163,14 @@ pub async fn sync(
             );
             Ok(HttpResponse::Ok().json(report))
         }
-        Err(error @ ReferenceError::Suspicious { .. }) => {
+        Err(error @ SyncError::Suspicious { .. }) => {
             tracing::warn!(%error, "reference list refused");
             Err(unprocessable(
                 error.code(),
                 format!("{error}; nothing was changed"),
             ))
         }
-        Err(ReferenceError::Database(error)) => Err(crate::error::database_error(&error)),
+        Err(SyncError::Database(error)) => Err(crate::error::database_error(&error)),
     }
 }
 

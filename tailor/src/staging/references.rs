@@ -24,8 +24,9 @@ const SUSPICIOUS_SHARE: f64 = 0.5;
 /// ...once there are at least this many (small deployments churn a large share legitimately).
 const SUSPICIOUS_MIN_IN_USE: i64 = 10;
 
+/// Why a reference sync was refused.
 #[derive(Debug, thiserror::Error)]
-pub enum ReferenceError {
+pub enum SyncError {
     #[error(
         "the list would unreference {would_unreference} of the {in_use} images in use; \
          if that is intended, repeat the request with ?force=true"
@@ -35,7 +36,7 @@ pub enum ReferenceError {
     Database(#[from] sqlx::Error),
 }
 
-impl ReferenceError {
+impl SyncError {
     pub fn code(&self) -> &'static str {
         match self {
             Self::Suspicious { .. } => "SUSPICIOUS_REFERENCE_LIST",
@@ -61,11 +62,7 @@ pub struct SyncReport {
 /// that would unreference most images in use (one naming no staging tailor knows while any
 /// image is in use, or more than half of at least ten), so that a bug upstream cannot wipe the
 /// registry. Only settled stagings are judged (see [`SETTLED`]).
-pub async fn sync(
-    pool: &PgPool,
-    in_use: &[Uuid],
-    force: bool,
-) -> Result<SyncReport, ReferenceError> {
+pub async fn sync(pool: &PgPool, in_use: &[Uuid], force: bool) -> Result<SyncReport, SyncError> {
     let mut tx = pool.begin().await?;
     // One sync at a time: two concurrent lists must not interleave their marks.
     sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('tailor-reference-sync', 7))")
@@ -98,7 +95,7 @@ pub async fn sync(
             || images_in_use >= SUSPICIOUS_MIN_IN_USE
                 && would_unreference as f64 > images_in_use as f64 * SUSPICIOUS_SHARE);
     if suspicious && !force {
-        return Err(ReferenceError::Suspicious {
+        return Err(SyncError::Suspicious {
             in_use: images_in_use,
             would_unreference,
         });
