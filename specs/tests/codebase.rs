@@ -173,6 +173,37 @@ fn modules_depend_on_each_other_only_as_the_rules_allow() {
 }
 
 #[test]
+fn only_the_embedded_feature_manages_processes() {
+    // `tailor::embedded` (child processes tied to their parent with Linux's prctl) is behind
+    // the `embedded` feature, so the rest of the library and the `tailor` binary build on any
+    // Unix; nothing else may reach for it or for prctl.
+    let mut broken = Vec::new();
+    let src = root().join("tailor/src");
+    for file in rust_files(&src) {
+        if file.starts_with(src.join("embedded")) {
+            continue;
+        }
+        let uses_embedded = modules_used(&file).contains("embedded");
+        let text = std::fs::read_to_string(&file).unwrap();
+        let code_mentions_prctl = text.lines().any(|line| {
+            line.split("//")
+                .next()
+                .unwrap_or_default()
+                .contains("prctl")
+        });
+        if uses_embedded || code_mentions_prctl {
+            broken.push(file.strip_prefix(root()).unwrap().display().to_string());
+        }
+    }
+    assert!(broken.is_empty(), "outside tailor::embedded: {broken:#?}");
+    let lib = std::fs::read_to_string(src.join("lib.rs")).unwrap();
+    assert!(
+        lib.contains("#[cfg(feature = \"embedded\")]\npub mod embedded;"),
+        "tailor::embedded is behind the `embedded` feature"
+    );
+}
+
+#[test]
 fn http_routes_reach_the_database_only_through_the_library() {
     // Routes parse requests and shape answers; what they store or read is `tailor::staging`'s
     // business. The health probe's `SELECT 1` is the one query a route makes itself.

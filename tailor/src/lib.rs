@@ -2,14 +2,17 @@
 //!
 //! The library holds everything the `tailor` and `stager-api` binaries share: configuration,
 //! the database (migrations, the staging queue, the reference ledger), the pruner, the copy engine (`copy`, on top of
-//! `reference`, `manifest` and `registry`), and the embedded components the single-node default
-//! and the tests run on. See `docs/ARCHITECTURE.md` for the map.
+//! `reference`, `manifest` and `registry`), and, with the `embedded` feature, the embedded
+//! components the single-node default and the tests run on (Linux only: they manage child
+//! processes with `prctl`; without the feature the library and `tailor` build anywhere).
+//! See `docs/ARCHITECTURE.md` for the map.
 
 pub mod config;
 pub mod copy;
 pub mod db;
 pub mod digest;
 pub mod egress;
+#[cfg(feature = "embedded")]
 pub mod embedded;
 pub mod error;
 pub mod image_config;
