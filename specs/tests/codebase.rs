@@ -211,6 +211,22 @@ fn http_routes_reach_the_database_only_through_the_library() {
 }
 
 #[test]
+fn routes_and_startup_do_not_depend_on_each_other_for_the_shared_state() {
+    // `startup` builds the server and mounts the routes; routes read `state::AppState`. A route
+    // reaching into `startup` would make the two a cycle again.
+    let mut broken = Vec::new();
+    for file in rust_files(&root().join("stager-api/src/routes")) {
+        if modules_used(&file).contains("startup") {
+            broken.push(file.strip_prefix(root()).unwrap().display().to_string());
+        }
+    }
+    assert!(
+        broken.is_empty(),
+        "routes using crate::startup: {broken:#?}"
+    );
+}
+
+#[test]
 fn the_library_never_depends_on_the_service_or_the_test_kit() {
     let manifest = std::fs::read_to_string(root().join("tailor/Cargo.toml")).unwrap();
     let dependencies = manifest

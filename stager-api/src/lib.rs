@@ -9,4 +9,5 @@ pub mod demo;
 pub mod error;
 pub mod routes;
 pub mod startup;
+pub mod state;
 pub mod tls;

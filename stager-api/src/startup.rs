@@ -8,31 +8,15 @@ use std::sync::Arc;
 use actix_web::dev::Server;
 use actix_web::{App, HttpServer, web};
 use sqlx::PgPool;
-use tailor::config::TailorSettings;
 use tailor::egress::Egress;
-use tailor::registry::{Credentials, Registries, Registry};
+use tailor::registry::Credentials;
 
 use crate::auth::ApiTokens;
 use crate::config::StagerSettings;
+use crate::state::AppState;
 
 /// Largest request body accepted; a staging request is a few hundred bytes.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
-
-/// Shared, read-only state handed to every handler.
-pub struct AppState {
-    pub db: PgPool,
-    /// How this process reaches registries (the internal one for `/_status`).
-    pub registries: Registries,
-    /// The internal registry, with tailor's credentials.
-    pub internal: Arc<Registry>,
-    /// Where tenants' images and callbacks may point.
-    pub egress: Arc<Egress>,
-    pub tailor: TailorSettings,
-    /// Encrypts credentials of private images while their staging is active.
-    pub credentials_key: Option<tailor::secrets::CredentialsKey>,
-    /// Admits a bounded number of large `PUT /references` bodies at a time.
-    pub reference_syncs: Arc<tokio::sync::Semaphore>,
-}
 
 /// A bound, not yet running server.
 pub struct Application {

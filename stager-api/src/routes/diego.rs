@@ -12,7 +12,7 @@ use tailor::staging::Api;
 use super::stage::{Requested, accept, body_guid, new_staging, path_guid, stop_staging};
 use crate::auth::Authenticated;
 use crate::error::ApiError;
-use crate::startup::AppState;
+use crate::state::AppState;
 
 /// StagingRequestFromCC. Fields tailor has no use for (memory, disk, environment, egress
 /// rules, log GUID, isolation segment) are accepted and ignored, as Diego's own stager would.

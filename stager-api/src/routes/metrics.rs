@@ -8,7 +8,7 @@ use tailor::staging::metrics::snapshot;
 
 use crate::auth::Authenticated;
 use crate::error::ApiError;
-use crate::startup::AppState;
+use crate::state::AppState;
 
 const STATES: [StagingState; 5] = [
     StagingState::Queued,

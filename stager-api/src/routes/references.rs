@@ -11,7 +11,7 @@ use uuid::Uuid;
 use crate::auth::Authenticated;
 use crate::error::ApiError;
 use crate::routes::stage::path_guid;
-use crate::startup::AppState;
+use crate::state::AppState;
 
 /// Room for about 400 000 GUIDs: the largest foundations' droplet counts, with margin.
 pub const MAX_REFERENCES_BODY_BYTES: usize = 16 * 1024 * 1024;

@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use crate::auth::Authenticated;
 use crate::error::ApiError;
-use crate::startup::AppState;
+use crate::state::AppState;
 
 /// The body of `POST /stage`. Not `Debug`: it carries a password.
 #[derive(Deserialize)]
