@@ -276,6 +276,40 @@ async fn shared_with_live<'e>(
     Ok(shared.into_iter().collect())
 }
 
+/// What becomes of one manifest revision's prunable stagings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// A live staging is pinned to the same revision: deleting it would break that one.
+    Keep,
+    /// Every staging pinned to the revision may go: the manifest is deleted.
+    Delete,
+}
+
+/// The one rule the dry run and the real run both apply, so they can never disagree: the
+/// candidates grouped by manifest revision (the registry deletes by digest, and with it every
+/// tag pointing there), each group deleted only when no live staging (`shared`) is pinned to
+/// its revision. Groups come in the order of their revisions.
+fn judge(candidates: Vec<Candidate>, shared: &HashSet<String>) -> Vec<(Verdict, Vec<Candidate>)> {
+    let mut by_manifest: BTreeMap<String, Vec<Candidate>> = BTreeMap::new();
+    for candidate in candidates {
+        by_manifest
+            .entry(candidate.manifest.clone())
+            .or_default()
+            .push(candidate);
+    }
+    by_manifest
+        .into_iter()
+        .map(|(manifest, group)| {
+            let verdict = if shared.contains(&manifest) {
+                Verdict::Keep
+            } else {
+                Verdict::Delete
+            };
+            (verdict, group)
+        })
+        .collect()
+}
+
 /// Bytes of the objects that the stagings in `pruned` use and no other image in the registry does.
 async fn reclaimable_bytes(pool: &PgPool, pruned: &[Uuid]) -> Result<u64, sqlx::Error> {
     // Set-at-a-time (hash joins), not a lookup per object: a run can prune thousands.
@@ -487,14 +521,15 @@ impl Run<'_> {
     ) -> Result<(), PruneError> {
         let all: Vec<Candidate> = by_repository.values().flatten().cloned().collect();
         let shared = shared_with_live(self.pool, &all).await?;
-        for ((_, repository), group) in &by_repository {
-            for candidate in group {
-                let action = if shared.contains(&candidate.manifest) {
-                    Action::KeptShared
-                } else {
-                    Action::WouldDelete
+        for ((_, repository), group) in by_repository {
+            for (verdict, stagings) in judge(group, &shared) {
+                let action = match verdict {
+                    Verdict::Keep => Action::KeptShared,
+                    Verdict::Delete => Action::WouldDelete,
                 };
-                self.decide(candidate, repository, action, None);
+                for candidate in &stagings {
+                    self.decide(candidate, &repository, action, None);
+                }
             }
         }
         Ok(())
@@ -541,16 +576,9 @@ impl Run<'_> {
             .filter(|c| in_repository(self, c))
             .collect();
         let shared = shared_with_live(&mut *tx, &group).await?;
-        let mut by_manifest: BTreeMap<String, Vec<Candidate>> = BTreeMap::new();
-        for candidate in group {
-            by_manifest
-                .entry(candidate.manifest.clone())
-                .or_default()
-                .push(candidate);
-        }
         let mut to_delete: Vec<(Vec<Candidate>, Vec<i64>)> = Vec::new();
-        for (manifest, stagings) in by_manifest {
-            if shared.contains(&manifest) {
+        for (verdict, stagings) in judge(group, &shared) {
+            if verdict == Verdict::Keep {
                 for candidate in &stagings {
                     self.decide(candidate, repository, Action::KeptShared, None);
                 }
@@ -729,4 +757,54 @@ pub async fn metrics(pool: &PgPool) -> Result<PruneMetrics, sqlx::Error> {
         bytes_reclaimable: last.as_ref().map_or(0, |l| l.2),
         last_run: last.map(|(at, outcome, _)| (at, outcome)),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn candidate(manifest: &str) -> Candidate {
+        Candidate {
+            staging_guid: Uuid::new_v4(),
+            app_guid: Uuid::nil(),
+            pinned_image: format!("registry.internal/{manifest}"),
+            manifest: manifest.to_owned(),
+            reason: Reason::Released,
+        }
+    }
+
+    fn guids(group: &[Candidate]) -> Vec<Uuid> {
+        group.iter().map(|c| c.staging_guid).collect()
+    }
+
+    #[test]
+    fn a_revision_goes_only_with_every_staging_pinned_to_it_and_nothing_live_on_it() {
+        let a1 = candidate("tailor/app@sha256:aaaa");
+        let a2 = candidate("tailor/app@sha256:aaaa");
+        let b = candidate("tailor/app@sha256:bbbb");
+        let c = candidate("tailor/app@sha256:cccc");
+        let shared: HashSet<String> = ["tailor/app@sha256:bbbb".to_owned()].into();
+
+        let judged = judge(vec![c.clone(), a1.clone(), b.clone(), a2.clone()], &shared);
+
+        let summary: Vec<(Verdict, Vec<Uuid>)> = judged
+            .iter()
+            .map(|(verdict, group)| (*verdict, guids(group)))
+            .collect();
+        assert_eq!(
+            summary,
+            vec![
+                // Two stagings on one revision: one deletion, decided for both.
+                (Verdict::Delete, vec![a1.staging_guid, a2.staging_guid]),
+                // A live staging shares it: kept.
+                (Verdict::Keep, vec![b.staging_guid]),
+                (Verdict::Delete, vec![c.staging_guid]),
+            ]
+        );
+    }
+
+    #[test]
+    fn nothing_to_judge_is_nothing_judged() {
+        assert!(judge(Vec::new(), &HashSet::new()).is_empty());
+    }
 }
