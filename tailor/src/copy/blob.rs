@@ -92,7 +92,7 @@ impl BlobJob {
                     self.ledger.wait_fetch(&blob.digest, self.origin()).await;
                 }
                 FetchClaim::Mine(guard) => {
-                    let outcome = self.fetch(blob, declined).await;
+                    let outcome = self.fetch_claimed(blob, declined, &mut proven).await;
                     drop(guard);
                     return outcome;
                 }
@@ -170,6 +170,41 @@ impl BlobJob {
             }
         }
         Ok(Err(session))
+    }
+
+    /// Fetches `blob` under this copy's claim. A copy that fetched it between this copy's look
+    /// at the index and its claim recorded the blob before letting go of its own claim, so
+    /// the index is read once more first: the blob is then mounted, not read upstream twice.
+    async fn fetch_claimed(
+        &self,
+        blob: &Blob,
+        declined: Option<UploadSession>,
+        proven: &mut Option<bool>,
+    ) -> Result<BlobOutcome, CopyError> {
+        match self.try_mounts(blob, proven).await {
+            Ok(Ok(())) => {
+                if let Some(session) = declined {
+                    session.cancel().await;
+                }
+                Ok(BlobOutcome::Mounted)
+            }
+            Ok(Err(again)) => {
+                let session = match (declined, again) {
+                    (Some(earlier), Some(later)) => {
+                        earlier.cancel().await;
+                        Some(later)
+                    }
+                    (earlier, later) => later.or(earlier),
+                };
+                self.fetch(blob, session).await
+            }
+            Err(error) => {
+                if let Some(session) = declined {
+                    session.cancel().await;
+                }
+                Err(error)
+            }
+        }
     }
 
     /// Whether the source answers for `blob` with its declared size (a proof of access).

@@ -3,7 +3,7 @@
 use std::sync::{Arc, Mutex};
 
 use futures_util::future::BoxFuture;
-use tailor::copy::BlobLedger;
+use tailor::copy::{BlobLedger, FetchClaim};
 use tailor::manifest::Blob;
 use testkit::image::{ImageSpec, ManifestFormat};
 use testkit::{TestRegistry, skopeo};
@@ -168,6 +168,76 @@ async fn blobs_held_by_another_internal_repository_are_mounted_not_fetched() {
         false,
     )
     .unwrap();
+}
+
+/// A ledger in which another copy finishes fetching each blob (and records it in `repository`)
+/// exactly between this copy's first look at the index and its claim to fetch the blob.
+struct LateLedger {
+    repository: String,
+    claimed: Mutex<std::collections::HashSet<String>>,
+}
+
+impl BlobLedger for LateLedger {
+    fn mount_sources<'a>(&'a self, digest: &'a str, _: &'a str) -> BoxFuture<'a, Vec<String>> {
+        let finished = self.claimed.lock().unwrap().contains(digest);
+        Box::pin(async move {
+            if finished {
+                vec![self.repository.clone()]
+            } else {
+                Vec::new()
+            }
+        })
+    }
+
+    fn record<'a>(&'a self, _: &'a Blob, _: &'a str, _: &'a str) -> BoxFuture<'a, ()> {
+        Box::pin(async {})
+    }
+
+    fn claim_fetch<'a>(&'a self, digest: &'a str, _: &'a str) -> BoxFuture<'a, FetchClaim> {
+        self.claimed.lock().unwrap().insert(digest.to_owned());
+        Box::pin(async { FetchClaim::Mine(Box::new(())) })
+    }
+}
+
+#[tokio::test]
+async fn a_blob_another_copy_recorded_just_before_this_copys_claim_is_mounted_not_fetched_again() {
+    let (hub, internal) = (TestRegistry::anonymous(), TestRegistry::anonymous());
+    let registries = registries(&[hub.host(), internal.host()]);
+    let image = ImageSpec::seeded(ManifestFormat::Oci, 540, 3, 64 * 1024).build();
+    hub.push("base/late:v1", &image).await;
+    let src = format!("{}/base/late:v1", hub.host());
+    copy(
+        &registries,
+        &src,
+        &format!("{}/apps/first:s", internal.host()),
+    )
+    .await
+    .unwrap();
+    let served = hub.blob_bytes_served();
+
+    let ledger = Arc::new(LateLedger {
+        repository: "apps/first".into(),
+        claimed: Mutex::new(Default::default()),
+    });
+    let report = copy_with(
+        &registries,
+        &src,
+        &format!("{}/apps/second:s", internal.host()),
+        with_ledger(ledger),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (report.blobs.mounted, report.blobs.copied),
+        (4, 0),
+        "{report:?}"
+    );
+    // The source is asked whether it has each blob (HEAD), never for its bytes.
+    assert_eq!(hub.blob_bytes_served(), served);
+    assert_eq!(
+        skopeo_digest(&internal, "apps/second:s").unwrap(),
+        image.digest
+    );
 }
 
 #[tokio::test]
