@@ -87,6 +87,19 @@ pub async fn get(api: &Service, guid: &str) -> serde_json::Value {
         .expect("a staging")
 }
 
+/// `GET /metrics`, as Prometheus scrapes it.
+pub async fn metrics(api: &Service) -> String {
+    reqwest::Client::new()
+        .get(format!("{}/metrics", api.base_url))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("the metrics text")
+}
+
 /// Polls every few milliseconds until the staging has finished; panics after `timeout`.
 pub async fn wait_finished(api: &Service, guid: &str, timeout: Duration) -> serde_json::Value {
     let deadline = std::time::Instant::now() + timeout;

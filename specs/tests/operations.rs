@@ -224,15 +224,7 @@ async fn every_metric_the_dashboard_and_the_alerts_use_is_served() {
         String::from_utf8_lossy(&pruned.stderr)
     );
 
-    let scrape = reqwest::Client::new()
-        .get(format!("{}/metrics", api.base_url))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let scrape = specs::metrics(&api).await;
     assert_ok(
         &promtool(&["check", "metrics"], Path::new("."), Some(&scrape)),
         "promtool's lint of a live scrape",

@@ -157,15 +157,7 @@ async fn a_rate_limited_upstream_receives_about_one_probe_per_window_from_the_wh
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let metrics = reqwest::Client::new()
-        .get(format!("{}/metrics", fleet.api.base_url))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = specs::metrics(&fleet.api).await;
     assert!(
         metrics.contains(&format!(
             "tailor_registry_rate_limited_seconds{{registry=\"{}\"}}",

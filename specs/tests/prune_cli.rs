@@ -112,15 +112,7 @@ async fn prune_reports_per_app_and_its_exit_status_says_what_happened() {
     assert_eq!(again.status.code(), Some(3));
 
     // The run is visible in /metrics.
-    let metrics = reqwest::Client::new()
-        .get(format!("{}/metrics", api.base_url))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = specs::metrics(&api).await;
     assert!(
         metrics.contains("tailor_prune_images_pruned_total 1"),
         "{metrics}"

@@ -134,37 +134,14 @@ fn bind(settings: &StagerSettings) -> anyhow::Result<TcpListener> {
 
 /// `check-config --probe`: the database answers a query and the internal registry its API root.
 async fn probe_dependencies(settings: &StagerSettings) -> anyhow::Result<()> {
-    let pool = tailor::db::connect(settings.tailor.database_url.expose(), 1)
-        .await
-        .map_err(|e| anyhow::anyhow!("DATABASE_URL: {e} ({})", e.code()))?;
-    sqlx::query("SELECT 1")
-        .execute(&pool)
-        .await
-        .map_err(|e| anyhow::anyhow!("DATABASE_URL: the database does not answer: {e}"))?;
-    println!("database: answers");
-    let registries = settings
+    settings
         .tailor
-        .registries(tailor::egress::Egress::unrestricted())
-        .map_err(config_error)?;
-    let internal = registries.internal(
-        &settings.tailor.internal_registry,
-        settings
-            .tailor
-            .internal_registry_credentials
-            .as_ref()
-            .map(|(user, password)| {
-                tailor::registry::Credentials::new(user.clone(), password.expose())
-            }),
-    );
-    internal
-        .ping()
+        .probe(|part| println!("{part}: answers"))
         .await
-        .map_err(|e| anyhow::anyhow!("TAILOR_INTERNAL_REGISTRY: {e} ({})", e.code()))?;
-    println!(
-        "internal registry {}: answers",
-        settings.tailor.internal_registry
-    );
-    Ok(())
+        .map_err(|error| match error {
+            tailor::config::ProbeError::Config(error) => config_error(error),
+            unanswered => anyhow::anyhow!(unanswered),
+        })
 }
 
 /// Serves on `listener` until SIGINT/SIGTERM; `ready` runs once the API answers.

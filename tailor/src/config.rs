@@ -27,6 +27,19 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// What `check-config --probe` found: the configuration itself, or a part that did not answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// `setting` names what to look at (`DATABASE_URL`, `TAILOR_INTERNAL_REGISTRY`).
+    #[error("{setting}: {detail}")]
+    Unanswered {
+        setting: &'static str,
+        detail: String,
+    },
+}
+
 /// A configuration problem, naming the setting at fault.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -286,6 +299,34 @@ impl TailorSettings {
                 internal_port,
             )
             .protect_database(self.database_url.expose())
+    }
+
+    /// `check-config --probe`: the database answers a query and the internal registry its API
+    /// root. `answered` is told of each part that answered, in turn ("database", "internal
+    /// registry host:port"); the first that does not is the error, naming its setting.
+    pub async fn probe(&self, mut answered: impl FnMut(&str)) -> Result<(), ProbeError> {
+        let unanswered = |setting, detail| ProbeError::Unanswered { setting, detail };
+        let pool = crate::db::connect(self.database_url.expose(), 1)
+            .await
+            .map_err(|e| unanswered("DATABASE_URL", format!("{e} ({})", e.code())))?;
+        sqlx::query("SELECT 1").execute(&pool).await.map_err(|e| {
+            unanswered("DATABASE_URL", format!("the database does not answer: {e}"))
+        })?;
+        answered("database");
+        let registries = self.registries(crate::egress::Egress::unrestricted())?;
+        let credentials = self
+            .internal_registry_credentials
+            .as_ref()
+            .map(|(user, password)| {
+                crate::registry::Credentials::new(user.clone(), password.expose())
+            });
+        registries
+            .internal(&self.internal_registry, credentials)
+            .ping()
+            .await
+            .map_err(|e| unanswered("TAILOR_INTERNAL_REGISTRY", format!("{e} ({})", e.code())))?;
+        answered(&format!("internal registry {}", self.internal_registry));
+        Ok(())
     }
 
     /// How this process reaches registries, under `egress`.

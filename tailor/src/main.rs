@@ -120,32 +120,17 @@ fn config_error(error: tailor::config::ConfigError) -> anyhow::Error {
 /// `check-config --probe`: the database answers a query and the internal registry its API root.
 async fn probe(lookup: impl Fn(&str) -> Option<String> + Copy) -> anyhow::Result<()> {
     let settings = tailor::config::TailorSettings::from_lookup(lookup).map_err(config_error)?;
-    let pool = tailor::db::connect(settings.database_url.expose(), 1)
+    settings
+        .probe(|part| println!("{part}: answers"))
         .await
-        .map_err(|e| anyhow::anyhow!("DATABASE_URL: {e} ({})", e.code()))?;
-    sqlx::query("SELECT 1")
-        .execute(&pool)
-        .await
-        .map_err(|e| anyhow::anyhow!("DATABASE_URL: the database does not answer: {e}"))?;
-    println!("database: answers");
-    let registries = settings
-        .registries(tailor::egress::Egress::unrestricted())
-        .map_err(config_error)?;
-    let internal = registries.internal(
-        &settings.internal_registry,
-        settings
-            .internal_registry_credentials
-            .as_ref()
-            .map(|(user, password)| {
-                tailor::registry::Credentials::new(user.clone(), password.expose())
-            }),
-    );
-    internal
-        .ping()
-        .await
-        .map_err(|e| anyhow::anyhow!("TAILOR_INTERNAL_REGISTRY: {e} ({})", e.code()))?;
-    println!("internal registry {}: answers", settings.internal_registry);
-    Ok(())
+        .map_err(probe_error)
+}
+
+fn probe_error(error: tailor::config::ProbeError) -> anyhow::Error {
+    match error {
+        tailor::config::ProbeError::Config(error) => config_error(error),
+        unanswered => anyhow::anyhow!(unanswered),
+    }
 }
 
 /// Everything `tailor work` and `tailor prune` would refuse at start-up, without starting;
