@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use specs::fleet::{Fleet, FleetOptions};
-use specs::{TOKEN, get, stage, wait_finished};
+use specs::{get, stage, wait_finished};
 use tailor::embedded::{EmbeddedRegistry, RegistryOptions, free_loopback_port};
 use testkit::fault_proxy::{FaultProxy, Rule};
 use testkit::image::{ImageSpec, ManifestFormat};
