@@ -10,7 +10,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use specs::{Service, TOKEN, binary, stage, stager_api, wait_finished};
+use specs::{Service, binary, stage, stager_api, wait_finished};
 use testkit::image::{ImageSpec, ManifestFormat};
 use testkit::{TestDatabase, TestRegistry};
 use uuid::Uuid;
