@@ -309,9 +309,12 @@ impl TailorSettings {
         let pool = crate::db::connect(self.database_url.expose(), 1)
             .await
             .map_err(|e| unanswered("DATABASE_URL", format!("{e} ({})", e.code())))?;
-        sqlx::query("SELECT 1").execute(&pool).await.map_err(|e| {
-            unanswered("DATABASE_URL", format!("the database does not answer: {e}"))
-        })?;
+        sqlx::query_scalar!(r#"SELECT 1 AS "one!""#)
+            .fetch_one(&pool)
+            .await
+            .map_err(|e| {
+                unanswered("DATABASE_URL", format!("the database does not answer: {e}"))
+            })?;
         answered("database");
         let registries = self.registries(crate::egress::Egress::unrestricted())?;
         let credentials = self

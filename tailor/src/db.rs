@@ -50,9 +50,10 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, DbError>
 
 /// Applies every pending migration. Safe to run concurrently from several processes:
 /// sqlx serialises them with an advisory lock.
-pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
+/// Applies pending migrations; returns how many the schema now has (all of them).
+pub async fn migrate(pool: &PgPool) -> Result<usize, DbError> {
     MIGRATOR.run(pool).await?;
-    Ok(())
+    Ok(MIGRATOR.iter().count())
 }
 
 fn redact_url_error(error: &sqlx::Error) -> String {

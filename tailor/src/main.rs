@@ -102,11 +102,7 @@ async fn run(command: Command) -> anyhow::Result<u8> {
             let pool = tailor::db::connect(&database_url, 2)
                 .await
                 .context("connecting to DATABASE_URL")?;
-            tailor::db::migrate(&pool).await?;
-            let applied: i64 =
-                sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE success")
-                    .fetch_one(&pool)
-                    .await?;
+            let applied = tailor::db::migrate(&pool).await?;
             println!("database is up to date ({applied} migrations applied)");
         }
     }

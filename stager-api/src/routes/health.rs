@@ -64,7 +64,7 @@ pub async fn status(_: Authenticated, state: web::Data<AppState>) -> HttpRespons
 }
 
 async fn check_database(state: &AppState) -> Result<(), String> {
-    let query = sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&state.db);
+    let query = sqlx::query_scalar!(r#"SELECT 1 AS "one!""#).fetch_one(&state.db);
     match tokio::time::timeout(CHECK_TIMEOUT, query).await {
         Ok(Ok(_)) => Ok(()),
         Ok(Err(e)) => Err(format!("query failed: {e}")),

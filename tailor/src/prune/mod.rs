@@ -23,7 +23,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::{AssertSqlSafe, PgPool, Postgres, Transaction};
+use sqlx::{PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
 use crate::reference::ImageReference;
@@ -194,65 +194,52 @@ struct Candidate {
     app_guid: Uuid,
     pinned_image: String,
     /// `<repository>@<digest>`: the manifest revision, whatever host name the pinned
-    /// reference was written with (see [`MANIFEST_KEY`]).
+    /// reference was written with (the `pinned_manifest` column).
     manifest: String,
     reason: Reason,
 }
 
-/// A pinned reference without its registry host: two stagings with the same key share one
-/// manifest revision, even if the internal registry was renamed in between.
-const MANIFEST_KEY: &str = "substr(pinned_image, strpos(pinned_image, '/') + 1)";
-
-/// The prunable stagings (of one app, or all): see the module docs for the rules. With `lock`,
-/// their rows are locked until the transaction ends, so that a reference sync cannot change
-/// the verdict between this read and the deletion.
-static CANDIDATES_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    format!(
-        "WITH newest AS ( \
-             SELECT DISTINCT ON (app_guid) staging_guid FROM stagings \
-             WHERE state = 'succeeded' AND ($2::uuid IS NULL OR app_guid = $2) \
-             ORDER BY app_guid, finished_at DESC, created_at DESC) \
-         SELECT s.staging_guid, s.app_guid, s.pinned_image, {key}, \
-             CASE WHEN d.app_guid IS NOT NULL THEN 'app_deleted' \
-                  WHEN s.released_at <= now() - make_interval(secs => $1) THEN 'released' \
-                  ELSE 'unreferenced' END \
-         FROM stagings s LEFT JOIN deleted_apps d ON d.app_guid = s.app_guid \
-         WHERE s.state = 'succeeded' AND s.pruned_at IS NULL \
-           AND ($2::uuid IS NULL OR s.app_guid = $2) \
-           AND least(s.released_at, s.unreferenced_at) <= now() - make_interval(secs => $1) \
-           AND (d.app_guid IS NOT NULL OR s.staging_guid NOT IN (SELECT staging_guid FROM newest)) \
-         ORDER BY s.app_guid, s.finished_at",
-        key = MANIFEST_KEY.replace("pinned_image", "s.pinned_image"),
-    )
-});
-
+/// The prunable stagings (of one app, or all): see the module docs for the rules. Their rows
+/// are locked until the transaction ends (the statement's end, outside one), so that a
+/// reference sync cannot change the verdict between this read and the deletion; a sync
+/// meanwhile waits, never the other way round. A candidate's manifest is its `pinned_manifest`
+/// (its pinned reference without the registry host).
 async fn candidates<'e>(
     executor: impl sqlx::PgExecutor<'e>,
     grace: Duration,
     app: Option<Uuid>,
-    lock: bool,
 ) -> Result<Vec<Candidate>, sqlx::Error> {
-    let sql = if lock {
-        format!("{} FOR UPDATE OF s", CANDIDATES_SQL.as_str())
-    } else {
-        CANDIDATES_SQL.clone()
-    };
-    let rows: Vec<(Uuid, Uuid, String, String, String)> = sqlx::query_as(AssertSqlSafe(sql))
-        .bind(grace.as_secs_f64())
-        .bind(app)
-        .fetch_all(executor)
-        .await?;
+    let rows = sqlx::query!(
+        r#"WITH newest AS (
+               SELECT DISTINCT ON (app_guid) staging_guid FROM stagings
+               WHERE state = 'succeeded' AND ($2::uuid IS NULL OR app_guid = $2)
+               ORDER BY app_guid, finished_at DESC, created_at DESC)
+           SELECT s.staging_guid, s.app_guid, s.pinned_image AS "pinned_image!",
+               s.pinned_manifest AS "manifest!",
+               CASE WHEN d.app_guid IS NOT NULL THEN 'app_deleted'
+                    WHEN s.released_at <= now() - make_interval(secs => $1) THEN 'released'
+                    ELSE 'unreferenced' END AS "reason!"
+           FROM stagings s LEFT JOIN deleted_apps d ON d.app_guid = s.app_guid
+           WHERE s.state = 'succeeded' AND s.pruned_at IS NULL
+             AND ($2::uuid IS NULL OR s.app_guid = $2)
+             AND least(s.released_at, s.unreferenced_at) <= now() - make_interval(secs => $1)
+             AND (d.app_guid IS NOT NULL OR s.staging_guid NOT IN (SELECT staging_guid FROM newest))
+           ORDER BY s.app_guid, s.finished_at
+           FOR UPDATE OF s"#,
+        grace.as_secs_f64(),
+        app,
+    )
+    .fetch_all(executor)
+    .await?;
     Ok(rows
         .into_iter()
-        .map(
-            |(staging_guid, app_guid, pinned_image, manifest, reason)| Candidate {
-                staging_guid,
-                app_guid,
-                pinned_image,
-                manifest,
-                reason: Reason::parse(&reason),
-            },
-        )
+        .map(|row| Candidate {
+            staging_guid: row.staging_guid,
+            app_guid: row.app_guid,
+            pinned_image: row.pinned_image,
+            manifest: row.manifest,
+            reason: Reason::parse(&row.reason),
+        })
         .collect())
 }
 
@@ -263,14 +250,14 @@ async fn shared_with_live<'e>(
 ) -> Result<HashSet<String>, sqlx::Error> {
     let manifests: Vec<&str> = candidates.iter().map(|c| c.manifest.as_str()).collect();
     let guids: Vec<Uuid> = candidates.iter().map(|c| c.staging_guid).collect();
-    let shared: Vec<String> = sqlx::query_scalar(AssertSqlSafe(format!(
-        "SELECT DISTINCT {MANIFEST_KEY} FROM stagings \
-         WHERE state = 'succeeded' AND pruned_at IS NULL \
-           AND {MANIFEST_KEY} IN (SELECT unnest($1::text[])) \
-           AND staging_guid NOT IN (SELECT unnest($2::uuid[]))"
-    )))
-    .bind(&manifests)
-    .bind(&guids)
+    let shared = sqlx::query_scalar!(
+        r#"SELECT DISTINCT pinned_manifest AS "pinned_manifest!" FROM stagings
+           WHERE state = 'succeeded' AND pruned_at IS NULL
+             AND pinned_manifest IN (SELECT unnest($1::text[]))
+             AND staging_guid NOT IN (SELECT unnest($2::uuid[]))"#,
+        &manifests as &[&str],
+        &guids,
+    )
     .fetch_all(executor)
     .await?;
     Ok(shared.into_iter().collect())
@@ -313,19 +300,19 @@ fn judge(candidates: Vec<Candidate>, shared: &HashSet<String>) -> Vec<(Verdict, 
 /// Bytes of the objects that the stagings in `pruned` use and no other image in the registry does.
 async fn reclaimable_bytes(pool: &PgPool, pruned: &[Uuid]) -> Result<u64, sqlx::Error> {
     // Set-at-a-time (hash joins), not a lookup per object: a run can prune thousands.
-    let bytes: i64 = sqlx::query_scalar(
-        "WITH pruned AS (SELECT DISTINCT unnest($1::uuid[]) AS staging_guid), \
-         theirs AS (SELECT DISTINCT o.digest, o.size FROM staging_objects o \
-                    JOIN pruned USING (staging_guid)), \
-         still_used AS (SELECT DISTINCT o.digest FROM staging_objects o \
-                        JOIN stagings s USING (staging_guid) \
-                        WHERE s.state = 'succeeded' AND s.pruned_at IS NULL \
-                          AND o.digest IN (SELECT digest FROM theirs) \
-                          AND s.staging_guid NOT IN (SELECT staging_guid FROM pruned)) \
-         SELECT coalesce(sum(size), 0)::bigint FROM theirs \
-         WHERE digest NOT IN (SELECT digest FROM still_used)",
+    let bytes = sqlx::query_scalar!(
+        r#"WITH pruned AS (SELECT DISTINCT unnest($1::uuid[]) AS staging_guid),
+         theirs AS (SELECT DISTINCT o.digest, o.size FROM staging_objects o
+                    JOIN pruned USING (staging_guid)),
+         still_used AS (SELECT DISTINCT o.digest FROM staging_objects o
+                        JOIN stagings s USING (staging_guid)
+                        WHERE s.state = 'succeeded' AND s.pruned_at IS NULL
+                          AND o.digest IN (SELECT digest FROM theirs)
+                          AND s.staging_guid NOT IN (SELECT staging_guid FROM pruned))
+         SELECT coalesce(sum(size), 0)::bigint AS "bytes!" FROM theirs
+         WHERE digest NOT IN (SELECT digest FROM still_used)"#,
+        pruned
     )
-    .bind(pruned)
     .fetch_one(pool)
     .await?;
     Ok(bytes as u64)
@@ -366,10 +353,12 @@ async fn run_locked(
         None
     } else {
         Some(
-            sqlx::query_scalar("INSERT INTO prune_runs (grace_seconds) VALUES ($1) RETURNING id")
-                .bind(options.grace.as_secs() as i64)
-                .fetch_one(pool)
-                .await?,
+            sqlx::query_scalar!(
+                "INSERT INTO prune_runs (grace_seconds) VALUES ($1) RETURNING id",
+                options.grace.as_secs() as i64
+            )
+            .fetch_one(pool)
+            .await?,
         )
     };
     let mut run = Run {
@@ -420,16 +409,16 @@ async fn run_locked(
         errors: run.errors,
     };
     if let Some(id) = run_id {
-        let finished = sqlx::query(
+        let finished = sqlx::query!(
             "UPDATE prune_runs SET finished_at = now(), outcome = $2, images_pruned = $3, \
              manifests_deleted = $4, bytes_reclaimable = $5, error = $6 WHERE id = $1",
+            id,
+            outcome.as_str(),
+            report.images_pruned as i32,
+            report.manifests_deleted as i32,
+            bytes_reclaimable as i64,
+            (!report.errors.is_empty()).then(|| report.errors.join("; "))
         )
-        .bind(id)
-        .bind(outcome.as_str())
-        .bind(report.images_pruned as i32)
-        .bind(report.manifests_deleted as i32)
-        .bind(bytes_reclaimable as i64)
-        .bind((!report.errors.is_empty()).then(|| report.errors.join("; ")))
         .execute(pool)
         .await;
         // The report says what happened in the registry; losing the run's summary row must
@@ -456,7 +445,7 @@ struct Run<'a> {
 
 impl Run<'_> {
     async fn prune_all(&mut self) -> Result<(), PruneError> {
-        let all = candidates(self.pool, self.options.grace, None, false).await?;
+        let all = candidates(self.pool, self.options.grace, None).await?;
         let mut by_repository: BTreeMap<(Uuid, String), Vec<Candidate>> = BTreeMap::new();
         for candidate in all {
             match self.repository_of(&candidate) {
@@ -543,7 +532,7 @@ impl Run<'_> {
         let in_repository =
             |this: &Self, c: &Candidate| this.repository_of(c).is_ok_and(|r| r == repository);
         if !self.leases.try_repository(repository).await? {
-            for candidate in candidates(self.pool, self.options.grace, Some(app), false).await? {
+            for candidate in candidates(self.pool, self.options.grace, Some(app)).await? {
                 if in_repository(self, &candidate) {
                     self.decide(&candidate, repository, Action::SkippedBusy, None);
                 }
@@ -566,11 +555,13 @@ impl Run<'_> {
         // Until this commits, a new staging of the app (which would make it exist again) and
         // a reference sync (which could reference a candidate again) wait; after it, the
         // candidates are pruned as far as the ledger is concerned.
-        sqlx::query("SELECT 1 FROM deleted_apps WHERE app_guid = $1 FOR SHARE")
-            .bind(app)
-            .execute(&mut *tx)
-            .await?;
-        let group: Vec<Candidate> = candidates(&mut *tx, self.options.grace, Some(app), true)
+        sqlx::query_scalar!(
+            "SELECT 1 AS deleted FROM deleted_apps WHERE app_guid = $1 FOR SHARE",
+            app
+        )
+        .fetch_optional(&mut *tx)
+        .await?;
+        let group: Vec<Candidate> = candidates(&mut *tx, self.options.grace, Some(app))
             .await?
             .into_iter()
             .filter(|c| in_repository(self, c))
@@ -654,17 +645,9 @@ async fn audit_intent(
     let guids: Vec<Uuid> = stagings.iter().map(|c| c.staging_guid).collect();
     let apps: Vec<Uuid> = stagings.iter().map(|c| c.app_guid).collect();
     let reasons: Vec<&str> = stagings.iter().map(|c| c.reason.as_str()).collect();
-    sqlx::query_scalar(
-        "INSERT INTO prune_audit (run_id, staging_guid, app_guid, repository, manifest_digest, reason, action) \
+    sqlx::query_scalar!("INSERT INTO prune_audit (run_id, staging_guid, app_guid, repository, manifest_digest, reason, action) \
          SELECT $1, g, a, $2, $3, r, 'deleting' FROM unnest($4::uuid[], $5::uuid[], $6::text[]) AS u(g, a, r) \
-         RETURNING id",
-    )
-    .bind(run_id)
-    .bind(repository)
-    .bind(digest_of(&stagings[0].pinned_image))
-    .bind(&guids)
-    .bind(&apps)
-    .bind(&reasons)
+         RETURNING id", run_id, repository, digest_of(&stagings[0].pinned_image), &guids, &apps, &reasons as &[&str])
     .fetch_all(&mut **tx)
     .await
 }
@@ -675,10 +658,10 @@ async fn mark_pruned(
     stagings: &[&Candidate],
 ) -> Result<(), sqlx::Error> {
     let guids: Vec<Uuid> = stagings.iter().map(|c| c.staging_guid).collect();
-    sqlx::query(
+    sqlx::query!(
         "UPDATE stagings SET pruned_at = now(), updated_at = now() WHERE staging_guid = ANY($1)",
+        &guids
     )
-    .bind(&guids)
     .execute(&mut **tx)
     .await?;
     Ok(())
@@ -691,14 +674,13 @@ async fn unmark_pruned(
     intents: &[i64],
 ) -> Result<(), sqlx::Error> {
     let guids: Vec<Uuid> = stagings.iter().map(|c| c.staging_guid).collect();
-    sqlx::query(
+    sqlx::query!(
         "UPDATE stagings SET pruned_at = NULL, updated_at = now() WHERE staging_guid = ANY($1)",
+        &guids
     )
-    .bind(&guids)
     .execute(&mut **tx)
     .await?;
-    sqlx::query("DELETE FROM prune_audit WHERE id = ANY($1)")
-        .bind(intents)
+    sqlx::query!("DELETE FROM prune_audit WHERE id = ANY($1)", intents)
         .execute(&mut **tx)
         .await?;
     Ok(())
@@ -710,14 +692,16 @@ async fn record(
     intents: &[i64],
     action: Action,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE prune_audit SET action = $2, pruned_at = now() WHERE id = ANY($1)")
-        .bind(intents)
-        .bind(match action {
+    sqlx::query!(
+        "UPDATE prune_audit SET action = $2, pruned_at = now() WHERE id = ANY($1)",
+        intents,
+        match action {
             Action::AlreadyGone => "already_gone",
             _ => "deleted",
-        })
-        .execute(&mut **tx)
-        .await?;
+        }
+    )
+    .execute(&mut **tx)
+    .await?;
     Ok(())
 }
 
@@ -739,23 +723,26 @@ pub struct PruneMetrics {
 }
 
 pub async fn metrics(pool: &PgPool) -> Result<PruneMetrics, sqlx::Error> {
-    let (images_pruned_total, manifests_deleted_total): (i64, i64) = sqlx::query_as(
-        "SELECT coalesce(sum(images_pruned), 0)::bigint, coalesce(sum(manifests_deleted), 0)::bigint \
-         FROM prune_runs",
+    let totals = sqlx::query!(
+        r#"SELECT coalesce(sum(images_pruned), 0)::bigint AS "images!",
+                  coalesce(sum(manifests_deleted), 0)::bigint AS "manifests!"
+           FROM prune_runs"#,
     )
     .fetch_one(pool)
     .await?;
-    let last: Option<(f64, String, i64)> = sqlx::query_as(
-        "SELECT extract(epoch FROM finished_at)::float8, outcome, bytes_reclaimable FROM prune_runs \
-         WHERE finished_at IS NOT NULL ORDER BY finished_at DESC LIMIT 1",
+    let last = sqlx::query!(
+        r#"SELECT extract(epoch FROM finished_at)::float8 AS "finished_at!", outcome AS "outcome!",
+                  bytes_reclaimable AS "bytes_reclaimable!"
+           FROM prune_runs
+           WHERE finished_at IS NOT NULL ORDER BY finished_at DESC LIMIT 1"#,
     )
     .fetch_optional(pool)
     .await?;
     Ok(PruneMetrics {
-        images_pruned_total,
-        manifests_deleted_total,
-        bytes_reclaimable: last.as_ref().map_or(0, |l| l.2),
-        last_run: last.map(|(at, outcome, _)| (at, outcome)),
+        images_pruned_total: totals.images,
+        manifests_deleted_total: totals.manifests,
+        bytes_reclaimable: last.as_ref().map_or(0, |l| l.bytes_reclaimable),
+        last_run: last.map(|l| (l.finished_at, l.outcome)),
     })
 }
 

@@ -75,14 +75,15 @@ impl Budgets {
         budget_key: &str,
         holder: &str,
     ) -> Result<Admission, sqlx::Error> {
-        let (verdict, wait_until): (String, Option<DateTime<Utc>>) =
-            sqlx::query_as("SELECT verdict, wait_until FROM admit_to_registry($1, $2, $3)")
-                .bind(budget_key)
-                .bind(holder)
-                .bind(PROBE_FOR.as_secs_f64())
-                .fetch_one(&self.pool)
-                .await?;
-        Ok(match (verdict.as_str(), wait_until) {
+        let admitted = sqlx::query!(
+            r#"SELECT verdict AS "verdict!", wait_until FROM admit_to_registry($1, $2, $3)"#,
+            budget_key,
+            holder,
+            PROBE_FOR.as_secs_f64(),
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(match (admitted.verdict.as_str(), admitted.wait_until) {
             ("probe", _) => Admission::Probe,
             ("wait", Some(until)) => Admission::Wait(until),
             _ => Admission::Go,
@@ -91,20 +92,20 @@ impl Budgets {
 
     /// Reloads the blocks from the database (after a notification, or periodically).
     pub async fn refresh(&self) -> Result<(), sqlx::Error> {
-        let rows: Vec<(String, f64)> = sqlx::query_as(
-            "SELECT budget_key, extract(epoch FROM blocked_until - now())::float8 FROM registry_budgets \
-             WHERE blocked_until > now()",
+        let rows = sqlx::query!(
+            r#"SELECT budget_key, extract(epoch FROM blocked_until - now())::float8 AS "seconds!"
+               FROM registry_budgets WHERE blocked_until > now()"#,
         )
         .fetch_all(&self.pool)
         .await?;
         let now = Instant::now();
         let mut blocked = self.blocked.lock().unwrap_or_else(PoisonError::into_inner);
         blocked.clear();
-        for (key, seconds) in rows {
-            let wait = Duration::try_from_secs_f64(seconds)
+        for row in rows {
+            let wait = Duration::try_from_secs_f64(row.seconds)
                 .unwrap_or_default()
                 .min(MAX_BLOCK);
-            blocked.insert(key, now + wait);
+            blocked.insert(row.budget_key, now + wait);
         }
         Ok(())
     }
@@ -147,8 +148,7 @@ impl Budgets {
         let this = self.clone();
         let key = key.to_owned();
         tokio::spawn(async move {
-            let recorded = sqlx::query(
-                "WITH up AS ( \
+            let recorded = sqlx::query!("WITH up AS ( \
                    INSERT INTO registry_budgets (budget_key, blocked_until, rate_limited_total) \
                    VALUES ($1, now() + make_interval(secs => $2), 1) \
                    ON CONFLICT (budget_key) DO UPDATE SET \
@@ -156,11 +156,7 @@ impl Budgets {
                      probe_holder = NULL, probe_until = NULL, \
                      rate_limited_total = registry_budgets.rate_limited_total + 1, updated_at = now() \
                    RETURNING budget_key) \
-                 SELECT pg_notify($3, budget_key) FROM up",
-            )
-            .bind(&key)
-            .bind(wait.as_secs_f64())
-            .bind(CHANGED_CHANNEL)
+                 SELECT pg_notify($3, budget_key) FROM up", &key, wait.as_secs_f64(), CHANGED_CHANNEL)
             .execute(&this.pool)
             .await;
             if let Err(error) = recorded {
@@ -178,17 +174,17 @@ impl Budgets {
         let this = self.clone();
         let (key, holder) = (key.to_owned(), holder.to_owned());
         tokio::spawn(async move {
-            let lifted = sqlx::query(
+            let lifted = sqlx::query!(
                 "WITH up AS ( \
                    UPDATE registry_budgets SET blocked_until = NULL, probe_holder = NULL, \
                      probe_until = NULL, updated_at = now() \
                    WHERE budget_key = $1 AND probe_holder = $2 AND blocked_until <= now() \
                    RETURNING budget_key) \
                  SELECT pg_notify($3, budget_key) FROM up",
+                &key,
+                &holder,
+                CHANGED_CHANNEL
             )
-            .bind(&key)
-            .bind(&holder)
-            .bind(CHANGED_CHANNEL)
             .execute(&this.pool)
             .await;
             if let Err(error) = lifted {

@@ -34,7 +34,6 @@ pub struct DelivererSettings {
     pub poll: Duration,
 }
 
-#[derive(sqlx::FromRow)]
 struct Due {
     id: i64,
     staging_guid: uuid::Uuid,
@@ -114,26 +113,27 @@ async fn claim_due(
     settings: &DelivererSettings,
     limit: usize,
 ) -> Result<Vec<Due>, sqlx::Error> {
-    sqlx::query(
+    sqlx::query!(
         "UPDATE callbacks SET gave_up_at = now(), claimed_until = NULL \
          WHERE delivered_at IS NULL AND gave_up_at IS NULL \
            AND created_at < now() - make_interval(secs => $1) \
            AND (claimed_until IS NULL OR claimed_until < now())",
+        settings.retry_for.as_secs_f64()
     )
-    .bind(settings.retry_for.as_secs_f64())
     .execute(pool)
     .await?;
-    sqlx::query_as(
+    sqlx::query_as!(
+        Due,
         "UPDATE callbacks SET claimed_until = now() + make_interval(secs => $1) \
          WHERE id IN (SELECT id FROM callbacks \
                       WHERE delivered_at IS NULL AND gave_up_at IS NULL AND next_attempt_at <= now() \
                         AND (claimed_until IS NULL OR claimed_until < now()) \
                       ORDER BY next_attempt_at FOR UPDATE SKIP LOCKED LIMIT $2) \
          RETURNING id, staging_guid, url, payload, attempts",
+        // Long enough for the attempt; a deliverer that dies mid-attempt frees it after this.
+        (settings.timeout + Duration::from_secs(30)).as_secs_f64(),
+        limit as i64,
     )
-    // Long enough for the attempt; a deliverer that dies mid-attempt frees it after this.
-    .bind((settings.timeout + Duration::from_secs(30)).as_secs_f64())
-    .bind(limit as i64)
     .fetch_all(pool)
     .await
 }
@@ -142,20 +142,12 @@ async fn claim_due(
 async fn deliver(pool: &PgPool, clients: &PolicedClients, settings: &DelivererSettings, due: Due) {
     let failure = attempt(clients, settings, &due).await;
     let recorded = match &failure {
-        None => sqlx::query(
-            "UPDATE callbacks SET delivered_at = now(), attempts = attempts + 1, claimed_until = NULL \
-             WHERE id = $1",
-        )
-        .bind(due.id)
+        None => sqlx::query!("UPDATE callbacks SET delivered_at = now(), attempts = attempts + 1, claimed_until = NULL \
+             WHERE id = $1", due.id)
         .execute(pool)
         .await,
-        Some(error) => sqlx::query(
-            "UPDATE callbacks SET attempts = attempts + 1, last_error = $2, claimed_until = NULL, \
-             next_attempt_at = now() + make_interval(secs => $3) WHERE id = $1",
-        )
-        .bind(due.id)
-        .bind(error)
-        .bind(backoff(due.attempts).as_secs_f64())
+        Some(error) => sqlx::query!("UPDATE callbacks SET attempts = attempts + 1, last_error = $2, claimed_until = NULL, \
+             next_attempt_at = now() + make_interval(secs => $3) WHERE id = $1", due.id, error, backoff(due.attempts).as_secs_f64())
         .execute(pool)
         .await,
     };

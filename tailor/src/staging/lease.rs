@@ -59,24 +59,21 @@ impl Leases {
     /// Takes (or renews) `resource`, shared or exclusive; `false` if a conflicting holder has
     /// it and its lease has not expired.
     pub async fn acquire(&self, resource: &str, exclusive: bool) -> Result<bool, sqlx::Error> {
-        sqlx::query_scalar("SELECT acquire_lease($1, $2, $3, $4)")
-            .bind(resource)
-            .bind(&self.holder)
-            .bind(exclusive)
-            .bind(self.ttl.as_secs_f64())
-            .fetch_one(&self.pool)
-            .await
+        sqlx::query_scalar!(
+            r#"SELECT acquire_lease($1, $2, $3, $4) AS "acquired!""#,
+            resource,
+            &self.holder,
+            exclusive,
+            self.ttl.as_secs_f64()
+        )
+        .fetch_one(&self.pool)
+        .await
     }
 
     /// Lets go of `resource` and tells waiters.
     pub async fn release(&self, resource: &str) -> Result<(), sqlx::Error> {
-        sqlx::query(
-            "WITH gone AS (DELETE FROM leases WHERE resource = $1 AND holder = $2 RETURNING resource) \
-             SELECT pg_notify($3, resource) FROM gone",
-        )
-        .bind(resource)
-        .bind(&self.holder)
-        .bind(RELEASED_CHANNEL)
+        sqlx::query!("WITH gone AS (DELETE FROM leases WHERE resource = $1 AND holder = $2 RETURNING resource) \
+             SELECT pg_notify($3, resource) FROM gone", resource, &self.holder, RELEASED_CHANNEL)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -84,12 +81,12 @@ impl Leases {
 
     /// Lets go of every lease this holder has (an attempt's end, whatever happened in it).
     pub async fn release_all(&self) -> Result<(), sqlx::Error> {
-        sqlx::query(
+        sqlx::query!(
             "WITH gone AS (DELETE FROM leases WHERE holder = $1 RETURNING resource) \
              SELECT pg_notify($2, resource) FROM gone",
+            &self.holder,
+            RELEASED_CHANNEL
         )
-        .bind(&self.holder)
-        .bind(RELEASED_CHANNEL)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -109,12 +106,12 @@ impl Leases {
 
     /// Extends every lease this holder has; returns how many it still holds.
     pub async fn renew_all(&self) -> Result<u64, sqlx::Error> {
-        let renewed = sqlx::query(
+        let renewed = sqlx::query!(
             "UPDATE leases SET expires_at = now() + make_interval(secs => $2) \
              WHERE holder = $1 AND expires_at > now()",
+            &self.holder,
+            self.ttl.as_secs_f64()
         )
-        .bind(&self.holder)
-        .bind(self.ttl.as_secs_f64())
         .execute(&self.pool)
         .await?;
         Ok(renewed.rows_affected())
@@ -122,21 +119,17 @@ impl Leases {
 
     /// Whether this holder still holds `resource` (not expired).
     pub async fn holds(&self, resource: &str) -> Result<bool, sqlx::Error> {
-        sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM leases WHERE resource = $1 AND holder = $2 AND expires_at > now())",
-        )
-        .bind(resource)
-        .bind(&self.holder)
+        sqlx::query_scalar!(r#"SELECT EXISTS (SELECT 1 FROM leases WHERE resource = $1 AND holder = $2 AND expires_at > now()) AS "holds!""#, resource, &self.holder)
         .fetch_one(&self.pool)
         .await
     }
 
     /// Whether anyone holds `resource` now.
     pub async fn is_held(pool: &PgPool, resource: &str) -> Result<bool, sqlx::Error> {
-        sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM leases WHERE resource = $1 AND expires_at > now())",
+        sqlx::query_scalar!(
+            r#"SELECT EXISTS (SELECT 1 FROM leases WHERE resource = $1 AND expires_at > now()) AS "held!""#,
+            resource
         )
-        .bind(resource)
         .fetch_one(pool)
         .await
     }

@@ -57,12 +57,12 @@ impl Drop for FetchLease {
 impl BlobLedger for PgLedger {
     fn mount_sources<'a>(&'a self, digest: &'a str, origin: &'a str) -> BoxFuture<'a, Vec<String>> {
         Box::pin(async move {
-            sqlx::query_scalar(
+            sqlx::query_scalar!(
                 "SELECT repository FROM blob_locations WHERE digest = $1 AND origin_registry = $2 \
                  ORDER BY added_at DESC LIMIT 5",
+                digest,
+                origin
             )
-            .bind(digest)
-            .bind(origin)
             .fetch_all(&self.pool)
             .await
             .unwrap_or_else(|error| {
@@ -79,18 +79,11 @@ impl BlobLedger for PgLedger {
         origin: &'a str,
     ) -> BoxFuture<'a, ()> {
         Box::pin(async move {
-            let result = sqlx::query(
-                "WITH b AS (INSERT INTO blobs (digest, size, media_type) VALUES ($1, $2, $3) \
+            let result = sqlx::query!("WITH b AS (INSERT INTO blobs (digest, size, media_type) VALUES ($1, $2, $3) \
                  ON CONFLICT (digest) DO NOTHING) \
                  INSERT INTO blob_locations (digest, repository, origin_registry) VALUES ($1, $4, $5) \
                  ON CONFLICT (digest, repository) DO UPDATE SET added_at = now(), \
-                     origin_registry = excluded.origin_registry",
-            )
-            .bind(&blob.digest)
-            .bind(blob.size as i64)
-            .bind(&blob.media_type)
-            .bind(repository)
-            .bind(origin)
+                     origin_registry = excluded.origin_registry", &blob.digest, blob.size as i64, &blob.media_type, repository, origin)
             .execute(&self.pool)
             .await;
             if let Err(error) = result {

@@ -43,7 +43,7 @@ pub struct Snapshot {
 /// Folds the counters' deltas into their totals. Safe to run concurrently: each delta row is
 /// deleted (and so counted) by exactly one fold.
 pub async fn fold(pool: &PgPool) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    sqlx::query!(
         "WITH d AS (DELETE FROM staging_state_deltas RETURNING state, delta) \
          INSERT INTO staging_state_totals (state, n) \
          SELECT state, sum(delta) FROM d GROUP BY state ORDER BY state \
@@ -51,31 +51,32 @@ pub async fn fold(pool: &PgPool) -> Result<(), sqlx::Error> {
     )
     .execute(pool)
     .await?;
-    let buckets: Vec<String> = DURATION_BUCKETS
-        .iter()
-        .map(|b| format!("count(*) FILTER (WHERE seconds <= {b})"))
-        .collect();
-    sqlx::query(sqlx::AssertSqlSafe(format!(
+    // Each bucket counts the new durations at or under its bound ($1, in bucket order).
+    sqlx::query!(
         "WITH d AS (DELETE FROM staging_success_deltas RETURNING *), \
          s AS (SELECT coalesce(sum(bytes_copied), 0)::bigint AS c, coalesce(sum(bytes_mounted), 0)::bigint AS m, \
                       coalesce(sum(bytes_skipped), 0)::bigint AS k, count(*) AS n, \
-                      coalesce(sum(seconds), 0)::float8 AS secs, ARRAY[{}]::bigint[] AS b FROM d) \
+                      coalesce(sum(seconds), 0)::float8 AS secs FROM d), \
+         per_bucket AS (SELECT ARRAY(SELECT (SELECT count(*) FROM d WHERE d.seconds <= u.bound) \
+                                     FROM unnest($1::float8[]) WITH ORDINALITY AS u(bound, i) \
+                                     ORDER BY u.i)::bigint[] AS counts) \
          UPDATE staging_success_totals t SET bytes_copied = t.bytes_copied + s.c, \
              bytes_mounted = t.bytes_mounted + s.m, bytes_skipped = t.bytes_skipped + s.k, \
              count = t.count + s.n, seconds_sum = t.seconds_sum + s.secs, \
-             buckets = ARRAY(SELECT a + b FROM unnest(t.buckets, s.b) WITH ORDINALITY AS u(a, b, i) ORDER BY i) \
-         FROM s WHERE s.n > 0",
-        buckets.join(", ")
-    )))
+             buckets = ARRAY(SELECT a + b FROM unnest(t.buckets, per_bucket.counts) \
+                             WITH ORDINALITY AS u(a, b, i) ORDER BY i) \
+         FROM s, per_bucket WHERE s.n > 0",
+        &DURATION_BUCKETS[..],
+    )
     .execute(pool)
     .await?;
-    sqlx::query(
+    sqlx::query!(
         "WITH d AS (DELETE FROM callback_pending_deltas RETURNING delta) \
          UPDATE callback_pending_total SET n = n + (SELECT coalesce(sum(delta), 0) FROM d)",
     )
     .execute(pool)
     .await?;
-    sqlx::query(
+    sqlx::query!(
         "WITH d AS (DELETE FROM staging_failure_deltas RETURNING code, delta) \
          INSERT INTO staging_failure_totals (code, n) \
          SELECT code, sum(delta) FROM d GROUP BY code ORDER BY code \
@@ -89,73 +90,90 @@ pub async fn fold(pool: &PgPool) -> Result<(), sqlx::Error> {
 /// Folds, then reads every figure.
 pub async fn snapshot(pool: &PgPool) -> Result<Snapshot, sqlx::Error> {
     fold(pool).await?;
-    let by_state: Vec<(StagingState, i64)> =
-        sqlx::query_as("SELECT state, n FROM staging_state_totals ORDER BY state")
-            .fetch_all(pool)
-            .await?;
-    let (bytes_copied, bytes_mounted, bytes_skipped, duration_count, duration_sum_seconds, buckets): (
-        i64,
-        i64,
-        i64,
-        i64,
-        f64,
-        Vec<i64>,
-    ) = sqlx::query_as(
+    let by_state = sqlx::query!(
+        r#"SELECT state AS "state: StagingState", n FROM staging_state_totals ORDER BY state"#
+    )
+    .fetch_all(pool)
+    .await?
+    .into_iter()
+    .map(|row| (row.state, row.n))
+    .collect();
+    let success = sqlx::query!(
         "SELECT bytes_copied, bytes_mounted, bytes_skipped, count, seconds_sum, buckets \
          FROM staging_success_totals",
     )
     .fetch_one(pool)
     .await?;
-    let callbacks_pending: i64 = sqlx::query_scalar("SELECT n FROM callback_pending_total")
+    let callbacks_pending = sqlx::query_scalar!("SELECT n FROM callback_pending_total")
         .fetch_one(pool)
         .await?;
-    let waiting: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT waiting_for, count(*) FROM stagings \
-         WHERE state = 'queued' AND waiting_for IS NOT NULL GROUP BY waiting_for",
+    let waiting = sqlx::query!(
+        r#"SELECT waiting_for AS "waiting_for!", count(*) AS "n!" FROM stagings
+           WHERE state = 'queued' AND waiting_for IS NOT NULL GROUP BY waiting_for"#,
     )
     .fetch_all(pool)
-    .await?;
-    let rate_limited: Vec<(String, f64)> = sqlx::query_as(
-        // Per registry (an account's block counts for its registry): the longest block.
-        "SELECT split_part(budget_key, '#', 1) AS registry, \
-                max(extract(epoch FROM blocked_until - now()))::float8 FROM registry_budgets \
-         WHERE blocked_until > now() GROUP BY 1 ORDER BY 1 LIMIT 1000",
+    .await?
+    .into_iter()
+    .map(|row| (row.waiting_for, row.n))
+    .collect();
+    // Per registry (an account's block counts for its registry): the longest block.
+    let rate_limited = sqlx::query!(
+        r#"SELECT split_part(budget_key, '#', 1) AS "registry!",
+                  max(extract(epoch FROM blocked_until - now()))::float8 AS "seconds!"
+           FROM registry_budgets
+           WHERE blocked_until > now() GROUP BY 1 ORDER BY 1 LIMIT 1000"#,
     )
     .fetch_all(pool)
-    .await?;
-    let failed_by_code: Vec<(String, i64)> =
-        sqlx::query_as("SELECT code, n FROM staging_failure_totals ORDER BY code LIMIT 1000")
+    .await?
+    .into_iter()
+    .map(|row| (row.registry, row.seconds))
+    .collect();
+    let failed_by_code =
+        sqlx::query!("SELECT code, n FROM staging_failure_totals ORDER BY code LIMIT 1000")
             .fetch_all(pool)
-            .await?;
+            .await?
+            .into_iter()
+            .map(|row| (row.code, row.n))
+            .collect();
     // Index minimums: the claim index on queued stagings, the pending-callback index.
-    let (queue_oldest_seconds, callback_oldest_pending_seconds): (f64, f64) = sqlx::query_as(
-        "SELECT coalesce(extract(epoch FROM now() - (SELECT min(created_at) FROM stagings \
-                                                    WHERE state = 'queued')), 0)::float8, \
-                coalesce(extract(epoch FROM now() - (SELECT min(created_at) FROM callbacks \
-                                                    WHERE delivered_at IS NULL AND gave_up_at IS NULL)), 0)::float8",
+    let oldest = sqlx::query!(
+        r#"SELECT coalesce(extract(epoch FROM now() - (SELECT min(created_at) FROM stagings
+                                                      WHERE state = 'queued')), 0)::float8
+                      AS "queue!",
+                  coalesce(extract(epoch FROM now() - (SELECT min(created_at) FROM callbacks
+                                                      WHERE delivered_at IS NULL AND gave_up_at IS NULL)), 0)::float8
+                      AS "callback!""#,
     )
     .fetch_one(pool)
     .await?;
-    let rate_limited_total: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT split_part(budget_key, '#', 1) AS registry, sum(rate_limited_total)::bigint \
-         FROM registry_budgets GROUP BY 1 ORDER BY 1 LIMIT 1000",
+    let rate_limited_total = sqlx::query!(
+        r#"SELECT split_part(budget_key, '#', 1) AS "registry!",
+                  sum(rate_limited_total)::bigint AS "n!"
+           FROM registry_budgets GROUP BY 1 ORDER BY 1 LIMIT 1000"#,
     )
     .fetch_all(pool)
-    .await?;
+    .await?
+    .into_iter()
+    .map(|row| (row.registry, row.n))
+    .collect();
     Ok(Snapshot {
         by_state,
-        bytes_copied,
-        bytes_mounted,
-        bytes_skipped,
-        duration_buckets: DURATION_BUCKETS.iter().copied().zip(buckets).collect(),
-        duration_count,
-        duration_sum_seconds,
+        bytes_copied: success.bytes_copied,
+        bytes_mounted: success.bytes_mounted,
+        bytes_skipped: success.bytes_skipped,
+        duration_buckets: DURATION_BUCKETS
+            .iter()
+            .copied()
+            .zip(success.buckets)
+            .collect(),
+        duration_count: success.count,
+        duration_sum_seconds: success.seconds_sum,
         callbacks_pending,
         waiting,
         rate_limited,
         rate_limited_total,
         failed_by_code,
-        queue_oldest_seconds,
-        callback_oldest_pending_seconds,
+        queue_oldest_seconds: oldest.queue,
+        callback_oldest_pending_seconds: oldest.callback,
     })
 }

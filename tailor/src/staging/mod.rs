@@ -142,8 +142,8 @@ impl NewStaging {
     }
 }
 
-/// A staging as stored.
-#[derive(Debug, Clone, sqlx::FromRow)]
+/// A staging as stored (read by [`store::read`]).
+#[derive(Debug, Clone)]
 pub struct Staging {
     pub staging_guid: Uuid,
     pub app_guid: Uuid,
@@ -186,13 +186,6 @@ pub struct Staging {
     pub waiting_for: Option<String>,
     pub workers_lost: i32,
 }
-
-/// The columns [`Staging`] reads, for `SELECT`/`RETURNING` lists.
-pub const STAGING_COLUMNS: &str = "staging_guid, app_guid, source_image, platform, api, completion_callback, state, \
-     attempts, cancel_requested, error_code, error_message, last_error, source_digest, pinned_image, tagged_image, \
-     bytes_total, bytes_done, bytes_copied, bytes_mounted, bytes_skipped, blobs_copied, blobs_mounted, blobs_skipped, \
-     start_command, execution_metadata, created_at, updated_at, started_at, finished_at, released_at, \
-     unreferenced_at, pruned_at, deadline_at, source_registry, budget_key, run_after, waiting_for, workers_lost";
 
 impl Staging {
     /// The staging's public JSON (the API's representation and the `stage` callback's body).

@@ -9,11 +9,11 @@
 
 use std::time::Duration;
 
-use sqlx::{AssertSqlSafe, PgPool};
+use sqlx::PgPool;
 use uuid::Uuid;
 
-use super::store::enqueue_callback;
-use super::{STAGING_COLUMNS, Staging};
+use super::Staging;
+use super::store::{self, enqueue_callback, notify, read_returned};
 use crate::copy::CopyReport;
 use crate::image_config::RunInfo;
 use crate::text::store_safe;
@@ -27,38 +27,6 @@ pub struct Claimed {
     pub time_left: Duration,
 }
 
-/// The claim statement, built once: it needs [`STAGING_COLUMNS`] qualified with `s.`. A queued
-/// staging whose registry is blocked by its rate-limit budget (or being probed) is skipped.
-static CLAIM_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    let columns: Vec<String> = STAGING_COLUMNS
-        .split(", ")
-        .map(|c| format!("s.{}", c.trim()))
-        .collect();
-    format!(
-        "WITH next AS ( \
-             SELECT staging_guid FROM stagings q \
-             WHERE (q.state = 'queued' AND (q.run_after <= now() OR q.deadline_at <= now()) \
-                    AND (q.deadline_at <= now() \
-                         OR NOT EXISTS (SELECT 1 FROM registry_budgets b \
-                                        WHERE b.budget_key = q.budget_key \
-                                          AND (b.blocked_until > now() OR b.probe_until > now())))) \
-                 OR (q.state = 'running' AND (q.lease_expires_at < now() \
-                     OR q.deadline_at < now() - make_interval(secs => $3))) \
-             ORDER BY q.created_at \
-             FOR UPDATE SKIP LOCKED \
-             LIMIT 1) \
-         UPDATE stagings s SET lease_owner = $1, \
-             lease_expires_at = now() + make_interval(secs => $2), attempts = s.attempts + 1, \
-             workers_lost = s.workers_lost + CASE WHEN s.state = 'running' THEN 1 ELSE 0 END, \
-             state = 'running', waiting_for = NULL, bytes_done = 0, \
-             started_at = coalesce(s.started_at, now()), updated_at = now() \
-         FROM next WHERE s.staging_guid = next.staging_guid \
-         RETURNING {}, s.encrypted_credentials, \
-             greatest(extract(epoch FROM s.deadline_at - now()), 0)::float8 AS time_left",
-        columns.join(", ")
-    )
-});
-
 /// How long past its deadline a running staging may stay with a worker that still renews its
 /// lease but never ends it (stuck recording, say) before another worker takes it to end it.
 pub const OVERDUE_GRACE: Duration = Duration::from_secs(300);
@@ -71,19 +39,43 @@ pub async fn claim(
     worker: &str,
     lease: Duration,
 ) -> Result<Option<Claimed>, sqlx::Error> {
-    let row = sqlx::query(AssertSqlSafe(CLAIM_SQL.as_str()))
-        .bind(worker)
-        .bind(lease.as_secs_f64())
-        .bind(OVERDUE_GRACE.as_secs_f64())
-        .fetch_optional(pool)
-        .await?;
+    // A queued staging whose registry is blocked by its rate-limit budget (or being probed)
+    // is skipped.
+    let row = sqlx::query!(
+        r#"WITH next AS (
+               SELECT staging_guid FROM stagings q
+               WHERE (q.state = 'queued' AND (q.run_after <= now() OR q.deadline_at <= now())
+                      AND (q.deadline_at <= now()
+                           OR NOT EXISTS (SELECT 1 FROM registry_budgets b
+                                          WHERE b.budget_key = q.budget_key
+                                            AND (b.blocked_until > now() OR b.probe_until > now()))))
+                   OR (q.state = 'running' AND (q.lease_expires_at < now()
+                       OR q.deadline_at < now() - make_interval(secs => $3)))
+               ORDER BY q.created_at
+               FOR UPDATE SKIP LOCKED
+               LIMIT 1)
+           UPDATE stagings s SET lease_owner = $1,
+               lease_expires_at = now() + make_interval(secs => $2), attempts = s.attempts + 1,
+               workers_lost = s.workers_lost + CASE WHEN s.state = 'running' THEN 1 ELSE 0 END,
+               state = 'running', waiting_for = NULL, bytes_done = 0,
+               started_at = coalesce(s.started_at, now()), updated_at = now()
+           FROM next WHERE s.staging_guid = next.staging_guid
+           RETURNING s.staging_guid, s.encrypted_credentials,
+               greatest(extract(epoch FROM s.deadline_at - now()), 0)::float8 AS "time_left!""#,
+        worker,
+        lease.as_secs_f64(),
+        OVERDUE_GRACE.as_secs_f64(),
+    )
+    .fetch_optional(pool)
+    .await?;
     let Some(row) = row else { return Ok(None) };
-    use sqlx::{FromRow, Row};
-    let time_left: f64 = row.try_get("time_left")?;
+    let Some(staging) = store::read_one(pool, row.staging_guid).await? else {
+        return Ok(None);
+    };
     Ok(Some(Claimed {
-        staging: Staging::from_row(&row)?,
-        encrypted_credentials: row.try_get("encrypted_credentials")?,
-        time_left: Duration::from_secs_f64(time_left),
+        staging,
+        encrypted_credentials: row.encrypted_credentials,
+        time_left: Duration::from_secs_f64(row.time_left),
     }))
 }
 
@@ -105,20 +97,20 @@ pub async fn heartbeat(
     bytes_done: u64,
     bytes_total: Option<u64>,
 ) -> Result<Heartbeat, sqlx::Error> {
-    let row: Option<(bool,)> = sqlx::query_as(
+    let row = sqlx::query_scalar!(
         "UPDATE stagings SET lease_expires_at = now() + make_interval(secs => $3), bytes_done = $4, \
          bytes_total = coalesce($5, bytes_total), updated_at = now() \
          WHERE staging_guid = $1 AND lease_owner = $2 AND state = 'running' RETURNING cancel_requested",
+        staging_guid,
+        worker,
+        lease.as_secs_f64(),
+        bytes_done as i64,
+        bytes_total.map(|b| b as i64),
     )
-    .bind(staging_guid)
-    .bind(worker)
-    .bind(lease.as_secs_f64())
-    .bind(bytes_done as i64)
-    .bind(bytes_total.map(|b| b as i64))
     .fetch_optional(pool)
     .await?;
     Ok(match row {
-        Some((cancel_requested,)) => Heartbeat::Held { cancel_requested },
+        Some(cancel_requested) => Heartbeat::Held { cancel_requested },
         None => Heartbeat::Lost,
     })
 }
@@ -158,13 +150,9 @@ pub async fn finish(
     outcome: Outcome<'_>,
 ) -> Result<Option<Staging>, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    // An app deleted while its staging ran: the staging's image is released as it ends.
-    let common = "lease_owner = NULL, lease_expires_at = NULL, encrypted_credentials = NULL, \
-                  waiting_for = NULL, finished_at = now(), updated_at = now(), \
-                  released_at = CASE WHEN EXISTS (SELECT 1 FROM deleted_apps d \
-                      WHERE d.app_guid = stagings.app_guid) THEN now() ELSE released_at END";
-    let guard = "WHERE staging_guid = $1 AND lease_owner = $2 AND state = 'running'";
-    let staging: Option<Staging> = match outcome {
+    // Every outcome clears the lease and the credentials. An app deleted while its staging ran:
+    // the staging's image is released as it ends.
+    let ended = match outcome {
         Outcome::Succeeded {
             report,
             run,
@@ -173,70 +161,86 @@ pub async fn finish(
             // The lease row is locked until this transaction ends: a pruner that would take the
             // repository once the lease expires waits for the commit, and then sees the
             // success (and the image it references) in its own reading of the stagings.
-            let held: Option<i32> = sqlx::query_scalar(
-                "SELECT 1 FROM leases WHERE resource = $1 AND holder = $2 \
+            let held = sqlx::query_scalar!(
+                "SELECT 1 AS held FROM leases WHERE resource = $1 AND holder = $2 \
                  AND expires_at > clock_timestamp() FOR UPDATE",
+                repository_lease.resource,
+                repository_lease.holder,
             )
-            .bind(repository_lease.resource)
-            .bind(repository_lease.holder)
             .fetch_optional(&mut *tx)
             .await?;
             if held.is_none() {
                 return Ok(None);
             }
-            sqlx::query_as(AssertSqlSafe(format!(
-                "UPDATE stagings SET state = 'succeeded', {common}, source_digest = $3, pinned_image = $4, \
+            let start_command = store_safe(&run.start_command);
+            let execution_metadata = store_safe(&run.execution_metadata);
+            sqlx::query_scalar!(
+                "UPDATE stagings SET state = 'succeeded', lease_owner = NULL, lease_expires_at = NULL, \
+                 encrypted_credentials = NULL, waiting_for = NULL, finished_at = now(), updated_at = now(), \
+                 released_at = CASE WHEN EXISTS (SELECT 1 FROM deleted_apps d \
+                     WHERE d.app_guid = stagings.app_guid) THEN now() ELSE released_at END, \
+                 source_digest = $3, pinned_image = $4, \
                  tagged_image = $5, bytes_copied = $6, bytes_mounted = $7, bytes_skipped = $8, blobs_copied = $9, \
                  blobs_mounted = $10, blobs_skipped = $11, start_command = $12, execution_metadata = $13, \
-                 bytes_done = $6 + $7 + $8, bytes_total = $6 + $7 + $8, error_code = NULL, error_message = NULL \
-                 {guard} RETURNING {STAGING_COLUMNS}"
-            )))
-            .bind(staging_guid)
-            .bind(worker)
-            .bind(&report.source_digest)
-            .bind(&report.pinned)
-            .bind(&report.tagged)
-            .bind(report.bytes_copied as i64)
-            .bind(report.bytes_mounted as i64)
-            .bind(report.bytes_skipped as i64)
-            .bind(report.blobs.copied as i32)
-            .bind(report.blobs.mounted as i32)
-            .bind(report.blobs.skipped as i32)
-            .bind(store_safe(&run.start_command).as_ref())
-            .bind(store_safe(&run.execution_metadata).as_ref())
+                 bytes_done = $6::bigint + $7::bigint + $8::bigint, bytes_total = $6::bigint + $7::bigint + $8::bigint, error_code = NULL, error_message = NULL \
+                 WHERE staging_guid = $1 AND lease_owner = $2 AND state = 'running' RETURNING staging_guid",
+                staging_guid,
+                worker,
+                &report.source_digest,
+                &report.pinned,
+                &report.tagged,
+                report.bytes_copied as i64,
+                report.bytes_mounted as i64,
+                report.bytes_skipped as i64,
+                report.blobs.copied as i32,
+                report.blobs.mounted as i32,
+                report.blobs.skipped as i32,
+                start_command.as_ref(),
+                execution_metadata.as_ref(),
+            )
             .fetch_optional(&mut *tx)
             .await?
         }
-        Outcome::Failed { code, message } => sqlx::query_as(AssertSqlSafe(format!(
-            "UPDATE stagings SET state = 'failed', {common}, error_code = $3, error_message = $4 \
-                 {guard} RETURNING {STAGING_COLUMNS}"
-        )))
-        .bind(staging_guid)
-        .bind(worker)
-        .bind(code)
-        .bind(store_safe(message).as_ref())
+        Outcome::Failed { code, message } => {
+            let message = store_safe(message);
+            sqlx::query_scalar!(
+            "UPDATE stagings SET state = 'failed', lease_owner = NULL, lease_expires_at = NULL, \
+             encrypted_credentials = NULL, waiting_for = NULL, finished_at = now(), updated_at = now(), \
+             released_at = CASE WHEN EXISTS (SELECT 1 FROM deleted_apps d \
+                 WHERE d.app_guid = stagings.app_guid) THEN now() ELSE released_at END, \
+             error_code = $3, error_message = $4 \
+             WHERE staging_guid = $1 AND lease_owner = $2 AND state = 'running' RETURNING staging_guid",
+            staging_guid,
+            worker,
+            code,
+            message.as_ref(),
+        )
+        .fetch_optional(&mut *tx)
+        .await?
+        }
+        Outcome::Cancelled => sqlx::query_scalar!(
+            "UPDATE stagings SET state = 'cancelled', lease_owner = NULL, lease_expires_at = NULL, \
+             encrypted_credentials = NULL, waiting_for = NULL, finished_at = now(), updated_at = now(), \
+             released_at = CASE WHEN EXISTS (SELECT 1 FROM deleted_apps d \
+                 WHERE d.app_guid = stagings.app_guid) THEN now() ELSE released_at END, \
+             error_code = 'CANCELLED', error_message = 'cancelled while copying' \
+             WHERE staging_guid = $1 AND lease_owner = $2 AND state = 'running' RETURNING staging_guid",
+            staging_guid,
+            worker,
+        )
         .fetch_optional(&mut *tx)
         .await?,
-        Outcome::Cancelled => {
-            sqlx::query_as(AssertSqlSafe(format!(
-                "UPDATE stagings SET state = 'cancelled', {common}, error_code = 'CANCELLED', \
-                 error_message = 'cancelled while copying' {guard} RETURNING {STAGING_COLUMNS}"
-            )))
-            .bind(staging_guid)
-            .bind(worker)
-            .fetch_optional(&mut *tx)
-            .await?
-        }
     };
+    let staging = read_returned(&mut tx, ended).await?;
     if let (Some(staging), Outcome::Succeeded { report, .. }) = (&staging, &outcome) {
         record_objects(&mut tx, staging.staging_guid, report).await?;
-        sqlx::query(
+        sqlx::query!(
             "INSERT INTO staging_success_deltas (bytes_copied, bytes_mounted, bytes_skipped, seconds) \
              SELECT bytes_copied, bytes_mounted, bytes_skipped, \
                     extract(epoch FROM finished_at - started_at)::float8 \
              FROM stagings WHERE staging_guid = $1",
+            staging.staging_guid,
         )
-        .bind(staging.staging_guid)
         .execute(&mut *tx)
         .await?;
     }
@@ -258,14 +262,14 @@ async fn record_objects(
         .iter()
         .map(|o| (o.digest.as_str(), o.size as i64))
         .unzip();
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO staging_objects (staging_guid, digest, size) \
          SELECT $1, d, s FROM unnest($2::text[], $3::bigint[]) AS o(d, s) \
          ON CONFLICT DO NOTHING",
+        staging_guid,
+        &digests as &[&str],
+        &sizes,
     )
-    .bind(staging_guid)
-    .bind(&digests)
-    .bind(&sizes)
     .execute(&mut **tx)
     .await?;
     Ok(())
@@ -313,32 +317,26 @@ pub async fn requeue(
     worker: &str,
     requeue: &Requeue,
 ) -> Result<bool, sqlx::Error> {
-    let updated = sqlx::query(
+    let updated = sqlx::query!(
         "UPDATE stagings SET state = 'queued', lease_owner = NULL, lease_expires_at = NULL, \
          attempts = CASE WHEN $5 THEN attempts ELSE greatest(attempts - 1, 0) END, \
          run_after = now() + make_interval(secs => $3), waiting_for = $6, \
          last_error = coalesce($4, last_error), updated_at = now() \
          WHERE staging_guid = $1 AND lease_owner = $2 AND state = 'running'",
-    )
-    .bind(staging_guid)
-    .bind(worker)
-    .bind(requeue.after.as_secs_f64())
-    .bind(
+        staging_guid,
+        worker,
+        requeue.after.as_secs_f64(),
         requeue
             .last_error
             .as_deref()
             .map(|e| store_safe(e).into_owned()),
+        requeue.counts,
+        requeue.waiting.as_db(),
     )
-    .bind(requeue.counts)
-    .bind(requeue.waiting.as_db())
     .execute(pool)
     .await?;
     if updated.rows_affected() == 1 && requeue.after.is_zero() {
-        sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(super::store::NEW_WORK_CHANNEL)
-            .bind(staging_guid.to_string())
-            .execute(pool)
-            .await?;
+        notify(pool, super::store::NEW_WORK_CHANNEL, staging_guid).await?;
     }
     Ok(updated.rows_affected() == 1)
 }

@@ -5,19 +5,13 @@
 //! [`sync`] with the complete list of stagings in use, after which every finished staging
 //! that is not listed is *unreferenced*. The pruner only ever reads this ledger.
 
-use sqlx::{AssertSqlSafe, PgPool};
+use sqlx::PgPool;
 use uuid::Uuid;
 
-/// Not in the list being synced (the temporary table `listed`).
-const UNLISTED: &str = "NOT EXISTS (SELECT 1 FROM listed l WHERE l.staging_guid = s.staging_guid)";
-
-/// Stagings a sync may judge. The platform builds its list some time before sending it, and
-/// records a staging only once its callback arrives: a staging still running, finished in the
-/// last ten minutes, or with a callback not yet delivered may be in use without being listed.
-const SETTLED: &str = "s.state IN ('succeeded', 'failed', 'cancelled') \
-     AND s.finished_at < now() - interval '10 minutes' \
-     AND NOT EXISTS (SELECT 1 FROM callbacks c \
-                     WHERE c.staging_guid = s.staging_guid AND c.delivered_at IS NULL)";
+// Stagings a sync may judge ("settled"). The platform builds its list some time before
+// sending it, and records a staging only once its callback arrives: a staging still running,
+// finished in the last ten minutes, or with a callback not yet delivered may be in use without
+// being listed. The two statements of `sync` that judge stagings spell this out alike.
 
 /// A sync may not unreference more than this share of the images in use without `force`...
 const SUSPICIOUS_SHARE: f64 = 0.5;
@@ -61,33 +55,38 @@ pub struct SyncReport {
 /// Applies the platform's complete list of stagings in use. Refuses, unless `force`, a list
 /// that would unreference most images in use (one naming no staging tailor knows while any
 /// image is in use, or more than half of at least ten), so that a bug upstream cannot wipe the
-/// registry. Only settled stagings are judged (see [`SETTLED`]).
+/// registry. Only settled stagings are judged (see the note at the top of this module).
 pub async fn sync(pool: &PgPool, in_use: &[Uuid], force: bool) -> Result<SyncReport, SyncError> {
     let mut tx = pool.begin().await?;
     // One sync at a time: two concurrent lists must not interleave their marks.
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('tailor-reference-sync', 7))")
+    sqlx::query!("SELECT pg_advisory_xact_lock(hashtextextended('tailor-reference-sync', 7))")
         .execute(&mut *tx)
         .await?;
-    sqlx::query("CREATE TEMPORARY TABLE listed (staging_guid uuid PRIMARY KEY) ON COMMIT DROP")
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query("INSERT INTO listed SELECT DISTINCT unnest($1::uuid[])")
-        .bind(in_use)
-        .execute(&mut *tx)
-        .await?;
-    let (listed, unknown): (i64, i64) = sqlx::query_as(
-        "SELECT count(s.staging_guid), count(*) - count(s.staging_guid) \
-         FROM listed l LEFT JOIN stagings s USING (staging_guid)",
+    let counts = sqlx::query!(
+        r#"WITH listed AS (SELECT DISTINCT unnest($1::uuid[]) AS staging_guid)
+           SELECT count(s.staging_guid) AS "listed!", count(*) - count(s.staging_guid) AS "unknown!"
+           FROM listed l LEFT JOIN stagings s USING (staging_guid)"#,
+        in_use,
     )
     .fetch_one(&mut *tx)
     .await?;
-    let (images_in_use, would_unreference): (i64, i64) = sqlx::query_as(AssertSqlSafe(format!(
-        "SELECT count(*), count(*) FILTER (WHERE {UNLISTED} AND {SETTLED}) \
-         FROM stagings s WHERE state = 'succeeded' AND pruned_at IS NULL \
-           AND released_at IS NULL AND unreferenced_at IS NULL"
-    )))
+    let (listed, unknown) = (counts.listed, counts.unknown);
+    let judged = sqlx::query!(
+        r#"WITH listed AS (SELECT DISTINCT unnest($1::uuid[]) AS staging_guid)
+           SELECT count(*) AS "in_use!",
+                  count(*) FILTER (WHERE NOT EXISTS (SELECT 1 FROM listed l WHERE l.staging_guid = s.staging_guid)
+                      AND s.state IN ('succeeded', 'failed', 'cancelled')
+                      AND s.finished_at < now() - interval '10 minutes'
+                      AND NOT EXISTS (SELECT 1 FROM callbacks c
+                                      WHERE c.staging_guid = s.staging_guid AND c.delivered_at IS NULL))
+                      AS "would_unreference!"
+           FROM stagings s WHERE state = 'succeeded' AND pruned_at IS NULL
+             AND released_at IS NULL AND unreferenced_at IS NULL"#,
+        in_use,
+    )
     .fetch_one(&mut *tx)
     .await?;
+    let (images_in_use, would_unreference) = (judged.in_use, judged.would_unreference);
     // A list naming none of the stagings tailor knows (empty, or another system's GUIDs) is as
     // suspicious as an empty one.
     let suspicious = would_unreference > 0
@@ -100,17 +99,25 @@ pub async fn sync(pool: &PgPool, in_use: &[Uuid], force: bool) -> Result<SyncRep
             would_unreference,
         });
     }
-    let rereferenced = sqlx::query(
-        "UPDATE stagings s SET unreferenced_at = NULL, updated_at = now() FROM listed l \
-         WHERE s.staging_guid = l.staging_guid AND s.unreferenced_at IS NOT NULL",
+    let rereferenced = sqlx::query!(
+        "UPDATE stagings s SET unreferenced_at = NULL, updated_at = now() \
+         WHERE s.staging_guid = ANY($1) AND s.unreferenced_at IS NOT NULL",
+        in_use,
     )
     .execute(&mut *tx)
     .await?
     .rows_affected();
-    let unreferenced = sqlx::query(AssertSqlSafe(format!(
-        "UPDATE stagings s SET unreferenced_at = now(), updated_at = now() \
-         WHERE s.unreferenced_at IS NULL AND {UNLISTED} AND {SETTLED}"
-    )))
+    let unreferenced = sqlx::query!(
+        "WITH listed AS (SELECT DISTINCT unnest($1::uuid[]) AS staging_guid) \
+         UPDATE stagings s SET unreferenced_at = now(), updated_at = now() \
+         WHERE s.unreferenced_at IS NULL \
+           AND NOT EXISTS (SELECT 1 FROM listed l WHERE l.staging_guid = s.staging_guid) \
+           AND s.state IN ('succeeded', 'failed', 'cancelled') \
+           AND s.finished_at < now() - interval '10 minutes' \
+           AND NOT EXISTS (SELECT 1 FROM callbacks c \
+                           WHERE c.staging_guid = s.staging_guid AND c.delivered_at IS NULL)",
+        in_use,
+    )
     .execute(&mut *tx)
     .await?
     .rows_affected();
@@ -139,22 +146,22 @@ pub async fn release_app(
     app_guid: Uuid,
 ) -> Result<Option<AppReleased>, sqlx::Error> {
     // Recorded first, so that a running staging that ends after this is released as it ends.
-    let known: bool = sqlx::query_scalar(
-        "WITH known AS (SELECT EXISTS (SELECT 1 FROM stagings WHERE app_guid = $1) AS known), \
-         recorded AS (INSERT INTO deleted_apps (app_guid) SELECT $1 FROM known WHERE known \
-                      ON CONFLICT DO NOTHING) \
-         SELECT known FROM known",
+    let known = sqlx::query_scalar!(
+        r#"WITH known AS (SELECT EXISTS (SELECT 1 FROM stagings WHERE app_guid = $1) AS known),
+           recorded AS (INSERT INTO deleted_apps (app_guid) SELECT $1 FROM known WHERE known
+                        ON CONFLICT DO NOTHING)
+           SELECT known AS "known!" FROM known"#,
+        app_guid,
     )
-    .bind(app_guid)
     .fetch_one(pool)
     .await?;
     if !known {
         return Ok(None);
     }
-    let active: Vec<Uuid> = sqlx::query_scalar(
+    let active = sqlx::query_scalar!(
         "SELECT staging_guid FROM stagings WHERE app_guid = $1 AND state IN ('queued', 'running')",
+        app_guid,
     )
-    .bind(app_guid)
     .fetch_all(pool)
     .await?;
     let mut cancelled = 0;
@@ -166,11 +173,11 @@ pub async fn release_app(
             cancelled += 1;
         }
     }
-    let released = sqlx::query(
+    let released = sqlx::query!(
         "UPDATE stagings SET released_at = now(), updated_at = now() \
          WHERE app_guid = $1 AND released_at IS NULL AND state IN ('succeeded', 'failed', 'cancelled')",
+        app_guid,
     )
-    .bind(app_guid)
     .execute(pool)
     .await?
     .rows_affected();

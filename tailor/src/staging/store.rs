@@ -1,9 +1,9 @@
 //! What the API does with stagings: create (idempotently), read, list, cancel, release.
 
-use sqlx::{AssertSqlSafe, PgPool, Postgres, Transaction};
+use sqlx::{PgExecutor, PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
-use super::{NewStaging, STAGING_COLUMNS, Staging};
+use super::{NewStaging, Staging, StagingState};
 use crate::secrets::CredentialsKey;
 
 /// The channel workers LISTEN on for new work.
@@ -51,43 +51,42 @@ pub async fn create(
     };
     let fingerprint = new.fingerprint();
     let mut tx = pool.begin().await?;
-    let inserted: Option<Staging> = sqlx::query_as(AssertSqlSafe(format!(
+    let inserted = sqlx::query_scalar!(
         "INSERT INTO stagings (staging_guid, app_guid, source_image, platform, request_fingerprint, \
          completion_callback, api, encrypted_credentials, deadline_at, budget_key) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now() + make_interval(secs => $9), $10) \
-         ON CONFLICT (staging_guid) DO NOTHING RETURNING {STAGING_COLUMNS}"
-    )))
-    .bind(new.staging_guid)
-    .bind(new.app_guid)
-    .bind(new.image.to_string())
-    .bind(new.platform.to_string())
-    .bind(&fingerprint)
-    .bind(&new.completion_callback)
-    .bind(new.api.as_str())
-    .bind(sealed)
-    .bind(new.timeout.as_secs_f64())
-    .bind(new.budget_key())
+         ON CONFLICT (staging_guid) DO NOTHING RETURNING staging_guid",
+        new.staging_guid,
+        new.app_guid,
+        new.image.to_string(),
+        new.platform.to_string(),
+        &fingerprint,
+        new.completion_callback.as_deref(),
+        new.api.as_str(),
+        sealed,
+        new.timeout.as_secs_f64(),
+        new.budget_key(),
+    )
     .fetch_optional(&mut *tx)
     .await?;
-    if let Some(staging) = inserted {
+    if let Some(staging_guid) = inserted {
         // A new staging means the app is alive, even if it was deleted once.
-        sqlx::query("DELETE FROM deleted_apps WHERE app_guid = $1")
-            .bind(new.app_guid)
+        sqlx::query!("DELETE FROM deleted_apps WHERE app_guid = $1", new.app_guid)
             .execute(&mut *tx)
             .await?;
-        sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(NEW_WORK_CHANNEL)
-            .bind(staging.staging_guid.to_string())
-            .execute(&mut *tx)
-            .await?;
+        notify(&mut *tx, NEW_WORK_CHANNEL, staging_guid).await?;
+        let staging = read_one(&mut *tx, staging_guid)
+            .await?
+            .ok_or(sqlx::Error::RowNotFound)?;
         tx.commit().await?;
         return Ok(Created::New(staging));
     }
-    let (existing_fingerprint,): (Vec<u8>,) =
-        sqlx::query_as("SELECT request_fingerprint FROM stagings WHERE staging_guid = $1")
-            .bind(new.staging_guid)
-            .fetch_one(&mut *tx)
-            .await?;
+    let existing_fingerprint = sqlx::query_scalar!(
+        "SELECT request_fingerprint FROM stagings WHERE staging_guid = $1",
+        new.staging_guid
+    )
+    .fetch_one(&mut *tx)
+    .await?;
     tx.commit().await?;
     if existing_fingerprint != fingerprint {
         return Err(StoreError::Conflict(new.staging_guid));
@@ -98,13 +97,68 @@ pub async fn create(
     Ok(Created::Existing(existing))
 }
 
-pub async fn get(pool: &PgPool, staging_guid: Uuid) -> Result<Option<Staging>, sqlx::Error> {
-    sqlx::query_as(AssertSqlSafe(format!(
-        "SELECT {STAGING_COLUMNS} FROM stagings WHERE staging_guid = $1"
-    )))
-    .bind(staging_guid)
-    .fetch_optional(pool)
+/// Reads stagings by GUID, newest first. This is the one statement that reads whole
+/// [`Staging`]s: every statement that changes stagings returns their GUIDs and lets this read
+/// them (in its transaction), so the column list is written once and checked against the
+/// schema at compile time.
+pub(crate) async fn read<'e>(
+    executor: impl PgExecutor<'e>,
+    guids: &[Uuid],
+) -> Result<Vec<Staging>, sqlx::Error> {
+    sqlx::query_as!(
+        Staging,
+        r#"SELECT staging_guid, app_guid, source_image, platform, api, completion_callback,
+               state AS "state: StagingState", attempts, cancel_requested, error_code,
+               error_message, last_error, source_digest, pinned_image, tagged_image, bytes_total,
+               bytes_done, bytes_copied, bytes_mounted, bytes_skipped, blobs_copied,
+               blobs_mounted, blobs_skipped, start_command, execution_metadata, created_at,
+               updated_at, started_at, finished_at, released_at, unreferenced_at, pruned_at,
+               deadline_at, source_registry AS "source_registry!", budget_key, run_after,
+               waiting_for, workers_lost
+           FROM stagings WHERE staging_guid = ANY($1) ORDER BY created_at DESC"#,
+        guids
+    )
+    .fetch_all(executor)
     .await
+}
+
+/// [`read`] for one GUID.
+pub(crate) async fn read_one<'e>(
+    executor: impl PgExecutor<'e>,
+    staging_guid: Uuid,
+) -> Result<Option<Staging>, sqlx::Error> {
+    Ok(read(executor, &[staging_guid]).await?.pop())
+}
+
+/// Reads the one staging a statement returned the GUID of, if it returned one.
+pub(crate) async fn read_returned(
+    tx: &mut Transaction<'_, Postgres>,
+    returned: Option<Uuid>,
+) -> Result<Option<Staging>, sqlx::Error> {
+    match returned {
+        Some(staging_guid) => read_one(&mut **tx, staging_guid).await,
+        None => Ok(None),
+    }
+}
+
+/// `pg_notify(channel, staging_guid)`, in the caller's transaction (delivered at its commit).
+pub(crate) async fn notify<'e>(
+    executor: impl PgExecutor<'e>,
+    channel: &str,
+    staging_guid: Uuid,
+) -> Result<(), sqlx::Error> {
+    sqlx::query!(
+        "SELECT pg_notify($1, $2)",
+        channel,
+        staging_guid.to_string()
+    )
+    .execute(executor)
+    .await?;
+    Ok(())
+}
+
+pub async fn get(pool: &PgPool, staging_guid: Uuid) -> Result<Option<Staging>, sqlx::Error> {
+    read_one(pool, staging_guid).await
 }
 
 /// An app's stagings, newest first.
@@ -113,13 +167,14 @@ pub async fn list_for_app(
     app_guid: Uuid,
     limit: i64,
 ) -> Result<Vec<Staging>, sqlx::Error> {
-    sqlx::query_as(AssertSqlSafe(format!(
-        "SELECT {STAGING_COLUMNS} FROM stagings WHERE app_guid = $1 ORDER BY created_at DESC LIMIT $2"
-    )))
-    .bind(app_guid)
-    .bind(limit)
+    let guids = sqlx::query_scalar!(
+        "SELECT staging_guid FROM stagings WHERE app_guid = $1 ORDER BY created_at DESC LIMIT $2",
+        app_guid,
+        limit
+    )
     .fetch_all(pool)
-    .await
+    .await?;
+    read(pool, &guids).await
 }
 
 /// What `DELETE /stage/{guid}` did.
@@ -137,43 +192,40 @@ pub enum Stopped {
 /// Cancels a queued or running staging, or releases a finished one.
 pub async fn stop(pool: &PgPool, staging_guid: Uuid) -> Result<Stopped, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    let cancelled: Option<Staging> = sqlx::query_as(AssertSqlSafe(format!(
+    let cancelled = sqlx::query_scalar!(
         "UPDATE stagings SET state = 'cancelled', encrypted_credentials = NULL, error_code = 'CANCELLED', \
          error_message = 'cancelled before it started', finished_at = now(), updated_at = now(), \
          waiting_for = NULL \
-         WHERE staging_guid = $1 AND state = 'queued' RETURNING {STAGING_COLUMNS}"
-    )))
-    .bind(staging_guid)
+         WHERE staging_guid = $1 AND state = 'queued' RETURNING staging_guid",
+        staging_guid
+    )
     .fetch_optional(&mut *tx)
     .await?;
-    if let Some(staging) = cancelled {
+    if let Some(staging) = read_returned(&mut tx, cancelled).await? {
         enqueue_callback(&mut tx, &staging).await?;
         tx.commit().await?;
         return Ok(Stopped::Cancelled(staging));
     }
-    let requested: Option<Staging> = sqlx::query_as(AssertSqlSafe(format!(
+    let requested = sqlx::query_scalar!(
         "UPDATE stagings SET cancel_requested = true, updated_at = now() \
-         WHERE staging_guid = $1 AND state = 'running' RETURNING {STAGING_COLUMNS}"
-    )))
-    .bind(staging_guid)
+         WHERE staging_guid = $1 AND state = 'running' RETURNING staging_guid",
+        staging_guid
+    )
     .fetch_optional(&mut *tx)
     .await?;
-    if let Some(staging) = requested {
-        sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(super::store::CANCEL_CHANNEL)
-            .bind(staging_guid.to_string())
-            .execute(&mut *tx)
-            .await?;
+    if let Some(staging) = read_returned(&mut tx, requested).await? {
+        notify(&mut *tx, CANCEL_CHANNEL, staging_guid).await?;
         tx.commit().await?;
         return Ok(Stopped::CancelRequested(staging));
     }
-    let released: Option<Staging> = sqlx::query_as(AssertSqlSafe(format!(
+    let released = sqlx::query_scalar!(
         "UPDATE stagings SET released_at = coalesce(released_at, now()), updated_at = now() \
-         WHERE staging_guid = $1 AND state IN ('succeeded', 'failed', 'cancelled') RETURNING {STAGING_COLUMNS}"
-    )))
-    .bind(staging_guid)
+         WHERE staging_guid = $1 AND state IN ('succeeded', 'failed', 'cancelled') RETURNING staging_guid",
+        staging_guid
+    )
     .fetch_optional(&mut *tx)
     .await?;
+    let released = read_returned(&mut tx, released).await?;
     tx.commit().await?;
     Ok(match released {
         Some(staging) => Stopped::Released(staging),
@@ -188,12 +240,14 @@ pub(crate) async fn enqueue_callback(
 ) -> Result<(), sqlx::Error> {
     debug_assert!(staging.state.is_finished());
     if let Some(url) = &staging.completion_callback {
-        sqlx::query("INSERT INTO callbacks (staging_guid, url, payload) VALUES ($1, $2, $3)")
-            .bind(staging.staging_guid)
-            .bind(url)
-            .bind(staging.callback_payload())
-            .execute(&mut **tx)
-            .await?;
+        sqlx::query!(
+            "INSERT INTO callbacks (staging_guid, url, payload) VALUES ($1, $2, $3)",
+            staging.staging_guid,
+            url,
+            staging.callback_payload()
+        )
+        .execute(&mut **tx)
+        .await?;
     }
     Ok(())
 }

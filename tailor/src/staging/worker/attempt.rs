@@ -490,11 +490,11 @@ impl Run<'_> {
             }
         }
         let manifest = format!("{}@{}", dest.name(), head.digest);
-        let shared_with_live: Result<bool, sqlx::Error> = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM stagings WHERE state = 'succeeded' AND pruned_at IS NULL \
-             AND substr(pinned_image, strpos(pinned_image, '/') + 1) = $1)",
+        let shared_with_live: Result<bool, sqlx::Error> = sqlx::query_scalar!(
+            r#"SELECT EXISTS (SELECT 1 FROM stagings WHERE state = 'succeeded' AND pruned_at IS NULL
+               AND pinned_manifest = $1) AS "shared!""#,
+            &manifest
         )
-        .bind(&manifest)
         .fetch_one(&shared.pool)
         .await;
         match shared_with_live {
