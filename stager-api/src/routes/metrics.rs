@@ -3,8 +3,8 @@
 use std::fmt::Write;
 
 use actix_web::{HttpResponse, web};
-use tailor::staging::StagingState;
 use tailor::staging::metrics::snapshot;
+use tailor::staging::{StagingState, Waiting};
 
 use crate::auth::Authenticated;
 use crate::error::ApiError;
@@ -132,13 +132,13 @@ pub async fn serve(_: Authenticated, state: web::Data<AppState>) -> Result<HttpR
         "tailor_stagings_waiting",
         "gauge",
         "Queued stagings by what they wait for (retry: backing off; rate_limit: their registry's budget; maintenance: the internal registry or the pruner).",
-        ["retry", "rate_limit", "maintenance"].map(|reason| {
+        Waiting::ALL.map(|reason| {
             let n = snapshot
                 .waiting
                 .iter()
-                .find(|(r, _)| r == reason)
+                .find(|(r, _)| *r == reason)
                 .map_or(0, |(_, n)| *n);
-            (label("reason", reason), n)
+            (label("reason", reason.as_str()), n)
         }),
     );
     family(

@@ -58,8 +58,9 @@ impl std::fmt::Debug for PruneHooks {
 }
 
 /// Why an image is no longer needed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, sqlx::Type)]
 #[serde(rename_all = "snake_case")]
+#[sqlx(type_name = "text", rename_all = "snake_case")]
 pub enum Reason {
     Released,
     Unreferenced,
@@ -72,14 +73,6 @@ impl Reason {
             Self::Released => "released",
             Self::Unreferenced => "unreferenced",
             Self::AppDeleted => "app_deleted",
-        }
-    }
-
-    fn parse(text: &str) -> Self {
-        match text {
-            "released" => Self::Released,
-            "app_deleted" => Self::AppDeleted,
-            _ => Self::Unreferenced,
         }
     }
 }
@@ -218,7 +211,7 @@ async fn candidates<'e>(
                s.pinned_manifest AS "manifest!",
                CASE WHEN d.app_guid IS NOT NULL THEN 'app_deleted'
                     WHEN s.released_at <= now() - make_interval(secs => $1) THEN 'released'
-                    ELSE 'unreferenced' END AS "reason!"
+                    ELSE 'unreferenced' END AS "reason!: Reason"
            FROM stagings s LEFT JOIN deleted_apps d ON d.app_guid = s.app_guid
            WHERE s.state = 'succeeded' AND s.pruned_at IS NULL
              AND ($2::uuid IS NULL OR s.app_guid = $2)
@@ -238,7 +231,7 @@ async fn candidates<'e>(
             app_guid: row.app_guid,
             pinned_image: row.pinned_image,
             manifest: row.manifest,
-            reason: Reason::parse(&row.reason),
+            reason: row.reason,
         })
         .collect())
 }

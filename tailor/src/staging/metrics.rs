@@ -8,7 +8,7 @@
 
 use sqlx::PgPool;
 
-use super::StagingState;
+use super::{StagingState, Waiting};
 
 /// Histogram bounds for copy durations, in seconds (the `buckets` array of
 /// `staging_success_totals` has one count per bound, in this order).
@@ -27,7 +27,7 @@ pub struct Snapshot {
     pub duration_sum_seconds: f64,
     pub callbacks_pending: i64,
     /// Queued stagings by what they wait for (`retry`, `rate_limit`, `maintenance`).
-    pub waiting: Vec<(String, i64)>,
+    pub waiting: Vec<(Waiting, i64)>,
     /// Registries the fleet is leaving alone now, with the seconds left.
     pub rate_limited: Vec<(String, f64)>,
     /// 429s met per registry, ever.
@@ -108,7 +108,7 @@ pub async fn snapshot(pool: &PgPool) -> Result<Snapshot, sqlx::Error> {
         .fetch_one(pool)
         .await?;
     let waiting = sqlx::query!(
-        r#"SELECT waiting_for AS "waiting_for!", count(*) AS "n!" FROM stagings
+        r#"SELECT waiting_for AS "waiting_for!: Waiting", count(*) AS "n!" FROM stagings
            WHERE state = 'queued' AND waiting_for IS NOT NULL GROUP BY waiting_for"#,
     )
     .fetch_all(pool)

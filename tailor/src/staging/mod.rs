@@ -69,7 +69,8 @@ impl StagingState {
 }
 
 /// Which API a staging came through: it decides the completion callback's shape.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type)]
+#[sqlx(type_name = "text", rename_all = "lowercase")]
 pub enum Api {
     /// `POST /stage`: the callback receives the staging's JSON.
     Stage,
@@ -82,6 +83,31 @@ impl Api {
         match self {
             Self::Stage => "stage",
             Self::Diego => "diego",
+        }
+    }
+}
+
+/// Why a queued staging is waiting to run again (its `waiting_for`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type, serde::Serialize)]
+#[sqlx(type_name = "text", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
+pub enum Waiting {
+    /// Backing off after a transient failure.
+    Retry,
+    /// Its source registry's rate-limit budget.
+    RateLimit,
+    /// The internal registry's maintenance window (or the pruner in its repository).
+    Maintenance,
+}
+
+impl Waiting {
+    pub const ALL: [Waiting; 3] = [Self::Retry, Self::RateLimit, Self::Maintenance];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Retry => "retry",
+            Self::RateLimit => "rate_limit",
+            Self::Maintenance => "maintenance",
         }
     }
 }
@@ -149,7 +175,7 @@ pub struct Staging {
     pub app_guid: Uuid,
     pub source_image: String,
     pub platform: String,
-    pub api: String,
+    pub api: Api,
     pub completion_callback: Option<String>,
     pub state: StagingState,
     pub attempts: i32,
@@ -183,7 +209,7 @@ pub struct Staging {
     /// credentials name (one tenant's exhausted quota is not everyone's).
     pub budget_key: String,
     pub run_after: DateTime<Utc>,
-    pub waiting_for: Option<String>,
+    pub waiting_for: Option<Waiting>,
     pub workers_lost: i32,
 }
 
@@ -238,7 +264,7 @@ impl Staging {
 
     /// The body POSTed to the completion callback when the staging ends.
     pub fn callback_payload(&self) -> Value {
-        if self.api != Api::Diego.as_str() {
+        if self.api != Api::Diego {
             return self.to_json();
         }
         match self.state {

@@ -275,29 +275,7 @@ async fn record_objects(
     Ok(())
 }
 
-/// Why a staging goes back to the queue.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Waiting {
-    /// Backing off after a transient failure.
-    Retry,
-    /// Its source registry's rate-limit budget.
-    RateLimit,
-    /// The internal registry's maintenance window (or the pruner in its repository).
-    Maintenance,
-    /// Nothing to wait for: handed back (a worker shutting down).
-    Nothing,
-}
-
-impl Waiting {
-    fn as_db(self) -> Option<&'static str> {
-        match self {
-            Self::Retry => Some("retry"),
-            Self::RateLimit => Some("rate_limit"),
-            Self::Maintenance => Some("maintenance"),
-            Self::Nothing => None,
-        }
-    }
-}
+pub use super::Waiting;
 
 /// How a staging goes back to the queue.
 #[derive(Debug, Clone, PartialEq)]
@@ -305,7 +283,8 @@ pub struct Requeue {
     pub after: Duration,
     /// Whether the attempt counts against `TAILOR_MAX_ATTEMPTS`.
     pub counts: bool,
-    pub waiting: Waiting,
+    /// What it waits for; `None` when it is merely handed back (a worker shutting down).
+    pub waiting: Option<Waiting>,
     /// Shown while it waits (`code: message`).
     pub last_error: Option<String>,
 }
@@ -331,7 +310,7 @@ pub async fn requeue(
             .as_deref()
             .map(|e| store_safe(e).into_owned()),
         requeue.counts,
-        requeue.waiting.as_db(),
+        requeue.waiting as Option<Waiting>,
     )
     .execute(pool)
     .await?;

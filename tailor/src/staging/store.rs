@@ -3,7 +3,7 @@
 use sqlx::{PgExecutor, PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
-use super::{NewStaging, Staging, StagingState};
+use super::{Api, NewStaging, Staging, StagingState, Waiting};
 use crate::secrets::CredentialsKey;
 
 /// The channel workers LISTEN on for new work.
@@ -62,7 +62,7 @@ pub async fn create(
         new.platform.to_string(),
         &fingerprint,
         new.completion_callback.as_deref(),
-        new.api.as_str(),
+        new.api as Api,
         sealed,
         new.timeout.as_secs_f64(),
         new.budget_key(),
@@ -107,14 +107,14 @@ pub(crate) async fn read<'e>(
 ) -> Result<Vec<Staging>, sqlx::Error> {
     sqlx::query_as!(
         Staging,
-        r#"SELECT staging_guid, app_guid, source_image, platform, api, completion_callback,
+        r#"SELECT staging_guid, app_guid, source_image, platform, api AS "api: Api", completion_callback,
                state AS "state: StagingState", attempts, cancel_requested, error_code,
                error_message, last_error, source_digest, pinned_image, tagged_image, bytes_total,
                bytes_done, bytes_copied, bytes_mounted, bytes_skipped, blobs_copied,
                blobs_mounted, blobs_skipped, start_command, execution_metadata, created_at,
                updated_at, started_at, finished_at, released_at, unreferenced_at, pruned_at,
                deadline_at, source_registry AS "source_registry!", budget_key, run_after,
-               waiting_for, workers_lost
+               waiting_for AS "waiting_for: Waiting", workers_lost
            FROM stagings WHERE staging_guid = ANY($1) ORDER BY created_at DESC"#,
         guids
     )

@@ -92,7 +92,7 @@ pub fn decide(attempt: Attempt<'_>, c: &Circumstances) -> Next {
         Attempt::Stopped(StopReason::Draining) => Next::Requeue(Requeue {
             after: Duration::ZERO,
             counts: false,
-            waiting: Waiting::Nothing,
+            waiting: None,
             last_error: None,
         }),
         Attempt::Stopped(StopReason::Deadline) => Next::Fail {
@@ -174,7 +174,7 @@ fn failed(error: &CopyError, c: &Circumstances) -> Next {
     Next::Requeue(Requeue {
         after,
         counts: true,
-        waiting: Waiting::Retry,
+        waiting: Some(Waiting::Retry),
         last_error: Some(described),
     })
 }
@@ -194,7 +194,7 @@ fn wait(after: Duration, waiting: Waiting, why: String, c: &Circumstances) -> Ne
     Next::Requeue(Requeue {
         after,
         counts: false,
-        waiting,
+        waiting: Some(waiting),
         last_error: Some(why),
     })
 }
@@ -253,7 +253,7 @@ mod tests {
         };
         assert_eq!(requeue.after, Duration::from_secs(15));
         assert!(requeue.counts);
-        assert_eq!(requeue.waiting, Waiting::Retry);
+        assert_eq!(requeue.waiting, Some(Waiting::Retry));
         assert!(
             requeue
                 .last_error
@@ -299,7 +299,7 @@ mod tests {
         };
         assert_eq!(
             (requeue.after, requeue.counts, requeue.waiting),
-            (Duration::from_secs(30), false, Waiting::RateLimit)
+            (Duration::from_secs(30), false, Some(Waiting::RateLimit))
         );
         let unavailable = CopyError::Source(RegistryError::Unavailable {
             registry: "hub".into(),
@@ -348,7 +348,7 @@ mod tests {
         };
         assert_eq!(
             (requeue.after, requeue.counts, requeue.waiting),
-            (Duration::from_secs(15), false, Waiting::Maintenance)
+            (Duration::from_secs(15), false, Some(Waiting::Maintenance))
         );
         let Next::Requeue(requeue) =
             decide(Attempt::Stopped(StopReason::Draining), &circumstances())
@@ -357,7 +357,7 @@ mod tests {
         };
         assert_eq!(
             (requeue.after, requeue.counts, requeue.waiting),
-            (Duration::ZERO, false, Waiting::Nothing)
+            (Duration::ZERO, false, None)
         );
     }
 
