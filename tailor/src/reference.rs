@@ -3,6 +3,13 @@
 //! The grammar is the distribution project's, with Docker's defaults: `redis` means
 //! `docker.io/library/redis:latest`, and `docker.io` is served from `registry-1.docker.io`.
 //! A first path component is a registry host when it contains `.` or `:` or is `localhost`.
+//!
+//! Why not `oci_spec::distribution::Reference` (which `oci-client` re-exports): a reference is
+//! hostile input from a tenant, and the API answers a bad one with exactly what is wrong. That
+//! type's errors name only a class ("invalid reference format", "invalid tag format"), not the
+//! part or the limit, and it resolves `docker.io` to `index.docker.io`, the legacy name that
+//! answers the distribution API only through redirects, where tailor speaks to
+//! `registry-1.docker.io` directly. The grammar is the same; the tests below pin it.
 
 use std::fmt;
 

@@ -7,9 +7,9 @@ use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, web};
 use serde::Deserialize;
 use tailor::registry::Credentials;
-use tailor::staging::Api;
+use tailor::staging::{Api, Requested};
 
-use super::stage::{Requested, accept, body_guid, new_staging, path_guid, stop_staging};
+use super::stage::{accept, body_guid, new_staging, path_guid, stop_staging};
 use crate::auth::Authenticated;
 use crate::error::ApiError;
 use crate::state::AppState;

@@ -4,12 +4,9 @@ use actix_web::http::StatusCode;
 use actix_web::http::header::LOCATION;
 use actix_web::{HttpResponse, web};
 use serde::Deserialize;
-use tailor::egress::Purpose;
-use tailor::platform::Platform;
-use tailor::reference::ImageReference;
 use tailor::registry::Credentials;
 use tailor::staging::store::{self, Created, Stopped, StoreError};
-use tailor::staging::{Api, NewStaging};
+use tailor::staging::{Api, NewStaging, Requested, Rules};
 use uuid::Uuid;
 
 use crate::auth::Authenticated;
@@ -60,119 +57,16 @@ pub fn path_guid(field: &str, value: &str) -> Result<Uuid, ApiError> {
     })
 }
 
-/// A staging request as it arrived, whichever API it came through.
-pub struct Requested<'a> {
-    pub staging_guid: Uuid,
-    pub app_guid: Uuid,
-    pub image: &'a str,
-    pub platform: Option<&'a str>,
-    pub credentials: Option<Credentials>,
-    pub completion_callback: Option<String>,
-    pub api: Api,
-    /// The caller's deadline for it (the Diego request's `timeout`); the setting otherwise.
-    pub timeout: Option<std::time::Duration>,
-}
-
-/// The longest deadline a caller may ask for.
-const MAX_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
-
-/// Validates everything a staging needs, refusing at once what the egress policy obviously
-/// denies (an image on a loopback or metadata address, the internal registry, a callback to
-/// tailor itself); what only name resolution reveals fails the staging later with the same code.
+/// Parses a staging request under this stager's rules (422 with the rule's code when it breaks one).
 pub fn new_staging(state: &AppState, requested: Requested<'_>) -> Result<NewStaging, ApiError> {
-    let image = ImageReference::parse_with_default(requested.image, &state.tailor.default_registry)
-        .map_err(|e| unprocessable("INVALID_REFERENCE", e.to_string()))?;
-    let default_port = if state
-        .registries
-        .is_insecure(&image.registry, image.endpoint())
-    {
-        80
-    } else {
-        443
+    let rules = Rules {
+        egress: &state.egress,
+        registries: &state.registries,
+        default_registry: &state.tailor.default_registry,
+        accepts_credentials: state.credentials_key.is_some(),
+        default_timeout: state.tailor.staging_timeout,
     };
-    state
-        .egress
-        .check_literal(image.endpoint(), default_port, Purpose::Source)
-        .map_err(|denied| unprocessable(denied.code(), format!("image {image}: {denied}")))?;
-    let platform = match requested.platform {
-        Some(text) => {
-            Platform::parse(text).map_err(|e| unprocessable("INVALID_PLATFORM", e.to_string()))?
-        }
-        None => Platform::default(),
-    };
-    if let Some(url) = &requested.completion_callback {
-        check_callback(state, url)?;
-    }
-    if let Some(credentials) = &requested.credentials
-        && (credentials.username.is_empty() || credentials.password.expose().is_empty())
-    {
-        return Err(unprocessable(
-            "INVALID_CREDENTIALS",
-            "credentials need a non-empty username and password",
-        ));
-    }
-    if requested.credentials.is_some() && state.credentials_key.is_none() {
-        return Err(unprocessable(
-            "CREDENTIALS_NOT_ACCEPTED",
-            "this stager has no TAILOR_CREDENTIALS_KEY, so it cannot hold credentials",
-        ));
-    }
-    let timeout = match requested.timeout {
-        Some(timeout) if timeout.is_zero() || timeout > MAX_TIMEOUT => {
-            return Err(unprocessable(
-                "INVALID_TIMEOUT",
-                format!(
-                    "timeout must be between 1 and {} seconds",
-                    MAX_TIMEOUT.as_secs()
-                ),
-            ));
-        }
-        Some(timeout) => timeout,
-        None => state.tailor.staging_timeout,
-    };
-    Ok(NewStaging {
-        staging_guid: requested.staging_guid,
-        app_guid: requested.app_guid,
-        image,
-        platform,
-        credentials: requested.credentials,
-        completion_callback: requested.completion_callback,
-        api: requested.api,
-        timeout,
-    })
-}
-
-/// A completion callback must be an http(s) URL with a host the egress policy does not
-/// obviously deny.
-fn check_callback(state: &AppState, url: &str) -> Result<(), ApiError> {
-    let parsed = reqwest::Url::parse(url).map_err(|e| {
-        unprocessable(
-            "INVALID_CALLBACK",
-            format!("completion_callback {url:?} is not a URL: {e}"),
-        )
-    })?;
-    let (Some(host), Some(port)) = (parsed.host_str(), parsed.port_or_known_default()) else {
-        return Err(unprocessable(
-            "INVALID_CALLBACK",
-            "completion_callback must be an http(s) URL with a host",
-        ));
-    };
-    if !matches!(parsed.scheme(), "http" | "https") {
-        return Err(unprocessable(
-            "INVALID_CALLBACK",
-            "completion_callback must be an http(s) URL with a host",
-        ));
-    }
-    if !parsed.username().is_empty() || parsed.password().is_some() {
-        return Err(unprocessable(
-            "INVALID_CALLBACK",
-            "completion_callback must not carry credentials in its URL",
-        ));
-    }
-    state
-        .egress
-        .check_literal(&format!("{host}:{port}"), port, Purpose::Callback)
-        .map_err(|denied| unprocessable("EGRESS_DENIED", format!("completion_callback: {denied}")))
+    NewStaging::parse(requested, &rules).map_err(|e| unprocessable(e.code(), e.to_string()))
 }
 
 /// Stores `new` and answers 202 with the staging (the same one again for a repeated request).

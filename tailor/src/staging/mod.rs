@@ -1,6 +1,8 @@
 //! Stagings: the domain record of "make this image available for this app", and the
 //! PostgreSQL-backed queue that workers take them from.
 //!
+//! - [`request`]: [`NewStaging::parse`], every rule a staging request must meet, whichever
+//!   API it came through.
 //! - [`store`]: creating, reading, cancelling and releasing stagings (what the API does).
 //! - [`queue`]: claiming with `FOR UPDATE SKIP LOCKED`, leases on stagings, finishing,
 //!   requeueing, deadlines (what workers do); a staging's end and its callback are one
@@ -28,17 +30,15 @@ pub mod metrics;
 pub mod notify;
 pub mod queue;
 pub mod references;
+pub mod request;
 pub mod store;
 pub mod worker;
 
+pub use request::{InvalidRequest, NewStaging, Requested, Rules};
+
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
 use uuid::Uuid;
-
-use crate::platform::Platform;
-use crate::reference::ImageReference;
-use crate::registry::Credentials;
 
 /// Where a staging is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type, serde::Serialize)]
@@ -109,62 +109,6 @@ impl Waiting {
             Self::RateLimit => "rate_limit",
             Self::Maintenance => "maintenance",
         }
-    }
-}
-
-/// A validated staging request.
-#[derive(Debug, Clone)]
-pub struct NewStaging {
-    pub staging_guid: Uuid,
-    pub app_guid: Uuid,
-    pub image: ImageReference,
-    pub platform: Platform,
-    pub credentials: Option<Credentials>,
-    pub completion_callback: Option<String>,
-    pub api: Api,
-    /// How long the staging may take from now, queue time included.
-    pub timeout: std::time::Duration,
-}
-
-impl NewStaging {
-    /// Whose rate-limit budget the staging spends: anonymous pulls share the registry's (the
-    /// fleet's addresses are what it counts), pulls with credentials their account's, so one
-    /// tenant's exhausted quota blocks only that tenant. The account is named by a hash, so
-    /// no user name reaches metrics or logs through it.
-    pub fn budget_key(&self) -> String {
-        match &self.credentials {
-            None => self.image.registry.clone(),
-            Some(credentials) => {
-                let account = Sha256::new()
-                    .chain_update(b"tailor-budget\0")
-                    .chain_update(self.image.registry.as_bytes())
-                    .chain_update(b"\0")
-                    .chain_update(credentials.username.as_bytes())
-                    .finalize();
-                format!("{}#{}", self.image.registry, &hex::encode(account)[..16])
-            }
-        }
-    }
-
-    /// What makes two requests "the same" for idempotency. The password is left out: a hash
-    /// of it at rest would be a way to guess it.
-    pub fn fingerprint(&self) -> Vec<u8> {
-        let mut hasher = Sha256::new();
-        for part in [
-            self.app_guid.to_string(),
-            self.image.to_string(),
-            self.platform.to_string(),
-            self.completion_callback.clone().unwrap_or_default(),
-            self.api.as_str().to_owned(),
-            self.credentials
-                .as_ref()
-                .map(|c| c.username.clone())
-                .unwrap_or_default(),
-        ] {
-            hasher.update(part.len().to_le_bytes());
-            hasher.update(part.as_bytes());
-        }
-        hasher.finalize().to_vec()
     }
 }
 

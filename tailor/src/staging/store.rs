@@ -44,7 +44,7 @@ pub async fn create(
     new: &NewStaging,
     key: Option<&CredentialsKey>,
 ) -> Result<Created, StoreError> {
-    let sealed = match (&new.credentials, key) {
+    let sealed = match (new.credentials(), key) {
         (None, _) => None,
         (Some(credentials), Some(key)) => Some(key.encrypt(credentials)),
         (Some(_), None) => return Err(StoreError::NoCredentialsKey),
@@ -56,24 +56,27 @@ pub async fn create(
          completion_callback, api, encrypted_credentials, deadline_at, budget_key) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now() + make_interval(secs => $9), $10) \
          ON CONFLICT (staging_guid) DO NOTHING RETURNING staging_guid",
-        new.staging_guid,
-        new.app_guid,
-        new.image.to_string(),
-        new.platform.to_string(),
+        new.staging_guid(),
+        new.app_guid(),
+        new.image().to_string(),
+        new.platform().to_string(),
         &fingerprint,
-        new.completion_callback.as_deref(),
-        new.api as Api,
+        new.completion_callback(),
+        new.api() as Api,
         sealed,
-        new.timeout.as_secs_f64(),
+        new.timeout().as_secs_f64(),
         new.budget_key(),
     )
     .fetch_optional(&mut *tx)
     .await?;
     if let Some(staging_guid) = inserted {
         // A new staging means the app is alive, even if it was deleted once.
-        sqlx::query!("DELETE FROM deleted_apps WHERE app_guid = $1", new.app_guid)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query!(
+            "DELETE FROM deleted_apps WHERE app_guid = $1",
+            new.app_guid()
+        )
+        .execute(&mut *tx)
+        .await?;
         notify(&mut *tx, NEW_WORK_CHANNEL, staging_guid).await?;
         let staging = read_one(&mut *tx, staging_guid)
             .await?
@@ -83,17 +86,17 @@ pub async fn create(
     }
     let existing_fingerprint = sqlx::query_scalar!(
         "SELECT request_fingerprint FROM stagings WHERE staging_guid = $1",
-        new.staging_guid
+        new.staging_guid()
     )
     .fetch_one(&mut *tx)
     .await?;
     tx.commit().await?;
     if existing_fingerprint != fingerprint {
-        return Err(StoreError::Conflict(new.staging_guid));
+        return Err(StoreError::Conflict(new.staging_guid()));
     }
-    let existing = get(pool, new.staging_guid)
+    let existing = get(pool, new.staging_guid())
         .await?
-        .ok_or(StoreError::Conflict(new.staging_guid))?;
+        .ok_or(StoreError::Conflict(new.staging_guid()))?;
     Ok(Created::Existing(existing))
 }
 

@@ -1,0 +1,407 @@
+//! A staging request, parsed: [`NewStaging::parse`] owns every rule a request must meet before
+//! it is stored, whichever API it came through (`POST /stage`, the Diego stager's `PUT`), and
+//! a [`NewStaging`] cannot be made any other way.
+
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use super::Api;
+use crate::egress::{Egress, Purpose};
+use crate::platform::Platform;
+use crate::reference::ImageReference;
+use crate::registry::{Credentials, Registries};
+
+/// The longest deadline a caller may ask for.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
+/// A staging request as it arrived, whichever API it came through.
+pub struct Requested<'a> {
+    pub staging_guid: Uuid,
+    pub app_guid: Uuid,
+    pub image: &'a str,
+    pub platform: Option<&'a str>,
+    pub credentials: Option<Credentials>,
+    pub completion_callback: Option<String>,
+    pub api: Api,
+    /// The caller's deadline for it (the Diego request's `timeout`); the setting otherwise.
+    pub timeout: Option<Duration>,
+}
+
+/// What this stager's configuration says a request may be.
+pub struct Rules<'a> {
+    pub egress: &'a Egress,
+    /// Which registries are plain HTTP (port 80 by default).
+    pub registries: &'a Registries,
+    /// The registry of a reference that names none (`redis`).
+    pub default_registry: &'a str,
+    /// Whether this stager can hold credentials (it has `TAILOR_CREDENTIALS_KEY`).
+    pub accepts_credentials: bool,
+    /// The deadline of a staging whose caller names none.
+    pub default_timeout: Duration,
+}
+
+/// Why a request cannot be a staging: a stable code and a message saying exactly what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct InvalidRequest {
+    code: &'static str,
+    message: String,
+}
+
+impl InvalidRequest {
+    fn new(code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        self.code
+    }
+}
+
+/// A staging request that met every rule ([`NewStaging::parse`]); the only way to make one.
+#[derive(Debug, Clone)]
+pub struct NewStaging {
+    staging_guid: Uuid,
+    app_guid: Uuid,
+    image: ImageReference,
+    platform: Platform,
+    credentials: Option<Credentials>,
+    completion_callback: Option<String>,
+    api: Api,
+    /// How long the staging may take from now, queue time included.
+    timeout: Duration,
+}
+
+impl NewStaging {
+    /// Checks everything a staging needs, refusing at once what the egress policy obviously
+    /// denies (an image on a loopback or metadata address, the internal registry, a callback
+    /// to tailor itself); what only name resolution reveals fails the staging later, with the
+    /// same code.
+    pub fn parse(requested: Requested<'_>, rules: &Rules<'_>) -> Result<Self, InvalidRequest> {
+        let image = ImageReference::parse_with_default(requested.image, rules.default_registry)
+            .map_err(|e| InvalidRequest::new("INVALID_REFERENCE", e.to_string()))?;
+        let default_port = if rules
+            .registries
+            .is_insecure(&image.registry, image.endpoint())
+        {
+            80
+        } else {
+            443
+        };
+        rules
+            .egress
+            .check_literal(image.endpoint(), default_port, Purpose::Source)
+            .map_err(|denied| {
+                InvalidRequest::new(denied.code(), format!("image {image}: {denied}"))
+            })?;
+        let platform = match requested.platform {
+            Some(text) => Platform::parse(text)
+                .map_err(|e| InvalidRequest::new("INVALID_PLATFORM", e.to_string()))?,
+            None => Platform::default(),
+        };
+        if let Some(url) = &requested.completion_callback {
+            check_callback(rules.egress, url)?;
+        }
+        if let Some(credentials) = &requested.credentials
+            && (credentials.username.is_empty() || credentials.password.expose().is_empty())
+        {
+            return Err(InvalidRequest::new(
+                "INVALID_CREDENTIALS",
+                "credentials need a non-empty username and password",
+            ));
+        }
+        if requested.credentials.is_some() && !rules.accepts_credentials {
+            return Err(InvalidRequest::new(
+                "CREDENTIALS_NOT_ACCEPTED",
+                "this stager has no TAILOR_CREDENTIALS_KEY, so it cannot hold credentials",
+            ));
+        }
+        let timeout = match requested.timeout {
+            Some(timeout) if timeout.is_zero() || timeout > MAX_TIMEOUT => {
+                return Err(InvalidRequest::new(
+                    "INVALID_TIMEOUT",
+                    format!(
+                        "timeout must be between 1 and {} seconds",
+                        MAX_TIMEOUT.as_secs()
+                    ),
+                ));
+            }
+            Some(timeout) => timeout,
+            None => rules.default_timeout,
+        };
+        Ok(Self {
+            staging_guid: requested.staging_guid,
+            app_guid: requested.app_guid,
+            image,
+            platform,
+            credentials: requested.credentials,
+            completion_callback: requested.completion_callback,
+            api: requested.api,
+            timeout,
+        })
+    }
+
+    pub fn staging_guid(&self) -> Uuid {
+        self.staging_guid
+    }
+
+    pub fn app_guid(&self) -> Uuid {
+        self.app_guid
+    }
+
+    pub fn image(&self) -> &ImageReference {
+        &self.image
+    }
+
+    pub fn platform(&self) -> &Platform {
+        &self.platform
+    }
+
+    pub fn credentials(&self) -> Option<&Credentials> {
+        self.credentials.as_ref()
+    }
+
+    pub fn completion_callback(&self) -> Option<&str> {
+        self.completion_callback.as_deref()
+    }
+
+    pub fn api(&self) -> Api {
+        self.api
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Whose rate-limit budget the staging spends: anonymous pulls share the registry's (the
+    /// fleet's addresses are what it counts), pulls with credentials their account's, so one
+    /// tenant's exhausted quota blocks only that tenant. The account is named by a hash, so
+    /// no user name reaches metrics or logs through it.
+    pub fn budget_key(&self) -> String {
+        match &self.credentials {
+            None => self.image.registry.clone(),
+            Some(credentials) => {
+                let account = Sha256::new()
+                    .chain_update(b"tailor-budget\0")
+                    .chain_update(self.image.registry.as_bytes())
+                    .chain_update(b"\0")
+                    .chain_update(credentials.username.as_bytes())
+                    .finalize();
+                format!("{}#{}", self.image.registry, &hex::encode(account)[..16])
+            }
+        }
+    }
+
+    /// What makes two requests "the same" for idempotency. The password is left out: a hash
+    /// of it at rest would be a way to guess it.
+    pub fn fingerprint(&self) -> Vec<u8> {
+        let mut hasher = Sha256::new();
+        for part in [
+            self.app_guid.to_string(),
+            self.image.to_string(),
+            self.platform.to_string(),
+            self.completion_callback.clone().unwrap_or_default(),
+            self.api.as_str().to_owned(),
+            self.credentials
+                .as_ref()
+                .map(|c| c.username.clone())
+                .unwrap_or_default(),
+        ] {
+            hasher.update(part.len().to_le_bytes());
+            hasher.update(part.as_bytes());
+        }
+        hasher.finalize().to_vec()
+    }
+}
+
+/// A completion callback must be an http(s) URL, without credentials, to a host the egress
+/// policy does not obviously deny.
+fn check_callback(egress: &Egress, url: &str) -> Result<(), InvalidRequest> {
+    let invalid = |message: String| InvalidRequest::new("INVALID_CALLBACK", message);
+    let parsed = reqwest::Url::parse(url)
+        .map_err(|e| invalid(format!("completion_callback {url:?} is not a URL: {e}")))?;
+    let (Some(host), Some(port)) = (parsed.host_str(), parsed.port_or_known_default()) else {
+        return Err(invalid(
+            "completion_callback must be an http(s) URL with a host".into(),
+        ));
+    };
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(invalid(
+            "completion_callback must be an http(s) URL with a host".into(),
+        ));
+    }
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err(invalid(
+            "completion_callback must not carry credentials in its URL".into(),
+        ));
+    }
+    egress
+        .check_literal(&format!("{host}:{port}"), port, Purpose::Callback)
+        .map_err(|denied| {
+            InvalidRequest::new("EGRESS_DENIED", format!("completion_callback: {denied}"))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::egress::EgressPolicy;
+    use crate::registry::Limits;
+
+    struct Stager {
+        egress: Arc<Egress>,
+        registries: Registries,
+    }
+
+    /// A stager with the default egress policy (loopback, private and metadata addresses denied).
+    fn stager() -> Stager {
+        let egress = Egress::new(EgressPolicy::new(Vec::new(), Vec::new()));
+        let registries =
+            Registries::new(Vec::<String>::new(), egress.clone(), Limits::default(), &[]).unwrap();
+        Stager { egress, registries }
+    }
+
+    fn rules(stager: &Stager, accepts_credentials: bool) -> Rules<'_> {
+        Rules {
+            egress: &stager.egress,
+            registries: &stager.registries,
+            default_registry: "docker.io",
+            accepts_credentials,
+            default_timeout: Duration::from_secs(900),
+        }
+    }
+
+    fn requested(image: &str) -> Requested<'_> {
+        Requested {
+            staging_guid: Uuid::new_v4(),
+            app_guid: Uuid::new_v4(),
+            image,
+            platform: None,
+            credentials: None,
+            completion_callback: None,
+            api: Api::Stage,
+            timeout: None,
+        }
+    }
+
+    #[test]
+    fn a_bare_name_gets_the_default_registry_platform_and_deadline() {
+        let stager = stager();
+        let new = NewStaging::parse(requested("redis"), &rules(&stager, false)).unwrap();
+        assert_eq!(new.image().to_string(), "docker.io/library/redis");
+        assert_eq!(new.platform().to_string(), "linux/amd64");
+        assert_eq!(new.timeout(), Duration::from_secs(900));
+        assert_eq!(new.completion_callback(), None);
+    }
+
+    #[test]
+    fn each_broken_rule_answers_with_its_own_code_and_never_the_password() {
+        let stager = stager();
+        let with = |change: &dyn Fn(&mut Requested<'static>)| {
+            let mut request = requested("registry.example.com/team/app:v1");
+            change(&mut request);
+            request
+        };
+        let credentials = |username: &str, password: &str| {
+            Some(Credentials::new(username.to_owned(), password.to_owned()))
+        };
+        let cases: Vec<(&str, Requested<'static>, bool, &str)> = vec![
+            (
+                "uppercase name",
+                requested("Team/App"),
+                false,
+                "INVALID_REFERENCE",
+            ),
+            (
+                "loopback image",
+                requested("127.0.0.1:5000/app"),
+                false,
+                "EGRESS_DENIED",
+            ),
+            (
+                "metadata image",
+                requested("169.254.169.254/app"),
+                false,
+                "EGRESS_DENIED",
+            ),
+            (
+                "unknown platform",
+                with(&|r| r.platform = Some("linux/amd64/v9/extra")),
+                false,
+                "INVALID_PLATFORM",
+            ),
+            (
+                "callback not http",
+                with(&|r| r.completion_callback = Some("ftp://cc.example.com/done".into())),
+                false,
+                "INVALID_CALLBACK",
+            ),
+            (
+                "callback not a URL",
+                with(&|r| r.completion_callback = Some("cc.example.com/done".into())),
+                false,
+                "INVALID_CALLBACK",
+            ),
+            (
+                "callback with credentials",
+                with(&|r| {
+                    r.completion_callback = Some("https://cc:hunter2@cc.example.com/done".into())
+                }),
+                false,
+                "INVALID_CALLBACK",
+            ),
+            (
+                "callback to loopback",
+                with(&|r| r.completion_callback = Some("http://127.0.0.1:9022/done".into())),
+                false,
+                "EGRESS_DENIED",
+            ),
+            (
+                "empty password",
+                with(&|r| r.credentials = credentials("robot", "")),
+                true,
+                "INVALID_CREDENTIALS",
+            ),
+            (
+                "credentials without a key",
+                with(&|r| r.credentials = credentials("robot", "hunter2")),
+                false,
+                "CREDENTIALS_NOT_ACCEPTED",
+            ),
+            (
+                "zero timeout",
+                with(&|r| r.timeout = Some(Duration::ZERO)),
+                false,
+                "INVALID_TIMEOUT",
+            ),
+            (
+                "timeout over a day",
+                with(&|r| r.timeout = Some(MAX_TIMEOUT + Duration::from_secs(1))),
+                false,
+                "INVALID_TIMEOUT",
+            ),
+        ];
+        for (what, request, accepts_credentials, code) in cases {
+            let error =
+                NewStaging::parse(request, &rules(&stager, accepts_credentials)).expect_err(what);
+            assert_eq!(error.code(), code, "{what}: {error}");
+            assert!(!error.to_string().contains("hunter2"), "{what}: {error}");
+        }
+        // The same request with everything right is accepted.
+        let fine = with(&|r| {
+            r.credentials = credentials("robot", "hunter2");
+            r.completion_callback = Some("https://cc.example.com/done".into());
+            r.timeout = Some(MAX_TIMEOUT);
+        });
+        let new = NewStaging::parse(fine, &rules(&stager, true)).unwrap();
+        assert_eq!(new.timeout(), MAX_TIMEOUT);
+        assert_eq!(new.credentials().unwrap().username, "robot");
+    }
+}
