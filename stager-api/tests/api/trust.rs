@@ -529,9 +529,17 @@ async fn nul_bytes_and_newlines_from_upstreams_never_lose_an_outcome() {
                 "sh -c set -e\necho ready"
             );
         } else {
+            // A 500 is retried until no retry fits before the deadline; on a loaded machine an
+            // attempt may still be running when the deadline comes, and the staging then ends
+            // as TIMEOUT, naming the same last error. Either way the outcome is not lost.
+            let timed_out_on_it = error_code(&done) == "TIMEOUT"
+                && done["error"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains(&format!("last error: {code}")));
+            let code = if timed_out_on_it { "TIMEOUT" } else { *code };
             assert_eq!(
                 (done["state"].as_str(), error_code(&done)),
-                (Some("failed"), *code),
+                (Some("failed"), code),
                 "{repository}: {done}"
             );
             assert_clean(repository, done["error"]["message"].as_str().unwrap());

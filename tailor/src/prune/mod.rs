@@ -185,7 +185,7 @@ impl PruneError {
 struct Candidate {
     staging_guid: Uuid,
     app_guid: Uuid,
-    pinned_image: String,
+    pinned_image: ImageReference,
     /// `<repository>@<digest>`: the manifest revision, whatever host name the pinned
     /// reference was written with (the `pinned_manifest` column).
     manifest: String,
@@ -207,7 +207,7 @@ async fn candidates<'e>(
                SELECT DISTINCT ON (app_guid) staging_guid FROM stagings
                WHERE state = 'succeeded' AND ($2::uuid IS NULL OR app_guid = $2)
                ORDER BY app_guid, finished_at DESC, created_at DESC)
-           SELECT s.staging_guid, s.app_guid, s.pinned_image AS "pinned_image!",
+           SELECT s.staging_guid, s.app_guid, s.pinned_image AS "pinned_image!: ImageReference",
                s.pinned_manifest AS "manifest!",
                CASE WHEN d.app_guid IS NOT NULL THEN 'app_deleted'
                     WHEN s.released_at <= now() - make_interval(secs => $1) THEN 'released'
@@ -465,8 +465,7 @@ impl Run<'_> {
 
     /// The repository of a candidate's pinned image, which must be in the internal registry.
     fn repository_of(&self, candidate: &Candidate) -> Result<String, String> {
-        let reference = ImageReference::parse(&candidate.pinned_image)
-            .map_err(|e| format!("staging {}: {e}", candidate.staging_guid))?;
+        let reference = &candidate.pinned_image;
         if reference.registry != self.internal.name() {
             return Err(format!(
                 "staging {} is pinned to {}, outside the internal registry {}; not pruning it",
@@ -475,7 +474,7 @@ impl Run<'_> {
                 self.internal.name()
             ));
         }
-        Ok(reference.repository)
+        Ok(reference.repository.clone())
     }
 
     fn decide(
@@ -489,7 +488,7 @@ impl Run<'_> {
             app_guid: candidate.app_guid,
             staging_guid: candidate.staging_guid,
             repository: repository.to_owned(),
-            digest: digest_of(&candidate.pinned_image).to_owned(),
+            digest: pinned_digest(&candidate.pinned_image).to_owned(),
             reason: candidate.reason,
             action,
             detail,
@@ -583,7 +582,7 @@ impl Run<'_> {
         let repo = self.internal.repository(repository);
         for (stagings, intents) in to_delete {
             let refs: Vec<&Candidate> = stagings.iter().collect();
-            let digest = digest_of(&stagings[0].pinned_image).to_owned();
+            let digest = pinned_digest(&stagings[0].pinned_image).to_owned();
             // The lease is renewed by the run; a lapse (the database unreachable for a minute)
             // means a staging may have started here: leave the manifest for the next run.
             let still_held = self
@@ -640,7 +639,7 @@ async fn audit_intent(
     let reasons: Vec<&str> = stagings.iter().map(|c| c.reason.as_str()).collect();
     sqlx::query_scalar!("INSERT INTO prune_audit (run_id, staging_guid, app_guid, repository, manifest_digest, reason, action) \
          SELECT $1, g, a, $2, $3, r, 'deleting' FROM unnest($4::uuid[], $5::uuid[], $6::text[]) AS u(g, a, r) \
-         RETURNING id", run_id, repository, digest_of(&stagings[0].pinned_image), &guids, &apps, &reasons as &[&str])
+         RETURNING id", run_id, repository, pinned_digest(&stagings[0].pinned_image), &guids, &apps, &reasons as &[&str])
     .fetch_all(&mut **tx)
     .await
 }
@@ -698,10 +697,10 @@ async fn record(
     Ok(())
 }
 
-fn digest_of(pinned_image: &str) -> &str {
-    pinned_image
-        .rsplit_once('@')
-        .map_or(pinned_image, |(_, d)| d)
+/// The manifest digest a candidate is pinned to (`candidates` reads only succeeded stagings,
+/// whose pinned reference always has one).
+fn pinned_digest(pinned_image: &ImageReference) -> &str {
+    pinned_image.digest.as_deref().unwrap_or_default()
 }
 
 /// Prune figures for `/metrics`, from the runs recorded in the database.
@@ -747,7 +746,7 @@ mod tests {
         Candidate {
             staging_guid: Uuid::new_v4(),
             app_guid: Uuid::nil(),
-            pinned_image: format!("registry.internal/{manifest}"),
+            pinned_image: ImageReference::parse(&format!("registry.internal/{manifest}")).unwrap(),
             manifest: manifest.to_owned(),
             reason: Reason::Released,
         }
@@ -759,11 +758,23 @@ mod tests {
 
     #[test]
     fn a_revision_goes_only_with_every_staging_pinned_to_it_and_nothing_live_on_it() {
-        let a1 = candidate("tailor/app@sha256:aaaa");
-        let a2 = candidate("tailor/app@sha256:aaaa");
-        let b = candidate("tailor/app@sha256:bbbb");
-        let c = candidate("tailor/app@sha256:cccc");
-        let shared: HashSet<String> = ["tailor/app@sha256:bbbb".to_owned()].into();
+        let a1 = candidate(
+            "tailor/app@sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+        );
+        let a2 = candidate(
+            "tailor/app@sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+        );
+        let b = candidate(
+            "tailor/app@sha256:bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb",
+        );
+        let c = candidate(
+            "tailor/app@sha256:cccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccc",
+        );
+        let shared: HashSet<String> = [
+            "tailor/app@sha256:bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb"
+                .to_owned(),
+        ]
+        .into();
 
         let judged = judge(vec![c.clone(), a1.clone(), b.clone(), a2.clone()], &shared);
 

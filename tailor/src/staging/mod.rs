@@ -3,6 +3,7 @@
 //!
 //! - [`request`]: [`NewStaging::parse`], every rule a staging request must meet, whichever
 //!   API it came through.
+//! - [`columns`]: text columns read back as the types they were parsed into.
 //! - [`store`]: creating, reading, cancelling and releasing stagings (what the API does).
 //! - [`queue`]: claiming with `FOR UPDATE SKIP LOCKED`, leases on stagings, finishing,
 //!   requeueing, deadlines (what workers do); a staging's end and its callback are one
@@ -24,6 +25,7 @@
 
 pub mod budget;
 pub mod callbacks;
+pub mod columns;
 pub mod lease;
 pub mod ledger;
 pub mod metrics;
@@ -39,6 +41,9 @@ pub use request::{InvalidRequest, NewStaging, Requested, Rules};
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use uuid::Uuid;
+
+use crate::platform::Platform;
+use crate::reference::ImageReference;
 
 /// Where a staging is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type, serde::Serialize)]
@@ -117,8 +122,8 @@ impl Waiting {
 pub struct Staging {
     pub staging_guid: Uuid,
     pub app_guid: Uuid,
-    pub source_image: String,
-    pub platform: String,
+    pub source_image: ImageReference,
+    pub platform: Platform,
     pub api: Api,
     pub completion_callback: Option<String>,
     pub state: StagingState,
@@ -128,7 +133,7 @@ pub struct Staging {
     pub error_message: Option<String>,
     pub last_error: Option<String>,
     pub source_digest: Option<String>,
-    pub pinned_image: Option<String>,
+    pub pinned_image: Option<ImageReference>,
     pub tagged_image: Option<String>,
     pub bytes_total: Option<i64>,
     pub bytes_done: i64,
@@ -162,7 +167,7 @@ impl Staging {
     pub fn to_json(&self) -> Value {
         let result = (self.state == StagingState::Succeeded).then(|| {
             json!({
-                "pinned_image": self.pinned_image,
+                "pinned_image": self.pinned_image.as_ref().map(ToString::to_string),
                 "tagged_image": self.tagged_image,
                 "source_digest": self.source_digest,
                 "blobs": { "copied": self.blobs_copied, "mounted": self.blobs_mounted, "skipped": self.blobs_skipped },
@@ -187,8 +192,8 @@ impl Staging {
         json!({
             "staging_guid": self.staging_guid,
             "app_guid": self.app_guid,
-            "image": self.source_image,
-            "platform": self.platform,
+            "image": self.source_image.to_string(),
+            "platform": self.platform.to_string(),
             "state": self.state,
             "attempts": self.attempts,
             "progress": { "bytes_done": self.bytes_done, "bytes_total": self.bytes_total },
@@ -215,7 +220,7 @@ impl Staging {
             StagingState::Succeeded => json!({
                 "result": {
                     "lifecycle_type": "docker",
-                    "lifecycle_metadata": { "docker_image": self.pinned_image },
+                    "lifecycle_metadata": { "docker_image": self.pinned_image.as_ref().map(ToString::to_string) },
                     "process_types": { "web": self.start_command.clone().unwrap_or_default() },
                     "execution_metadata": self.execution_metadata.clone().unwrap_or_else(|| "{}".into()),
                 }

@@ -4,6 +4,8 @@ use sqlx::{PgExecutor, PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
 use super::{Api, NewStaging, Staging, StagingState, Waiting};
+use crate::platform::Platform;
+use crate::reference::ImageReference;
 use crate::secrets::CredentialsKey;
 
 /// The channel workers LISTEN on for new work.
@@ -110,9 +112,11 @@ pub(crate) async fn read<'e>(
 ) -> Result<Vec<Staging>, sqlx::Error> {
     sqlx::query_as!(
         Staging,
-        r#"SELECT staging_guid, app_guid, source_image, platform, api AS "api: Api", completion_callback,
+        r#"SELECT staging_guid, app_guid, source_image AS "source_image: ImageReference",
+               platform AS "platform: Platform", api AS "api: Api", completion_callback,
                state AS "state: StagingState", attempts, cancel_requested, error_code,
-               error_message, last_error, source_digest, pinned_image, tagged_image, bytes_total,
+               error_message, last_error, source_digest,
+               pinned_image AS "pinned_image: ImageReference", tagged_image, bytes_total,
                bytes_done, bytes_copied, bytes_mounted, bytes_skipped, blobs_copied,
                blobs_mounted, blobs_skipped, start_command, execution_metadata, created_at,
                updated_at, started_at, finished_at, released_at, unreferenced_at, pruned_at,

@@ -182,10 +182,8 @@ struct Prepared {
 
 fn prepare(shared: &Shared, claimed: &Claimed) -> Result<Prepared, (&'static str, String)> {
     let staging = &claimed.staging;
-    let src = ImageReference::parse(&staging.source_image)
-        .map_err(|e| ("INVALID_REFERENCE", e.to_string()))?;
-    let platform =
-        Platform::parse(&staging.platform).map_err(|e| ("INVALID_PLATFORM", e.to_string()))?;
+    let src = staging.source_image.clone();
+    let platform = staging.platform.clone();
     let credentials = match (
         &claimed.encrypted_credentials,
         &shared.settings.credentials_key,
