@@ -194,9 +194,13 @@ struct Candidate {
 
 /// The prunable stagings (of one app, or all): see the module docs for the rules. Their rows
 /// are locked until the transaction ends (the statement's end, outside one), so that a
-/// reference sync cannot change the verdict between this read and the deletion; a sync
-/// meanwhile waits, never the other way round. A candidate's manifest is its `pinned_manifest`
-/// (its pinned reference without the registry host).
+/// reference sync cannot change the verdict between this read and the deletion. One checked
+/// statement serves the locked reads and the plain ones (the listing, the dry run), so they
+/// cannot drift apart; the price is that a reference sync touching the same rows waits for a
+/// plain read too, and in the rare interleaving where each holds a row the other wants,
+/// PostgreSQL's deadlock detection fails one of them, which its caller retries (the prune
+/// run at its next schedule, the sync by the platform). A candidate's manifest is its
+/// `pinned_manifest` (its pinned reference without the registry host).
 async fn candidates<'e>(
     executor: impl sqlx::PgExecutor<'e>,
     grace: Duration,
