@@ -1,7 +1,7 @@
 //! tailor: stages container images from upstream registries into an internal OCI registry.
 //!
 //! The library holds everything the `tailor` and `stager-api` binaries share: configuration,
-//! the database (migrations, the staging queue, the reference ledger), the pruner, the copy engine (`copy`, on top of
+//! the database (migrations, the staging queue, the reference record), the pruner, the copy engine (`copy`, on top of
 //! `reference`, `manifest` and `registry`), and, with the `embedded` feature, the embedded
 //! components the single-node default and the tests run on (Linux only: they manage child
 //! processes with `prctl`; without the feature the library and `tailor` build anywhere).

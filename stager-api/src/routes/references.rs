@@ -1,4 +1,4 @@
-//! The reference ledger: `PUT /references` (the platform's periodic list of stagings in use)
+//! The reference record: `PUT /references` (the platform's periodic list of stagings in use)
 //! and `DELETE /apps/{app_guid}` (the app is gone). What these say decides what the pruner
 //! may delete, so a malformed or suspicious list changes nothing.
 

@@ -415,7 +415,7 @@ async fn a_repository_a_staging_is_copying_into_is_skipped_until_the_copy_is_don
     assert_eq!(report.outcome, PruneOutcome::NothingToDo, "{report:?}");
     assert!(manifest_exists(&app, &first).await);
 
-    copying.release(&repository).await.unwrap();
+    copying.let_go(&repository).await.unwrap();
     let report = prune(&app, false).await;
     assert_eq!(decision(&report, &first).unwrap().action, Action::Deleted);
     assert!(!manifest_exists(&app, &first).await);

@@ -1,4 +1,4 @@
-//! The reference ledger over HTTP: `PUT /references` and `DELETE /apps/{guid}`, including the
+//! The reference record over HTTP: `PUT /references` and `DELETE /apps/{guid}`, including the
 //! lists it must refuse so that a bug upstream cannot wipe the registry.
 
 use serde_json::{Value, json};

@@ -20,7 +20,7 @@ use crate::staging::lease::{self, Leases};
 /// How long the prune leases live without renewal.
 const PRUNE_LEASE: Duration = Duration::from_secs(60);
 
-/// The prune run's leases, renewed until it is released.
+/// The prune run's leases, renewed until it lets go of them.
 pub struct PruneLeases {
     leases: Leases,
     renewer: CancellationToken,
@@ -68,17 +68,17 @@ impl PruneLeases {
         self.leases.holds(&lease::repository(repository)).await
     }
 
-    pub async fn release_repository(&self, repository: &str) {
-        if let Err(error) = self.leases.release(&lease::repository(repository)).await {
-            tracing::warn!(%error, %repository, "could not release a repository lease; it will expire");
+    pub async fn let_go_of_repository(&self, repository: &str) {
+        if let Err(error) = self.leases.let_go(&lease::repository(repository)).await {
+            tracing::warn!(%error, %repository, "could not let go of a repository lease; it will expire");
         }
     }
 
-    /// Ends the run: stops renewing and releases the prune lease.
+    /// Ends the run: stops renewing and lets go of the prune lease.
     pub async fn finish(self) {
         self.renewer.cancel();
-        if let Err(error) = self.leases.release(lease::PRUNE).await {
-            tracing::warn!(%error, "could not release the prune lease; it will expire");
+        if let Err(error) = self.leases.let_go(lease::PRUNE).await {
+            tracing::warn!(%error, "could not let go of the prune lease; it will expire");
         }
     }
 }

@@ -536,7 +536,7 @@ impl Run<'_> {
             return Ok(());
         }
         let result = self.prune_held_repository(app, repository).await;
-        self.leases.release_repository(repository).await;
+        self.leases.let_go_of_repository(repository).await;
         result
     }
 
@@ -550,7 +550,7 @@ impl Run<'_> {
         let mut tx = self.pool.begin().await?;
         // Until this commits, a new staging of the app (which would make it exist again) and
         // a reference sync (which could reference a candidate again) wait; after it, the
-        // candidates are pruned as far as the ledger is concerned.
+        // candidates are pruned as far as the reference record is concerned.
         sqlx::query_scalar!(
             "SELECT 1 AS deleted FROM deleted_apps WHERE app_guid = $1 FOR SHARE",
             app

@@ -4,7 +4,7 @@
 //! A lease is a row in `leases` (resource, holder, shared or exclusive, expiry). Taking one is
 //! one short statement (`acquire_lease`, which serialises acquirers of a resource for its own
 //! length only); the holder's heartbeat renews every lease it holds in one statement; a holder
-//! that dies simply stops renewing, and whoever comes after the expiry takes over. Releasing
+//! that dies simply stops renewing, and whoever comes after the expiry takes over. Letting go
 //! deletes the row and notifies `tailor_leases`, so waiters wake at once instead of at their
 //! next poll.
 //!
@@ -15,8 +15,9 @@ use std::time::Duration;
 
 use sqlx::PgPool;
 
-/// The channel a released lease is announced on (payload: the resource).
-pub const RELEASED_CHANNEL: &str = "tailor_leases";
+/// The channel a lease let go of is announced on (payload: the resource). ("Release" is
+/// kept for the platform releasing an image; leases are let go of.)
+pub const LET_GO_CHANNEL: &str = "tailor_leases";
 
 /// The lease key of a repository of the internal registry.
 pub fn repository(name: &str) -> String {
@@ -71,21 +72,21 @@ impl Leases {
     }
 
     /// Lets go of `resource` and tells waiters.
-    pub async fn release(&self, resource: &str) -> Result<(), sqlx::Error> {
+    pub async fn let_go(&self, resource: &str) -> Result<(), sqlx::Error> {
         sqlx::query!("WITH gone AS (DELETE FROM leases WHERE resource = $1 AND holder = $2 RETURNING resource) \
-             SELECT pg_notify($3, resource) FROM gone", resource, &self.holder, RELEASED_CHANNEL)
+             SELECT pg_notify($3, resource) FROM gone", resource, &self.holder, LET_GO_CHANNEL)
         .execute(&self.pool)
         .await?;
         Ok(())
     }
 
     /// Lets go of every lease this holder has (an attempt's end, whatever happened in it).
-    pub async fn release_all(&self) -> Result<(), sqlx::Error> {
+    pub async fn let_go_all(&self) -> Result<(), sqlx::Error> {
         sqlx::query!(
             "WITH gone AS (DELETE FROM leases WHERE holder = $1 RETURNING resource) \
              SELECT pg_notify($2, resource) FROM gone",
             &self.holder,
-            RELEASED_CHANNEL
+            LET_GO_CHANNEL
         )
         .execute(&self.pool)
         .await?;
@@ -93,12 +94,12 @@ impl Leases {
     }
 
     /// Lets go of `resource` in the background (from a `Drop`).
-    pub fn release_soon(&self, resource: String) {
+    pub fn let_go_soon(&self, resource: String) {
         let leases = self.clone();
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
-                if let Err(error) = leases.release(&resource).await {
-                    tracing::warn!(%error, %resource, "could not release a lease; it will expire");
+                if let Err(error) = leases.let_go(&resource).await {
+                    tracing::warn!(%error, %resource, "could not let go of a lease; it will expire");
                 }
             });
         }

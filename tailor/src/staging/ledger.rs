@@ -27,22 +27,22 @@ const WAIT_ROUND: Duration = Duration::from_secs(120);
 pub struct PgLedger {
     pool: PgPool,
     leases: Leases,
-    released: watch::Receiver<u64>,
+    let_go: watch::Receiver<u64>,
 }
 
 impl PgLedger {
-    /// `leases`: the worker's own (renewed by its heartbeat); `released`: the process's lease
+    /// `leases`: the worker's own (renewed by its heartbeat); `let_go`: the process's lease
     /// notifications.
-    pub fn new(pool: PgPool, leases: Leases, released: watch::Receiver<u64>) -> Self {
+    pub fn new(pool: PgPool, leases: Leases, let_go: watch::Receiver<u64>) -> Self {
         Self {
             pool,
             leases,
-            released,
+            let_go,
         }
     }
 }
 
-/// Releases the fetch lease when dropped.
+/// Lets go of the fetch lease when dropped.
 struct FetchLease {
     leases: Leases,
     resource: String,
@@ -50,7 +50,7 @@ struct FetchLease {
 
 impl Drop for FetchLease {
     fn drop(&mut self) {
-        self.leases.release_soon(std::mem::take(&mut self.resource));
+        self.leases.let_go_soon(std::mem::take(&mut self.resource));
     }
 }
 
@@ -113,7 +113,7 @@ impl BlobLedger for PgLedger {
     fn wait_fetch<'a>(&'a self, digest: &'a str, origin: &'a str) -> BoxFuture<'a, ()> {
         Box::pin(async move {
             let resource = lease::blob(origin, digest);
-            let mut released = self.released.clone();
+            let mut let_go = self.let_go.clone();
             let round_ends = tokio::time::Instant::now() + WAIT_ROUND;
             while tokio::time::Instant::now() < round_ends {
                 match Leases::is_held(&self.pool, &resource).await {
@@ -125,7 +125,7 @@ impl BlobLedger for PgLedger {
                     }
                 }
                 tokio::select! {
-                    _ = released.changed() => {}
+                    _ = let_go.changed() => {}
                     () = tokio::time::sleep(WAIT_POLL) => {}
                 }
             }

@@ -19,7 +19,7 @@
 //! - [`worker`]: the worker loop, its heartbeat, and the pure decision of what an attempt's
 //!   outcome means for the staging.
 //! - [`callbacks`]: the outbox deliverer.
-//! - [`references`]: the reference ledger the platform feeds (released apps, the periodic
+//! - [`references`]: the reference record the platform feeds (released apps, the periodic
 //!   sync of stagings in use), which the pruner reads.
 //! - [`metrics`]: cluster-wide figures for `/metrics`, from counters, not scans.
 

@@ -1,5 +1,5 @@
 //! One LISTEN connection per process, fanned out to whoever waits: new work for the workers,
-//! cancellations of running stagings, released leases (a blob fetch ended, the pruner left a
+//! cancellations of running stagings, leases let go of (a blob fetch ended, the pruner left a
 //! repository) and changed rate-limit budgets.
 //!
 //! A notification is a hint, never the only way to learn something: every waiter also polls,
@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::budget::CHANGED_CHANNEL as BUDGET_CHANNEL;
-use super::lease::RELEASED_CHANNEL as LEASE_CHANNEL;
+use super::lease::LET_GO_CHANNEL as LEASE_CHANNEL;
 use super::store::{CANCEL_CHANNEL, NEW_WORK_CHANNEL};
 
 /// The process's subscriptions.
@@ -48,8 +48,8 @@ impl Hub {
         self.new_work.subscribe()
     }
 
-    /// Changes whenever a lease was released somewhere.
-    pub fn lease_released(&self) -> watch::Receiver<u64> {
+    /// Changes whenever a lease was let go of somewhere.
+    pub fn lease_let_go(&self) -> watch::Receiver<u64> {
         self.leases.subscribe()
     }
 

@@ -1,9 +1,9 @@
-//! The reference ledger: what the platform tells tailor about which images are still in use.
+//! The reference record: what the platform tells tailor about which images are still in use.
 //!
 //! Two feeds: releases (`DELETE /stage/{guid}` on a finished staging, see
 //! [`super::store::stop`], and [`release_app`] for a deleted app), and the periodic
 //! [`sync`] with the complete list of stagings in use, after which every finished staging
-//! that is not listed is *unreferenced*. The pruner only ever reads this ledger.
+//! that is not listed is *unreferenced*. The pruner only ever reads this record.
 
 use sqlx::PgPool;
 use uuid::Uuid;

@@ -143,7 +143,7 @@ pub(crate) async fn run_one(shared: &Shared, worker: &str, claimed: Claimed) {
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .remove(&guid);
-    if let Err(error) = run.leases.release_all().await {
+    if let Err(error) = run.leases.let_go_all().await {
         tracing::warn!(%error, "could not release the attempt's leases; they will expire");
     }
 }
@@ -311,7 +311,7 @@ async fn attempt(run: &Run<'_>, claimed: &Claimed, beat: &Beat) -> (Next, Option
         ledger: Arc::new(PgLedger::new(
             shared.pool.clone(),
             run.leases.clone(),
-            shared.hub.lease_released(),
+            shared.hub.lease_let_go(),
         )),
         progress: Some(progress),
         cancel: beat.cancel.clone(),
@@ -346,7 +346,7 @@ async fn attempt(run: &Run<'_>, claimed: &Claimed, beat: &Beat) -> (Next, Option
 /// Takes the repository lease, waiting a little while the pruner works there.
 async fn hold_repository(shared: &Shared, leases: &Leases, resource: &str) -> bool {
     let deadline = tokio::time::Instant::now() + shared.settings.repository_wait;
-    let mut released = shared.hub.lease_released();
+    let mut released = shared.hub.lease_let_go();
     loop {
         match leases.acquire(resource, false).await {
             Ok(true) => return true,
@@ -467,7 +467,7 @@ impl Run<'_> {
             }
         };
         let deadline = tokio::time::Instant::now() + CLEANUP_WAIT;
-        let mut released = shared.hub.lease_released();
+        let mut released = shared.hub.lease_let_go();
         loop {
             match self.leases.acquire(&self.repository_lease, true).await {
                 Ok(true) => break,
