@@ -18,15 +18,18 @@
 pub mod duration;
 pub mod locks;
 pub mod schedule;
+mod store;
+
+use store::{Candidate, pinned_digest};
+pub use store::{PruneMetrics, metrics};
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::{PgPool, Postgres, Transaction};
+use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::reference::ImageReference;
 use crate::registry::{Deleted, Registry};
 
 /// How a run behaves.
@@ -180,86 +183,6 @@ impl PruneError {
     }
 }
 
-/// A prunable staging, as the database sees it now.
-#[derive(Debug, Clone)]
-struct Candidate {
-    staging_guid: Uuid,
-    app_guid: Uuid,
-    pinned_image: ImageReference,
-    /// `<repository>@<digest>`: the manifest revision, whatever host name the pinned
-    /// reference was written with (the `pinned_manifest` column).
-    manifest: String,
-    reason: Reason,
-}
-
-/// The prunable stagings (of one app, or all): see the module docs for the rules. Their rows
-/// are locked until the transaction ends (the statement's end, outside one), so that a
-/// reference sync cannot change the verdict between this read and the deletion. One checked
-/// statement serves the locked reads and the plain ones (the listing, the dry run), so they
-/// cannot drift apart; the price is that a reference sync touching the same rows waits for a
-/// plain read too, and in the rare interleaving where each holds a row the other wants,
-/// PostgreSQL's deadlock detection fails one of them, which its caller retries (the prune
-/// run at its next schedule, the sync by the platform). A candidate's manifest is its
-/// `pinned_manifest` (its pinned reference without the registry host).
-async fn candidates<'e>(
-    executor: impl sqlx::PgExecutor<'e>,
-    grace: Duration,
-    app: Option<Uuid>,
-) -> Result<Vec<Candidate>, sqlx::Error> {
-    let rows = sqlx::query!(
-        r#"WITH newest AS (
-               SELECT DISTINCT ON (app_guid) staging_guid FROM stagings
-               WHERE state = 'succeeded' AND ($2::uuid IS NULL OR app_guid = $2)
-               ORDER BY app_guid, finished_at DESC, created_at DESC)
-           SELECT s.staging_guid, s.app_guid, s.pinned_image AS "pinned_image!: ImageReference",
-               s.pinned_manifest AS "manifest!",
-               CASE WHEN d.app_guid IS NOT NULL THEN 'app_deleted'
-                    WHEN s.released_at <= now() - make_interval(secs => $1) THEN 'released'
-                    ELSE 'unreferenced' END AS "reason!: Reason"
-           FROM stagings s LEFT JOIN deleted_apps d ON d.app_guid = s.app_guid
-           WHERE s.state = 'succeeded' AND s.pruned_at IS NULL
-             AND ($2::uuid IS NULL OR s.app_guid = $2)
-             AND least(s.released_at, s.unreferenced_at) <= now() - make_interval(secs => $1)
-             AND (d.app_guid IS NOT NULL OR s.staging_guid NOT IN (SELECT staging_guid FROM newest))
-           ORDER BY s.app_guid, s.finished_at
-           FOR UPDATE OF s"#,
-        grace.as_secs_f64(),
-        app,
-    )
-    .fetch_all(executor)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|row| Candidate {
-            staging_guid: row.staging_guid,
-            app_guid: row.app_guid,
-            pinned_image: row.pinned_image,
-            manifest: row.manifest,
-            reason: row.reason,
-        })
-        .collect())
-}
-
-/// Of `candidates`' manifests, those a staging outside `candidates` still uses.
-async fn shared_with_live<'e>(
-    executor: impl sqlx::PgExecutor<'e>,
-    candidates: &[Candidate],
-) -> Result<HashSet<String>, sqlx::Error> {
-    let manifests: Vec<&str> = candidates.iter().map(|c| c.manifest.as_str()).collect();
-    let guids: Vec<Uuid> = candidates.iter().map(|c| c.staging_guid).collect();
-    let shared = sqlx::query_scalar!(
-        r#"SELECT DISTINCT pinned_manifest AS "pinned_manifest!" FROM stagings
-           WHERE state = 'succeeded' AND pruned_at IS NULL
-             AND pinned_manifest IN (SELECT unnest($1::text[]))
-             AND staging_guid NOT IN (SELECT unnest($2::uuid[]))"#,
-        &manifests as &[&str],
-        &guids,
-    )
-    .fetch_all(executor)
-    .await?;
-    Ok(shared.into_iter().collect())
-}
-
 /// What becomes of one manifest revision's prunable stagings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Verdict {
@@ -292,27 +215,6 @@ fn judge(candidates: Vec<Candidate>, shared: &HashSet<String>) -> Vec<(Verdict, 
             (verdict, group)
         })
         .collect()
-}
-
-/// Bytes of the objects that the stagings in `pruned` use and no other image in the registry does.
-async fn reclaimable_bytes(pool: &PgPool, pruned: &[Uuid]) -> Result<u64, sqlx::Error> {
-    // Set-at-a-time (hash joins), not a lookup per object: a run can prune thousands.
-    let bytes = sqlx::query_scalar!(
-        r#"WITH pruned AS (SELECT DISTINCT unnest($1::uuid[]) AS staging_guid),
-         theirs AS (SELECT DISTINCT o.digest, o.size FROM staging_objects o
-                    JOIN pruned USING (staging_guid)),
-         still_used AS (SELECT DISTINCT o.digest FROM staging_objects o
-                        JOIN stagings s USING (staging_guid)
-                        WHERE s.state = 'succeeded' AND s.pruned_at IS NULL
-                          AND o.digest IN (SELECT digest FROM theirs)
-                          AND s.staging_guid NOT IN (SELECT staging_guid FROM pruned))
-         SELECT coalesce(sum(size), 0)::bigint AS "bytes!" FROM theirs
-         WHERE digest NOT IN (SELECT digest FROM still_used)"#,
-        pruned
-    )
-    .fetch_one(pool)
-    .await?;
-    Ok(bytes as u64)
 }
 
 /// Runs the pruner once against the internal registry `internal`.
@@ -349,14 +251,7 @@ async fn run_locked(
     let run_id: Option<i64> = if options.dry_run {
         None
     } else {
-        Some(
-            sqlx::query_scalar!(
-                "INSERT INTO prune_runs (grace_seconds) VALUES ($1) RETURNING id",
-                options.grace.as_secs() as i64
-            )
-            .fetch_one(pool)
-            .await?,
-        )
+        Some(store::start_run(pool, options.grace).await?)
     };
     let mut run = Run {
         pool,
@@ -379,7 +274,7 @@ async fn run_locked(
         .filter(|d| d.action.prunes())
         .map(|d| d.staging_guid)
         .collect();
-    let bytes_reclaimable = match reclaimable_bytes(pool, &pruned).await {
+    let bytes_reclaimable = match store::reclaimable_bytes(pool, &pruned).await {
         Ok(bytes) => bytes,
         Err(error) => {
             run.errors
@@ -406,18 +301,7 @@ async fn run_locked(
         errors: run.errors,
     };
     if let Some(id) = run_id {
-        let finished = sqlx::query!(
-            "UPDATE prune_runs SET finished_at = now(), outcome = $2, images_pruned = $3, \
-             manifests_deleted = $4, bytes_reclaimable = $5, error = $6 WHERE id = $1",
-            id,
-            outcome.as_str(),
-            report.images_pruned as i32,
-            report.manifests_deleted as i32,
-            bytes_reclaimable as i64,
-            (!report.errors.is_empty()).then(|| report.errors.join("; "))
-        )
-        .execute(pool)
-        .await;
+        let finished = store::finish_run(pool, id, &report).await;
         // The report says what happened in the registry; losing the run's summary row must
         // not lose that.
         if let Err(error) = finished {
@@ -442,7 +326,7 @@ struct Run<'a> {
 
 impl Run<'_> {
     async fn prune_all(&mut self) -> Result<(), PruneError> {
-        let all = candidates(self.pool, self.options.grace, None).await?;
+        let all = store::candidates(self.pool, self.options.grace, None).await?;
         let mut by_repository: BTreeMap<(Uuid, String), Vec<Candidate>> = BTreeMap::new();
         for candidate in all {
             match self.repository_of(&candidate) {
@@ -505,7 +389,7 @@ impl Run<'_> {
         by_repository: BTreeMap<(Uuid, String), Vec<Candidate>>,
     ) -> Result<(), PruneError> {
         let all: Vec<Candidate> = by_repository.values().flatten().cloned().collect();
-        let shared = shared_with_live(self.pool, &all).await?;
+        let shared = store::shared_with_live(self.pool, &all).await?;
         for ((_, repository), group) in by_repository {
             for (verdict, stagings) in judge(group, &shared) {
                 let action = match verdict {
@@ -528,7 +412,7 @@ impl Run<'_> {
         let in_repository =
             |this: &Self, c: &Candidate| this.repository_of(c).is_ok_and(|r| r == repository);
         if !self.leases.try_repository(repository).await? {
-            for candidate in candidates(self.pool, self.options.grace, Some(app)).await? {
+            for candidate in store::candidates(self.pool, self.options.grace, Some(app)).await? {
                 if in_repository(self, &candidate) {
                     self.decide(&candidate, repository, Action::SkippedBusy, None);
                 }
@@ -551,18 +435,13 @@ impl Run<'_> {
         // Until this commits, a new staging of the app (which would make it exist again) and
         // a reference sync (which could reference a candidate again) wait; after it, the
         // candidates are pruned as far as the reference record is concerned.
-        sqlx::query_scalar!(
-            "SELECT 1 AS deleted FROM deleted_apps WHERE app_guid = $1 FOR SHARE",
-            app
-        )
-        .fetch_optional(&mut *tx)
-        .await?;
-        let group: Vec<Candidate> = candidates(&mut *tx, self.options.grace, Some(app))
+        store::hold_app(&mut tx, app).await?;
+        let group: Vec<Candidate> = store::candidates(&mut *tx, self.options.grace, Some(app))
             .await?
             .into_iter()
             .filter(|c| in_repository(self, c))
             .collect();
-        let shared = shared_with_live(&mut *tx, &group).await?;
+        let shared = store::shared_with_live(&mut *tx, &group).await?;
         let mut to_delete: Vec<(Vec<Candidate>, Vec<i64>)> = Vec::new();
         for (verdict, stagings) in judge(group, &shared) {
             if verdict == Verdict::Keep {
@@ -572,8 +451,8 @@ impl Run<'_> {
                 continue;
             }
             let refs: Vec<&Candidate> = stagings.iter().collect();
-            let intents = audit_intent(&mut tx, self.run_id, repository, &refs).await?;
-            mark_pruned(&mut tx, &refs).await?;
+            let intents = store::audit_intent(&mut tx, self.run_id, repository, &refs).await?;
+            store::mark_pruned(&mut tx, &refs).await?;
             to_delete.push((stagings, intents));
         }
         tx.commit().await?;
@@ -611,14 +490,14 @@ impl Run<'_> {
                     if action == Action::Deleted {
                         self.manifests_deleted += 1;
                     }
-                    record(&mut tx, &intents, action).await?;
+                    store::record(&mut tx, &intents, action).await?;
                     for candidate in &stagings {
                         self.decide(candidate, repository, action, None);
                     }
                 }
                 Err(detail) => {
                     self.errors.push(format!("{repository}@{digest}: {detail}"));
-                    unmark_pruned(&mut tx, &refs, &intents).await?;
+                    store::unmark_pruned(&mut tx, &refs, &intents).await?;
                     for candidate in &stagings {
                         self.decide(candidate, repository, Action::Failed, Some(detail.clone()));
                     }
@@ -630,121 +509,10 @@ impl Run<'_> {
     }
 }
 
-/// Audit rows saying "deleting", written with the decision; [`record`] turns them into the
-/// outcome.
-async fn audit_intent(
-    tx: &mut Transaction<'_, Postgres>,
-    run_id: Option<i64>,
-    repository: &str,
-    stagings: &[&Candidate],
-) -> Result<Vec<i64>, sqlx::Error> {
-    let guids: Vec<Uuid> = stagings.iter().map(|c| c.staging_guid).collect();
-    let apps: Vec<Uuid> = stagings.iter().map(|c| c.app_guid).collect();
-    let reasons: Vec<&str> = stagings.iter().map(|c| c.reason.as_str()).collect();
-    sqlx::query_scalar!("INSERT INTO prune_audit (run_id, staging_guid, app_guid, repository, manifest_digest, reason, action) \
-         SELECT $1, g, a, $2, $3, r, 'deleting' FROM unnest($4::uuid[], $5::uuid[], $6::text[]) AS u(g, a, r) \
-         RETURNING id", run_id, repository, pinned_digest(&stagings[0].pinned_image), &guids, &apps, &reasons as &[&str])
-    .fetch_all(&mut **tx)
-    .await
-}
-
-/// Marks `stagings` pruned (the decision; undone by [`unmark_pruned`] if the deletion fails).
-async fn mark_pruned(
-    tx: &mut Transaction<'_, Postgres>,
-    stagings: &[&Candidate],
-) -> Result<(), sqlx::Error> {
-    let guids: Vec<Uuid> = stagings.iter().map(|c| c.staging_guid).collect();
-    sqlx::query!(
-        "UPDATE stagings SET pruned_at = now(), updated_at = now() WHERE staging_guid = ANY($1)",
-        &guids
-    )
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
-}
-
-/// A deletion failed: the images are still in the registry, so they are not pruned.
-async fn unmark_pruned(
-    tx: &mut Transaction<'_, Postgres>,
-    stagings: &[&Candidate],
-    intents: &[i64],
-) -> Result<(), sqlx::Error> {
-    let guids: Vec<Uuid> = stagings.iter().map(|c| c.staging_guid).collect();
-    sqlx::query!(
-        "UPDATE stagings SET pruned_at = NULL, updated_at = now() WHERE staging_guid = ANY($1)",
-        &guids
-    )
-    .execute(&mut **tx)
-    .await?;
-    sqlx::query!("DELETE FROM prune_audit WHERE id = ANY($1)", intents)
-        .execute(&mut **tx)
-        .await?;
-    Ok(())
-}
-
-/// Completes the audit rows of a deletion.
-async fn record(
-    tx: &mut Transaction<'_, Postgres>,
-    intents: &[i64],
-    action: Action,
-) -> Result<(), sqlx::Error> {
-    sqlx::query!(
-        "UPDATE prune_audit SET action = $2, pruned_at = now() WHERE id = ANY($1)",
-        intents,
-        match action {
-            Action::AlreadyGone => "already_gone",
-            _ => "deleted",
-        }
-    )
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
-}
-
-/// The manifest digest a candidate is pinned to (`candidates` reads only succeeded stagings,
-/// whose pinned reference always has one).
-fn pinned_digest(pinned_image: &ImageReference) -> &str {
-    pinned_image.digest.as_deref().unwrap_or_default()
-}
-
-/// Prune figures for `/metrics`, from the runs recorded in the database.
-#[derive(Debug, Default, Clone)]
-pub struct PruneMetrics {
-    pub images_pruned_total: i64,
-    pub manifests_deleted_total: i64,
-    /// The last finished run's reclaimable bytes.
-    pub bytes_reclaimable: i64,
-    /// Unix time the last run finished, and its outcome.
-    pub last_run: Option<(f64, String)>,
-}
-
-pub async fn metrics(pool: &PgPool) -> Result<PruneMetrics, sqlx::Error> {
-    let totals = sqlx::query!(
-        r#"SELECT coalesce(sum(images_pruned), 0)::bigint AS "images!",
-                  coalesce(sum(manifests_deleted), 0)::bigint AS "manifests!"
-           FROM prune_runs"#,
-    )
-    .fetch_one(pool)
-    .await?;
-    let last = sqlx::query!(
-        r#"SELECT extract(epoch FROM finished_at)::float8 AS "finished_at!", outcome AS "outcome!",
-                  bytes_reclaimable AS "bytes_reclaimable!"
-           FROM prune_runs
-           WHERE finished_at IS NOT NULL ORDER BY finished_at DESC LIMIT 1"#,
-    )
-    .fetch_optional(pool)
-    .await?;
-    Ok(PruneMetrics {
-        images_pruned_total: totals.images,
-        manifests_deleted_total: totals.manifests,
-        bytes_reclaimable: last.as_ref().map_or(0, |l| l.bytes_reclaimable),
-        last_run: last.map(|l| (l.finished_at, l.outcome)),
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::reference::ImageReference;
 
     fn candidate(manifest: &str) -> Candidate {
         Candidate {
