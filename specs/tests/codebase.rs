@@ -298,3 +298,38 @@ fn production_sql_is_checked_when_it_compiles() {
         "SQL not checked at compile time: {broken:#?}"
     );
 }
+
+#[test]
+fn error_codes_are_named_only_by_the_code_enum() {
+    // One vocabulary: a code is a `tailor::code::Code` variant wherever production code
+    // produces one, so a misspelt or invented code fails the build instead of reaching a client.
+    // Tests may compare with the wire form; production code outside `code.rs` may not spell it.
+    let root = root();
+    let mut spelt = Vec::new();
+    for dir in ["tailor/src", "stager-api/src"] {
+        for file in rust_files(&root.join(dir)) {
+            if file.ends_with("tailor/src/code.rs") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&file).unwrap();
+            let production = text.split("#[cfg(test)]").next().unwrap_or_default();
+            for (n, line) in production.lines().enumerate() {
+                let code = line.split("//").next().unwrap_or_default();
+                for &known in tailor::code::Code::ALL {
+                    if code.contains(&format!("\"{known}\"")) {
+                        spelt.push(format!(
+                            "{}:{}: {}",
+                            file.strip_prefix(&root).unwrap().display(),
+                            n + 1,
+                            line.trim()
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        spelt.is_empty(),
+        "error codes spelt as strings instead of tailor::code::Code: {spelt:#?}"
+    );
+}

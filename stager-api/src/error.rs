@@ -6,13 +6,14 @@ use actix_web::http::StatusCode;
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::{HttpResponse, ResponseError};
 use serde::Serialize;
+use tailor::code::Code;
 
 /// An error on its way to the client.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{code}: {message}")]
 pub struct ApiError {
     pub status: StatusCode,
-    pub code: &'static str,
+    pub code: Code,
     pub message: String,
     /// Seconds a client should wait before retrying (sent as `Retry-After`).
     pub retry_after: Option<u32>,
@@ -20,12 +21,12 @@ pub struct ApiError {
 
 #[derive(Serialize)]
 struct ErrorBody<'a> {
-    code: &'a str,
+    code: Code,
     message: &'a str,
 }
 
 impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(status: StatusCode, code: Code, message: impl Into<String>) -> Self {
         Self {
             status,
             code,
@@ -35,11 +36,11 @@ impl ApiError {
     }
 
     pub fn unauthorized(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", message)
+        Self::new(StatusCode::UNAUTHORIZED, Code::Unauthorized, message)
     }
 
     pub fn not_found(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "NOT_FOUND", message)
+        Self::new(StatusCode::NOT_FOUND, Code::NotFound, message)
     }
 
     pub fn with_retry_after(mut self, seconds: u32) -> Self {
@@ -64,10 +65,13 @@ impl ResponseError for ApiError {
                 HeaderValue::from_static("Bearer realm=\"stager-api\""),
             ));
         }
-        response.json(ErrorBody {
+        let mut response = response.json(ErrorBody {
             code: self.code,
             message: &self.message,
-        })
+        });
+        // For the contract check (`crate::contract`), which sees responses, not errors.
+        response.extensions_mut().insert(self.code);
+        response
     }
 }
 
@@ -82,7 +86,7 @@ pub fn database_error(error: &sqlx::Error) -> ApiError {
             tracing::warn!(%error, "database unavailable");
             ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "DATABASE_UNAVAILABLE",
+                Code::DatabaseUnavailable,
                 "the database is unavailable; retry later",
             )
             .with_retry_after(5)
@@ -91,7 +95,7 @@ pub fn database_error(error: &sqlx::Error) -> ApiError {
             tracing::error!(%error, "database error");
             ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
-                "INTERNAL_ERROR",
+                Code::InternalError,
                 "internal error",
             )
         }
@@ -107,25 +111,29 @@ pub fn json_error(
     let api_error = match &error {
         JsonPayloadError::OverflowKnownLength { length, limit } => ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
-            "PAYLOAD_TOO_LARGE",
+            Code::PayloadTooLarge,
             format!("the body is {length} bytes; the limit is {limit}"),
         ),
         JsonPayloadError::Overflow { limit } => ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
-            "PAYLOAD_TOO_LARGE",
+            Code::PayloadTooLarge,
             format!("the body is over the {limit}-byte limit"),
         ),
         JsonPayloadError::ContentType => ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "UNSUPPORTED_MEDIA_TYPE",
+            Code::UnsupportedMediaType,
             "send the body as Content-Type: application/json",
         ),
         JsonPayloadError::Deserialize(inner) => ApiError::new(
             StatusCode::BAD_REQUEST,
-            "MALFORMED_JSON",
+            Code::MalformedJson,
             format!("the body is not a valid request: {inner}"),
         ),
-        other => ApiError::new(StatusCode::BAD_REQUEST, "MALFORMED_JSON", other.to_string()),
+        other => ApiError::new(
+            StatusCode::BAD_REQUEST,
+            Code::MalformedJson,
+            other.to_string(),
+        ),
     };
     actix_web::error::InternalError::from_response(
         error,

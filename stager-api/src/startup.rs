@@ -68,6 +68,7 @@ impl Application {
         ));
         let server = HttpServer::new(move || {
             App::new()
+                .wrap(actix_web::middleware::from_fn(crate::contract::check))
                 .wrap(tracing_actix())
                 .app_data(state.clone())
                 .app_data(tokens.clone())

@@ -8,6 +8,8 @@ use std::fmt;
 
 use secrecy::{ExposeSecret, SecretString};
 
+use crate::code::Code;
+
 /// A value that must not be printed, wiped from memory when dropped (`secrecy`).
 #[derive(Clone)]
 pub struct Secret(SecretString);
@@ -67,10 +69,10 @@ pub enum ConfigError {
 
 impl ConfigError {
     /// A stable, machine-readable code for this error.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> Code {
         match self {
-            Self::Missing { .. } => "CONFIG_MISSING",
-            Self::Invalid { .. } => "CONFIG_INVALID",
+            Self::Missing { .. } => Code::ConfigMissing,
+            Self::Invalid { .. } => Code::ConfigInvalid,
         }
     }
 

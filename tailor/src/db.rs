@@ -6,6 +6,8 @@ use sqlx::PgPool;
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
+use crate::code::Code;
+
 /// Every migration in `migrations/`, compiled into the binary.
 pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
 
@@ -24,12 +26,12 @@ pub enum DbError {
 
 impl DbError {
     /// A stable, machine-readable code for this error.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> Code {
         match self {
-            Self::InvalidUrl(_) => "CONFIG_INVALID",
-            Self::Unreachable(_) => "DATABASE_UNAVAILABLE",
-            Self::Migration(_) => "MIGRATION_FAILED",
-            Self::Query(_) => "DATABASE_ERROR",
+            Self::InvalidUrl(_) => Code::ConfigInvalid,
+            Self::Unreachable(_) => Code::DatabaseUnavailable,
+            Self::Migration(_) => Code::MigrationFailed,
+            Self::Query(_) => Code::DatabaseError,
         }
     }
 }

@@ -41,6 +41,8 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use crate::code::Code;
+
 use ipnet::IpNet;
 use reqwest::Url;
 
@@ -219,12 +221,12 @@ pub struct EgressDenied {
 impl EgressDenied {
     /// `INTERNAL_SOURCE_REFUSED` for the internal registry as an image source,
     /// `EGRESS_DENIED` otherwise.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> Code {
         match (&self.reason, self.purpose) {
             (DenyReason::Protected(Protected::InternalRegistry), Purpose::Source) => {
-                "INTERNAL_SOURCE_REFUSED"
+                Code::InternalSourceRefused
             }
-            _ => "EGRESS_DENIED",
+            _ => Code::EgressDenied,
         }
     }
 

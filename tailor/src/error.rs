@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+use crate::code::Code;
 use crate::image_config::ImageConfigError;
 use crate::manifest::ManifestError;
 use crate::registry::RegistryError;
@@ -41,18 +42,18 @@ pub enum CopyError {
 
 impl CopyError {
     /// The stable, machine-readable code.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> Code {
         match self {
-            Self::InvalidReference(_) => "INVALID_REFERENCE",
-            Self::InvalidArgument(_) => "INVALID_ARGUMENT",
+            Self::InvalidReference(_) => Code::InvalidReference,
+            Self::InvalidArgument(_) => Code::InvalidArgument,
             Self::Source(error) => error.code(),
-            Self::Destination(RegistryError::ReadOnly { .. }) => "INTERNAL_REGISTRY_READ_ONLY",
-            Self::Destination(_) => "INTERNAL_REGISTRY_ERROR",
+            Self::Destination(RegistryError::ReadOnly { .. }) => Code::InternalRegistryReadOnly,
+            Self::Destination(_) => Code::InternalRegistryError,
             Self::Manifest(error) => error.code(),
-            Self::PlatformMismatch(_) => "PLATFORM_MISMATCH",
-            Self::NotAContainerImage(_) => "NOT_A_CONTAINER_IMAGE",
+            Self::PlatformMismatch(_) => Code::PlatformMismatch,
+            Self::NotAContainerImage(_) => Code::NotAContainerImage,
             Self::ImageConfig(error) => error.code(),
-            Self::Cancelled => "CANCELLED",
+            Self::Cancelled => Code::Cancelled,
         }
     }
 

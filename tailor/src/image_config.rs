@@ -9,6 +9,7 @@
 
 use serde_json::{Value, json};
 
+use crate::code::Code;
 use crate::platform::Platform;
 use crate::text::{MESSAGE_CHARS, clean};
 
@@ -45,11 +46,11 @@ pub enum ImageConfigError {
 }
 
 impl ImageConfigError {
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> Code {
         match self {
-            Self::Invalid(_) => "IMAGE_CONFIG_INVALID",
-            Self::TooLarge(_) => "IMAGE_METADATA_TOO_LARGE",
-            Self::PlatformMismatch(_) => "PLATFORM_MISMATCH",
+            Self::Invalid(_) => Code::ImageConfigInvalid,
+            Self::TooLarge(_) => Code::ImageMetadataTooLarge,
+            Self::PlatformMismatch(_) => Code::PlatformMismatch,
         }
     }
 }

@@ -7,6 +7,7 @@
 //! processes with `prctl`; without the feature the library and `tailor` build anywhere).
 //! See `docs/ARCHITECTURE.md` for the map.
 
+pub mod code;
 pub mod config;
 pub mod copy;
 pub mod db;

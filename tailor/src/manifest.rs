@@ -6,6 +6,7 @@
 use bytes::Bytes;
 use oci_client::manifest::{ImageIndexEntry, OciDescriptor, OciImageIndex, OciImageManifest};
 
+use crate::code::Code;
 use crate::reference::parse_digest;
 use crate::text::{MESSAGE_CHARS, clean};
 
@@ -19,10 +20,10 @@ pub enum ManifestError {
 }
 
 impl ManifestError {
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> Code {
         match self {
-            Self::Invalid(_) => "MANIFEST_INVALID",
-            Self::Unsupported(_) => "UNSUPPORTED_MEDIA_TYPE",
+            Self::Invalid(_) => Code::ManifestInvalid,
+            Self::Unsupported(_) => Code::UnsupportedMediaType,
         }
     }
 

@@ -2,6 +2,8 @@
 
 use std::fmt;
 
+use crate::code::Code;
+
 /// A target platform such as `linux/amd64` or `linux/arm64/v8`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Platform {
@@ -17,8 +19,8 @@ pub struct Platform {
 pub struct PlatformError(pub String);
 
 impl PlatformError {
-    pub fn code(&self) -> &'static str {
-        "INVALID_PLATFORM"
+    pub fn code(&self) -> Code {
+        Code::InvalidPlatform
     }
 }
 

@@ -13,6 +13,8 @@
 
 use std::fmt;
 
+use crate::code::Code;
+
 /// Docker Hub's name in references and the host its API is served from.
 pub const DOCKER_HUB: &str = "docker.io";
 pub const DOCKER_HUB_ENDPOINT: &str = "registry-1.docker.io";
@@ -28,8 +30,8 @@ pub struct ReferenceError {
 }
 
 impl ReferenceError {
-    pub fn code(&self) -> &'static str {
-        "INVALID_REFERENCE"
+    pub fn code(&self) -> Code {
+        Code::InvalidReference
     }
 }
 

@@ -6,6 +6,7 @@
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, web};
 use serde::Deserialize;
+use tailor::code::Code;
 use tailor::registry::Credentials;
 use tailor::staging::{Api, Requested};
 
@@ -34,7 +35,7 @@ pub struct DockerStagingData {
     pub docker_password: Option<String>,
 }
 
-fn unprocessable(code: &'static str, message: impl Into<String>) -> ApiError {
+fn unprocessable(code: Code, message: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
 }
 
@@ -49,7 +50,7 @@ pub async fn stage(
     let body = body.into_inner();
     if body.lifecycle != "docker" {
         return Err(unprocessable(
-            "UNSUPPORTED_LIFECYCLE",
+            Code::UnsupportedLifecycle,
             format!(
                 "lifecycle {:?} is not supported: tailor stages only the \"docker\" lifecycle",
                 body.lifecycle
@@ -57,15 +58,16 @@ pub async fn stage(
         ));
     }
     let app_guid = body_guid("app_id", &body.app_id)?;
-    let data: DockerStagingData =
-        serde_json::from_value(body.lifecycle_data.unwrap_or(serde_json::Value::Null))
-            .map_err(|e| unprocessable("INVALID_LIFECYCLE_DATA", format!("lifecycle_data: {e}")))?;
+    let data: DockerStagingData = serde_json::from_value(
+        body.lifecycle_data.unwrap_or(serde_json::Value::Null),
+    )
+    .map_err(|e| unprocessable(Code::InvalidLifecycleData, format!("lifecycle_data: {e}")))?;
     let image = data
         .docker_image
         .filter(|i| !i.trim().is_empty())
         .ok_or_else(|| {
             unprocessable(
-                "INVALID_LIFECYCLE_DATA",
+                Code::InvalidLifecycleData,
                 "lifecycle_data.docker_image is required",
             )
         })?;
@@ -74,7 +76,7 @@ pub async fn stage(
         (None, None) => None,
         _ => {
             return Err(unprocessable(
-                "INVALID_CREDENTIALS",
+                Code::InvalidCredentials,
                 "docker_user and docker_password must be given together",
             ));
         }

@@ -213,6 +213,13 @@ pub async fn serve(_: Authenticated, state: web::Data<AppState>) -> Result<HttpR
                 .map(|o| (label("outcome", o), u8::from(o == outcome))),
         );
     }
+    family(
+        out,
+        "tailor_api_undocumented_answers_total",
+        "counter",
+        "Error answers of this process whose code specs/openapi.yaml does not document for the operation.",
+        [(String::new(), crate::contract::undocumented_answers())],
+    );
     Ok(HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
         .body(std::mem::take(out)))

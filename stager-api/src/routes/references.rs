@@ -5,6 +5,7 @@
 use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde::Deserialize;
+use tailor::code::Code;
 use tailor::staging::references::{self, SyncError};
 use uuid::Uuid;
 
@@ -58,7 +59,7 @@ fn guid_list<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<Uu
     deserializer.deserialize_seq(Guids)
 }
 
-fn unprocessable(code: &'static str, message: impl Into<String>) -> ApiError {
+fn unprocessable(code: Code, message: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
 }
 
@@ -72,7 +73,7 @@ fn force_flag(req: &HttpRequest) -> Result<bool, ApiError> {
             (name, value) => {
                 return Err(ApiError::new(
                     StatusCode::BAD_REQUEST,
-                    "INVALID_QUERY",
+                    Code::InvalidQuery,
                     format!(
                         "unexpected query parameter {name}={value:?}; only force=true|false is accepted"
                     ),
@@ -99,7 +100,7 @@ pub async fn sync(
     if !is_json {
         return Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "UNSUPPORTED_MEDIA_TYPE",
+            Code::UnsupportedMediaType,
             "send the body as Content-Type: application/json",
         ));
     }
@@ -111,7 +112,7 @@ pub async fn sync(
         .map_err(|_| {
             ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
-                "TOO_MANY_REFERENCE_SYNCS",
+                Code::TooManyReferenceSyncs,
                 "other reference syncs are being applied; retry shortly",
             )
             .with_retry_after(5)
@@ -121,14 +122,14 @@ pub async fn sync(
         let chunk = chunk.map_err(|e| {
             ApiError::new(
                 StatusCode::BAD_REQUEST,
-                "MALFORMED_JSON",
+                Code::MalformedJson,
                 format!("reading the body failed: {e}"),
             )
         })?;
         if body.len() + chunk.len() > MAX_REFERENCES_BODY_BYTES {
             return Err(ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                "PAYLOAD_TOO_LARGE",
+                Code::PayloadTooLarge,
                 format!("the body is over the {MAX_REFERENCES_BODY_BYTES}-byte limit"),
             ));
         }
@@ -137,11 +138,11 @@ pub async fn sync(
     let request: ReferencesRequest = serde_json::from_slice(&body).map_err(|e| {
         let text = e.to_string();
         if text.contains("is not a GUID") {
-            unprocessable("INVALID_GUID", format!("{text}; nothing was changed"))
+            unprocessable(Code::InvalidGuid, format!("{text}; nothing was changed"))
         } else {
             ApiError::new(
                 StatusCode::BAD_REQUEST,
-                "MALFORMED_JSON",
+                Code::MalformedJson,
                 format!(
                     "the body is not a valid request: {}",
                     tailor::text::clean(&text, 300)

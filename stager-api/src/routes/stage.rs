@@ -4,6 +4,7 @@ use actix_web::http::StatusCode;
 use actix_web::http::header::LOCATION;
 use actix_web::{HttpResponse, web};
 use serde::Deserialize;
+use tailor::code::Code;
 use tailor::registry::Credentials;
 use tailor::staging::store::{self, Created, Stopped, StoreError};
 use tailor::staging::{Api, NewStaging, Requested, Rules};
@@ -32,7 +33,7 @@ pub struct CredentialsBody {
     pub password: String,
 }
 
-fn unprocessable(code: &'static str, message: impl Into<String>) -> ApiError {
+fn unprocessable(code: Code, message: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
 }
 
@@ -40,7 +41,7 @@ fn unprocessable(code: &'static str, message: impl Into<String>) -> ApiError {
 pub fn body_guid(field: &str, value: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(value.trim()).map_err(|_| {
         unprocessable(
-            "INVALID_GUID",
+            Code::InvalidGuid,
             format!("{field} {value:?} is not a GUID (e.g. 3f2a...-...)"),
         )
     })
@@ -51,7 +52,7 @@ pub fn path_guid(field: &str, value: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(value).map_err(|_| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
-            "INVALID_GUID",
+            Code::InvalidGuid,
             format!("{field} {value:?} in the URL is not a GUID"),
         )
     })
@@ -76,12 +77,10 @@ pub async fn accept(state: &AppState, new: &NewStaging) -> Result<HttpResponse, 
         .map_err(|e| match e {
             StoreError::Conflict(guid) => ApiError::new(
                 StatusCode::CONFLICT,
-                "STAGING_CONFLICT",
+                e.code(),
                 format!("staging {guid} already exists with a different request"),
             ),
-            StoreError::NoCredentialsKey => {
-                unprocessable("CREDENTIALS_NOT_ACCEPTED", e.to_string())
-            }
+            StoreError::NoCredentialsKey => unprocessable(e.code(), e.to_string()),
             StoreError::Database(error) => crate::error::database_error(&error),
         })?;
     let staging = match created {

@@ -25,6 +25,22 @@ pub struct TestApp {
     worker_settings: WorkerSettings,
 }
 
+/// Every API test also checks the error contract: each `{code}` the app answered with is one
+/// `specs/openapi.yaml` documents for that operation (`stager_api::contract`).
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.workers.cancel();
+        if !std::thread::panicking() {
+            assert_eq!(
+                stager_api::contract::undocumented_answers(),
+                0,
+                "the app answered with a code specs/openapi.yaml does not document for the \
+                 operation (its log names the code and the route)"
+            );
+        }
+    }
+}
+
 impl TestApp {
     /// Starts `count` more in-process workers (for tests that let stagings wait first).
     pub async fn start_workers(&self, count: usize) {
@@ -121,6 +137,7 @@ impl TestApp {
                 body["state"].as_str(),
                 Some("succeeded" | "failed" | "cancelled")
             ) {
+                assert_outcome_code_is_documented(&body);
                 return body;
             }
             assert!(
@@ -133,10 +150,21 @@ impl TestApp {
     }
 }
 
-impl Drop for TestApp {
-    fn drop(&mut self) {
-        self.workers.cancel();
-    }
+/// A staging's `error.code` must be one `specs/openapi.yaml` lists for a staging's end
+/// (`Staging.error.x-error-codes`): every test that waits for a staging checks the contract.
+fn assert_outcome_code_is_documented(staging: &serde_json::Value) {
+    let Some(code) = staging["error"]["code"].as_str() else {
+        return;
+    };
+    let documented = &stager_api::routes::openapi_document()["components"]["schemas"]["Staging"]["properties"]
+        ["error"]["x-error-codes"];
+    assert!(
+        documented
+            .as_array()
+            .is_some_and(|codes| codes.iter().any(|c| c == code)),
+        "a staging ended with {code}, which specs/openapi.yaml does not list for a staging's \
+         end: {staging}"
+    );
 }
 
 /// Settings for an app on port 0 with `TOKEN`, the internal registry `internal`, plain HTTP to

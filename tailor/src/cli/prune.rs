@@ -4,6 +4,7 @@
 //! on a cron schedule (how the BOSH job runs it, supervised like any other process).
 
 use clap::Args;
+use tailor::code::Code;
 use tailor::config::TailorSettings;
 use tailor::prune::{PruneOptions, PruneOutcome, PruneReport};
 use tailor::registry::Credentials;
@@ -101,7 +102,7 @@ async fn run_once(args: &PruneArgs) -> i32 {
     }
 }
 
-async fn execute(args: &PruneArgs) -> Result<PruneReport, (&'static str, String)> {
+async fn execute(args: &PruneArgs) -> Result<PruneReport, (Code, String)> {
     let settings = TailorSettings::from_env().map_err(|e| (e.code(), e.to_string()))?;
     let pool = tailor::db::connect(
         settings.database_url.expose(),
@@ -110,7 +111,7 @@ async fn execute(args: &PruneArgs) -> Result<PruneReport, (&'static str, String)
             .map_err(|e| (e.code(), e.to_string()))?,
     )
     .await
-    .map_err(|e| ("DATABASE_UNAVAILABLE", e.to_string()))?;
+    .map_err(|e| (Code::DatabaseUnavailable, e.to_string()))?;
     let registries = settings
         .registries(tailor::egress::Egress::unrestricted())
         .map_err(|e| (e.code(), e.to_string()))?;

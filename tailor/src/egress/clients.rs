@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use reqwest::Url;
 
 use super::{Checked, DenyReason, Egress, EgressDenied, Purpose};
+use crate::code::Code;
 
 /// How long a client built for a checked destination is used before the name is checked again.
 pub const CLIENT_TTL: Duration = Duration::from_secs(60);
@@ -49,10 +50,10 @@ pub enum ClientError {
 
 impl ClientError {
     /// The stable code: the denial's, or `HTTP_CLIENT_SETUP_FAILED`.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> Code {
         match self {
             Self::Denied(denied) => denied.code(),
-            Self::Setup { .. } => "HTTP_CLIENT_SETUP_FAILED",
+            Self::Setup { .. } => Code::HttpClientSetupFailed,
         }
     }
 }

@@ -19,6 +19,8 @@ pub use registry::{
 };
 pub use workdir::WorkDir;
 
+use crate::code::Code;
+
 /// Why a component could not be started.
 #[derive(Debug, thiserror::Error)]
 pub enum EmbeddedError {
@@ -55,11 +57,11 @@ impl EmbeddedError {
     }
 
     /// A stable, machine-readable code for this error.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> Code {
         match self {
-            Self::NotInstalled { .. } => "COMPONENT_NOT_INSTALLED",
-            Self::Spawn { .. } | Self::StartFailed { .. } => "COMPONENT_START_FAILED",
-            Self::Io { .. } => "COMPONENT_IO_ERROR",
+            Self::NotInstalled { .. } => Code::ComponentNotInstalled,
+            Self::Spawn { .. } | Self::StartFailed { .. } => Code::ComponentStartFailed,
+            Self::Io { .. } => Code::ComponentIoError,
         }
     }
 }

@@ -30,6 +30,7 @@ use std::time::Duration;
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use crate::code::Code;
 use crate::registry::{Deleted, Registry};
 
 /// How a run behaves.
@@ -175,10 +176,10 @@ pub enum PruneError {
 }
 
 impl PruneError {
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> Code {
         match self {
-            Self::AlreadyRunning => "PRUNE_ALREADY_RUNNING",
-            Self::Database(_) => "DATABASE_UNAVAILABLE",
+            Self::AlreadyRunning => Code::PruneAlreadyRunning,
+            Self::Database(_) => Code::DatabaseUnavailable,
         }
     }
 }

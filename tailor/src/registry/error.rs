@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use crate::code::Code;
 use crate::egress::EgressDenied;
 use crate::manifest::ManifestError;
 
@@ -78,19 +79,19 @@ fn wait_text(retry_after: Option<Duration>) -> String {
 
 impl RegistryError {
     /// The stable, machine-readable code (as for an upstream registry).
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> Code {
         match self {
-            Self::NotFound { .. } => "IMAGE_NOT_FOUND",
-            Self::Unauthorized { .. } => "UNAUTHORIZED",
-            Self::Denied { .. } => "DENIED",
-            Self::RateLimited { .. } => "RATE_LIMITED",
-            Self::Unavailable { .. } | Self::Unreachable { .. } => "UPSTREAM_UNREACHABLE",
-            Self::Timeout { .. } => "TIMEOUT",
-            Self::TooLarge { .. } => "RESPONSE_TOO_LARGE",
-            Self::ReadOnly { .. } => "INTERNAL_REGISTRY_READ_ONLY",
+            Self::NotFound { .. } => Code::ImageNotFound,
+            Self::Unauthorized { .. } => Code::Unauthorized,
+            Self::Denied { .. } => Code::Denied,
+            Self::RateLimited { .. } => Code::RateLimited,
+            Self::Unavailable { .. } | Self::Unreachable { .. } => Code::UpstreamUnreachable,
+            Self::Timeout { .. } => Code::Timeout,
+            Self::TooLarge { .. } => Code::ResponseTooLarge,
+            Self::ReadOnly { .. } => Code::InternalRegistryReadOnly,
             Self::EgressDenied(denied) => denied.code(),
-            Self::Protocol { .. } => "UPSTREAM_PROTOCOL_ERROR",
-            Self::DigestMismatch { .. } => "DIGEST_MISMATCH",
+            Self::Protocol { .. } => Code::UpstreamProtocolError,
+            Self::DigestMismatch { .. } => Code::DigestMismatch,
             Self::Manifest(error) => error.code(),
         }
     }

@@ -42,6 +42,7 @@ use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
+use crate::code::Code;
 use crate::platform::Platform;
 use crate::reference::ImageReference;
 
@@ -129,7 +130,7 @@ pub struct Staging {
     pub state: StagingState,
     pub attempts: i32,
     pub cancel_requested: bool,
-    pub error_code: Option<String>,
+    pub error_code: Option<Code>,
     pub error_message: Option<String>,
     pub last_error: Option<String>,
     pub source_digest: Option<String>,

@@ -12,8 +12,9 @@ use std::time::Duration;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use super::Staging;
 use super::store::{self, enqueue_callback, notify, read_returned};
+use super::{Staging, StagingState};
+use crate::code::Code;
 use crate::copy::CopyReport;
 use crate::image_config::RunInfo;
 use crate::text::store_safe;
@@ -134,10 +135,38 @@ pub enum Outcome<'a> {
         repository_lease: RepositoryLease<'a>,
     },
     Failed {
-        code: &'a str,
+        code: Code,
         message: &'a str,
     },
     Cancelled,
+}
+
+/// Ends a held running staging as failed or cancelled, with its code and message; returns its
+/// GUID, or `None` if this worker no longer holds it.
+async fn end_unsuccessful(
+    tx: &mut sqlx::PgConnection,
+    staging_guid: Uuid,
+    worker: &str,
+    state: StagingState,
+    code: Code,
+    message: &str,
+) -> Result<Option<Uuid>, sqlx::Error> {
+    let message = store_safe(message);
+    sqlx::query_scalar!(
+        "UPDATE stagings SET state = $3, lease_owner = NULL, lease_expires_at = NULL, \
+         encrypted_credentials = NULL, waiting_for = NULL, finished_at = now(), updated_at = now(), \
+         released_at = CASE WHEN EXISTS (SELECT 1 FROM deleted_apps d \
+             WHERE d.app_guid = stagings.app_guid) THEN now() ELSE released_at END, \
+         error_code = $4, error_message = $5 \
+         WHERE staging_guid = $1 AND lease_owner = $2 AND state = 'running' RETURNING staging_guid",
+        staging_guid,
+        worker,
+        state as StagingState,
+        code.as_str(),
+        message.as_ref(),
+    )
+    .fetch_optional(tx)
+    .await
 }
 
 /// Ends a staging this worker holds, erasing its credentials, and queues its callback in the
@@ -202,34 +231,28 @@ pub async fn finish(
             .await?
         }
         Outcome::Failed { code, message } => {
-            let message = store_safe(message);
-            sqlx::query_scalar!(
-            "UPDATE stagings SET state = 'failed', lease_owner = NULL, lease_expires_at = NULL, \
-             encrypted_credentials = NULL, waiting_for = NULL, finished_at = now(), updated_at = now(), \
-             released_at = CASE WHEN EXISTS (SELECT 1 FROM deleted_apps d \
-                 WHERE d.app_guid = stagings.app_guid) THEN now() ELSE released_at END, \
-             error_code = $3, error_message = $4 \
-             WHERE staging_guid = $1 AND lease_owner = $2 AND state = 'running' RETURNING staging_guid",
-            staging_guid,
-            worker,
-            code,
-            message.as_ref(),
-        )
-        .fetch_optional(&mut *tx)
-        .await?
+            end_unsuccessful(
+                &mut tx,
+                staging_guid,
+                worker,
+                StagingState::Failed,
+                code,
+                message,
+            )
+            .await?
         }
-        Outcome::Cancelled => sqlx::query_scalar!(
-            "UPDATE stagings SET state = 'cancelled', lease_owner = NULL, lease_expires_at = NULL, \
-             encrypted_credentials = NULL, waiting_for = NULL, finished_at = now(), updated_at = now(), \
-             released_at = CASE WHEN EXISTS (SELECT 1 FROM deleted_apps d \
-                 WHERE d.app_guid = stagings.app_guid) THEN now() ELSE released_at END, \
-             error_code = 'CANCELLED', error_message = 'cancelled while copying' \
-             WHERE staging_guid = $1 AND lease_owner = $2 AND state = 'running' RETURNING staging_guid",
-            staging_guid,
-            worker,
-        )
-        .fetch_optional(&mut *tx)
-        .await?,
+        Outcome::Cancelled => {
+            let message = "cancelled while copying";
+            end_unsuccessful(
+                &mut tx,
+                staging_guid,
+                worker,
+                StagingState::Cancelled,
+                Code::Cancelled,
+                message,
+            )
+            .await?
+        }
     };
     let staging = read_returned(&mut tx, ended).await?;
     if let (Some(staging), Outcome::Succeeded { report, .. }) = (&staging, &outcome) {

@@ -8,6 +8,8 @@
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use crate::code::Code;
+
 // Stagings a sync may judge ("settled"). The platform builds its list some time before
 // sending it, and records a staging only once its callback arrives: a staging still running,
 // finished in the last ten minutes, or with a callback not yet delivered may be in use without
@@ -31,10 +33,10 @@ pub enum SyncError {
 }
 
 impl SyncError {
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> Code {
         match self {
-            Self::Suspicious { .. } => "SUSPICIOUS_REFERENCE_LIST",
-            Self::Database(_) => "DATABASE_UNAVAILABLE",
+            Self::Suspicious { .. } => Code::SuspiciousReferenceList,
+            Self::Database(_) => Code::DatabaseUnavailable,
         }
     }
 }

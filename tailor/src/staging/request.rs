@@ -8,6 +8,7 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use super::Api;
+use crate::code::Code;
 use crate::egress::{Egress, Purpose};
 use crate::platform::Platform;
 use crate::reference::ImageReference;
@@ -46,19 +47,19 @@ pub struct Rules<'a> {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
 pub struct InvalidRequest {
-    code: &'static str,
+    code: Code,
     message: String,
 }
 
 impl InvalidRequest {
-    fn new(code: &'static str, message: impl Into<String>) -> Self {
+    fn new(code: Code, message: impl Into<String>) -> Self {
         Self {
             code,
             message: message.into(),
         }
     }
 
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> Code {
         self.code
     }
 }
@@ -84,7 +85,7 @@ impl NewStaging {
     /// same code.
     pub fn parse(requested: Requested<'_>, rules: &Rules<'_>) -> Result<Self, InvalidRequest> {
         let image = ImageReference::parse_with_default(requested.image, rules.default_registry)
-            .map_err(|e| InvalidRequest::new("INVALID_REFERENCE", e.to_string()))?;
+            .map_err(|e| InvalidRequest::new(Code::InvalidReference, e.to_string()))?;
         let default_port = if rules
             .registries
             .is_insecure(&image.registry, image.endpoint())
@@ -101,7 +102,7 @@ impl NewStaging {
             })?;
         let platform = match requested.platform {
             Some(text) => Platform::parse(text)
-                .map_err(|e| InvalidRequest::new("INVALID_PLATFORM", e.to_string()))?,
+                .map_err(|e| InvalidRequest::new(Code::InvalidPlatform, e.to_string()))?,
             None => Platform::default(),
         };
         if let Some(url) = &requested.completion_callback {
@@ -111,20 +112,20 @@ impl NewStaging {
             && (credentials.username.is_empty() || credentials.password.expose().is_empty())
         {
             return Err(InvalidRequest::new(
-                "INVALID_CREDENTIALS",
+                Code::InvalidCredentials,
                 "credentials need a non-empty username and password",
             ));
         }
         if requested.credentials.is_some() && !rules.accepts_credentials {
             return Err(InvalidRequest::new(
-                "CREDENTIALS_NOT_ACCEPTED",
+                Code::CredentialsNotAccepted,
                 "this stager has no TAILOR_CREDENTIALS_KEY, so it cannot hold credentials",
             ));
         }
         let timeout = match requested.timeout {
             Some(timeout) if timeout.is_zero() || timeout > MAX_TIMEOUT => {
                 return Err(InvalidRequest::new(
-                    "INVALID_TIMEOUT",
+                    Code::InvalidTimeout,
                     format!(
                         "timeout must be between 1 and {} seconds",
                         MAX_TIMEOUT.as_secs()
@@ -222,7 +223,7 @@ impl NewStaging {
 /// A completion callback must be an http(s) URL, without credentials, to a host the egress
 /// policy does not obviously deny.
 fn check_callback(egress: &Egress, url: &str) -> Result<(), InvalidRequest> {
-    let invalid = |message: String| InvalidRequest::new("INVALID_CALLBACK", message);
+    let invalid = |message: String| InvalidRequest::new(Code::InvalidCallback, message);
     let parsed = reqwest::Url::parse(url)
         .map_err(|e| invalid(format!("completion_callback {url:?} is not a URL: {e}")))?;
     let (Some(host), Some(port)) = (parsed.host_str(), parsed.port_or_known_default()) else {
@@ -243,7 +244,7 @@ fn check_callback(egress: &Egress, url: &str) -> Result<(), InvalidRequest> {
     egress
         .check_literal(&format!("{host}:{port}"), port, Purpose::Callback)
         .map_err(|denied| {
-            InvalidRequest::new("EGRESS_DENIED", format!("completion_callback: {denied}"))
+            InvalidRequest::new(Code::EgressDenied, format!("completion_callback: {denied}"))
         })
 }
 

@@ -4,6 +4,7 @@ use sqlx::{PgExecutor, PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
 use super::{Api, NewStaging, Staging, StagingState, Waiting};
+use crate::code::Code;
 use crate::platform::Platform;
 use crate::reference::ImageReference;
 use crate::secrets::CredentialsKey;
@@ -24,11 +25,11 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> Code {
         match self {
-            Self::Conflict(_) => "STAGING_CONFLICT",
-            Self::NoCredentialsKey => "CREDENTIALS_NOT_ACCEPTED",
-            Self::Database(_) => "DATABASE_UNAVAILABLE",
+            Self::Conflict(_) => Code::StagingConflict,
+            Self::NoCredentialsKey => Code::CredentialsNotAccepted,
+            Self::Database(_) => Code::DatabaseUnavailable,
         }
     }
 }
@@ -114,7 +115,7 @@ pub(crate) async fn read<'e>(
         Staging,
         r#"SELECT staging_guid, app_guid, source_image AS "source_image: ImageReference",
                platform AS "platform: Platform", api AS "api: Api", completion_callback,
-               state AS "state: StagingState", attempts, cancel_requested, error_code,
+               state AS "state: StagingState", attempts, cancel_requested, error_code AS "error_code: Code",
                error_message, last_error, source_digest,
                pinned_image AS "pinned_image: ImageReference", tagged_image, bytes_total,
                bytes_done, bytes_copied, bytes_mounted, bytes_skipped, blobs_copied,

@@ -24,6 +24,7 @@ use uuid::Uuid;
 use super::Shared;
 use super::decide::{Attempt, Circumstances, Next, StopReason, decide};
 use super::heartbeat::{Heartbeat, keep_alive};
+use crate::code::Code;
 use crate::copy::{CopyOptions, CopyReport, PlatformChoice, Progress, copy_image};
 use crate::error::CopyError;
 use crate::image_config::RunInfo;
@@ -180,7 +181,7 @@ struct Prepared {
     credentials: Option<Credentials>,
 }
 
-fn prepare(shared: &Shared, claimed: &Claimed) -> Result<Prepared, (&'static str, String)> {
+fn prepare(shared: &Shared, claimed: &Claimed) -> Result<Prepared, (Code, String)> {
     let staging = &claimed.staging;
     let src = staging.source_image.clone();
     let platform = staging.platform.clone();
@@ -191,11 +192,11 @@ fn prepare(shared: &Shared, claimed: &Claimed) -> Result<Prepared, (&'static str
         (None, _) => None,
         (Some(sealed), Some(key)) => Some(
             key.decrypt(sealed)
-                .map_err(|e| ("CREDENTIALS_UNAVAILABLE", e.to_string()))?,
+                .map_err(|e| (Code::CredentialsUnavailable, e.to_string()))?,
         ),
         (Some(_), None) => {
             return Err((
-                "CREDENTIALS_UNAVAILABLE",
+                Code::CredentialsUnavailable,
                 "this worker has no TAILOR_CREDENTIALS_KEY to decrypt the staging's credentials"
                     .into(),
             ));
@@ -242,7 +243,7 @@ async fn attempt(run: &Run<'_>, claimed: &Claimed, beat: &Beat) -> (Next, Option
     let prepared = match prepare(shared, claimed) {
         Ok(prepared) => prepared,
         Err((code, message)) => {
-            tracing::warn!(code, %message, "staging failed before copying");
+            tracing::warn!(%code, %message, "staging failed before copying");
             return (Next::Fail { code, message }, None);
         }
     };
@@ -372,7 +373,7 @@ impl Run<'_> {
     async fn record(&self, next: Next, report: Option<&CopyReport>) {
         let (pool, guid, worker) = (&self.shared.pool, self.guid, self.worker);
         match &next {
-            Next::Fail { code, message } => tracing::warn!(code, %message, "staging failed"),
+            Next::Fail { code, message } => tracing::warn!(%code, %message, "staging failed"),
             Next::Requeue(requeue) => tracing::warn!(
                 attempt = self.attempts,
                 retry_in_s = requeue.after.as_secs(),

@@ -9,6 +9,7 @@
 use std::time::Duration;
 
 use super::super::queue::{Requeue, Waiting};
+use crate::code::Code;
 use crate::error::CopyError;
 
 /// Why a copy was stopped from outside.
@@ -42,7 +43,7 @@ pub enum Attempt<'a> {
 pub enum Next {
     Succeed,
     Fail {
-        code: &'static str,
+        code: Code,
         message: String,
     },
     Cancel,
@@ -96,7 +97,7 @@ pub fn decide(attempt: Attempt<'_>, c: &Circumstances) -> Next {
             last_error: None,
         }),
         Attempt::Stopped(StopReason::Deadline) => Next::Fail {
-            code: "TIMEOUT",
+            code: Code::Timeout,
             message: match &c.last_error {
                 Some(last) => {
                     format!("the staging did not finish before its deadline (last error: {last})")
@@ -105,7 +106,7 @@ pub fn decide(attempt: Attempt<'_>, c: &Circumstances) -> Next {
             },
         },
         Attempt::Panicked(what) => Next::Fail {
-            code: "INTERNAL_ERROR",
+            code: Code::InternalError,
             message: format!("the worker failed unexpectedly: {what}"),
         },
         Attempt::RepositoryBusy => wait(
@@ -121,7 +122,7 @@ pub fn decide(attempt: Attempt<'_>, c: &Circumstances) -> Next {
             c,
         ),
         Attempt::WornOut => Next::Fail {
-            code: "ATTEMPTS_EXHAUSTED",
+            code: Code::AttemptsExhausted,
             message: match &c.last_error {
                 Some(last) => format!(
                     "gave up after {} attempts (last error: {last})",
@@ -157,7 +158,7 @@ fn failed(error: &CopyError, c: &Circumstances) -> Next {
     }
     if c.attempts >= c.max_attempts {
         return Next::Fail {
-            code: "ATTEMPTS_EXHAUSTED",
+            code: Code::AttemptsExhausted,
             message: format!("gave up after {} attempts: {described}", c.attempts),
         };
     }
@@ -183,8 +184,8 @@ fn failed(error: &CopyError, c: &Circumstances) -> Next {
 fn wait(after: Duration, waiting: Waiting, why: String, c: &Circumstances) -> Next {
     if after >= c.time_left {
         let code = match waiting {
-            Waiting::RateLimit => "RATE_LIMITED",
-            _ => "TIMEOUT",
+            Waiting::RateLimit => Code::RateLimited,
+            _ => Code::Timeout,
         };
         return Next::Fail {
             code,
@@ -282,7 +283,7 @@ mod tests {
         assert!(matches!(
             decide(Attempt::Failed(&unreachable()), &spent),
             Next::Fail {
-                code: "ATTEMPTS_EXHAUSTED",
+                code: Code::AttemptsExhausted,
                 ..
             }
         ));
@@ -320,7 +321,7 @@ mod tests {
         assert!(matches!(
             decide(Attempt::Failed(&limited), &late),
             Next::Fail {
-                code: "RATE_LIMITED",
+                code: Code::RateLimited,
                 ..
             }
         ));
@@ -332,7 +333,7 @@ mod tests {
         assert!(matches!(
             decide(Attempt::Failed(&denied), &circumstances()),
             Next::Fail {
-                code: "PLATFORM_MISMATCH",
+                code: Code::PlatformMismatch,
                 ..
             }
         ));
@@ -377,7 +378,7 @@ mod tests {
         assert!(matches!(
             decide(Attempt::Stopped(StopReason::Deadline), &circumstances()),
             Next::Fail {
-                code: "TIMEOUT",
+                code: Code::Timeout,
                 ..
             }
         ));
@@ -406,7 +407,7 @@ mod tests {
         assert!(matches!(
             decide(Attempt::Panicked("boom"), &circumstances()),
             Next::Fail {
-                code: "INTERNAL_ERROR",
+                code: Code::InternalError,
                 ..
             }
         ));
