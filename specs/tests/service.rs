@@ -147,3 +147,54 @@ async fn embedded_mode_serves_and_ctrl_c_leaves_nothing_behind() {
         assert!(!dir.exists(), "{} survived Ctrl-C", dir.display());
     }
 }
+
+#[test]
+fn tailor_check_config_refuses_what_work_and_prune_would_naming_the_variable() {
+    // check-config builds `work`'s and `prune`'s arguments as those commands do (clap, from
+    // the environment), so it refuses exactly what they would, and names the variable.
+    let base = [
+        ("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none"),
+        ("TAILOR_INTERNAL_REGISTRY", "127.0.0.1:5000"),
+    ];
+    for (setting, value, only_for) in [
+        ("TAILOR_WORKERS", "0", "work"),
+        ("TAILOR_PRUNE_DRY_RUN", "maybe", "prune"),
+        ("TAILOR_PRUNE_GRACE", "soon", "prune"),
+        ("TAILOR_PRUNE_SCHEDULE", "0 0 * * 8", "prune"),
+    ] {
+        let check = |role: Option<&str>| {
+            let mut command = std::process::Command::new(specs::binary("tailor"));
+            command
+                .arg("check-config")
+                .env_clear()
+                .envs(base)
+                .env(setting, value);
+            if let Some(role) = role {
+                command.args(["--for", role]);
+            }
+            command.output().unwrap()
+        };
+        for role in [None, Some(only_for)] {
+            let output = check(role);
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert_eq!(
+                output.status.code(),
+                Some(1),
+                "{setting} {role:?}: {stderr}"
+            );
+            assert!(
+                stderr.starts_with(&format!("error: {setting} is invalid"))
+                    && stderr.contains(value)
+                    && stderr.contains("CONFIG_INVALID"),
+                "{setting}: {stderr}"
+            );
+        }
+        let other = if only_for == "work" { "prune" } else { "work" };
+        let output = check(Some(other));
+        assert!(
+            output.status.success(),
+            "{setting} is not {other}'s: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}

@@ -135,46 +135,63 @@ fn check_config(
     lookup: impl Fn(&str) -> Option<String> + Copy,
     role: Option<Role>,
 ) -> Result<String, tailor::config::ConfigError> {
-    use tailor::config::ConfigError;
     let settings = tailor::config::TailorSettings::from_lookup(lookup)?;
     let key = tailor::secrets::CredentialsKey::from_lookup(lookup)?;
     let workers = tailor::staging::worker::WorkerSettings::from_settings(&settings, key, lookup)?;
     workers.registries()?;
     settings.database_pool(4, role != Some(Role::Prune))?;
-    if let Some(text) = lookup("TAILOR_WORKERS").filter(|t| !t.trim().is_empty())
-        && !text
-            .trim()
-            .parse::<u16>()
-            .is_ok_and(|n| (1..=256).contains(&n))
-    {
-        return Err(ConfigError::Invalid {
-            setting: "TAILOR_WORKERS",
-            problem: format!("{text:?} is not a whole number from 1 to 256"),
-        });
-    }
-    if let Some(text) = lookup("TAILOR_PRUNE_GRACE").filter(|t| !t.trim().is_empty()) {
-        tailor::prune::duration::parse_duration(&text).map_err(|problem| ConfigError::Invalid {
-            setting: "TAILOR_PRUNE_GRACE",
-            problem,
-        })?;
-    }
-    if let Some(text) = lookup("TAILOR_PRUNE_SCHEDULE").filter(|t| !t.trim().is_empty()) {
-        tailor::prune::schedule::Schedule::parse(&text).map_err(|problem| {
-            ConfigError::Invalid {
-                setting: "TAILOR_PRUNE_SCHEDULE",
-                problem,
-            }
-        })?;
-    }
-    if let Some(text) = lookup("TAILOR_PRUNE_DRY_RUN").filter(|t| !t.trim().is_empty())
-        && !matches!(text.trim(), "true" | "false")
-    {
-        return Err(ConfigError::Invalid {
-            setting: "TAILOR_PRUNE_DRY_RUN",
-            problem: format!("{text:?} is not true or false"),
-        });
+    // What `work` and `prune` take from flags and the environment, built as they build it.
+    for (subcommand, reads) in [("work", Role::Work), ("prune", Role::Prune)] {
+        if role.is_none_or(|role| role == reads) {
+            Cli::try_parse_from(["tailor", subcommand])
+                .map_err(|error| refused_setting(subcommand, &error))?;
+        }
     }
     Ok(workers.egress.describe())
+}
+
+/// The settings `tailor <subcommand>` reads from the environment, by their variables.
+const SUBCOMMAND_SETTINGS: [&str; 4] = [
+    "TAILOR_WORKERS",
+    "TAILOR_PRUNE_DRY_RUN",
+    "TAILOR_PRUNE_GRACE",
+    "TAILOR_PRUNE_SCHEDULE",
+];
+
+/// Clap's refusal of a subcommand's argument, as the setting (environment variable) it came from.
+fn refused_setting(subcommand: &str, error: &clap::Error) -> tailor::config::ConfigError {
+    use clap::CommandFactory;
+    use clap::error::{ContextKind, ContextValue};
+    let rendered = error.render().to_string();
+    let mut lines = rendered.lines().map(str::trim);
+    let mut problem = lines
+        .next()
+        .unwrap_or_default()
+        .trim_start_matches("error: ")
+        .to_owned();
+    if let Some(values) = lines.find(|line| line.starts_with("[possible values")) {
+        problem = format!("{problem} {values}");
+    }
+    // The refused argument (`--grace <GRACE>`), and the variable it reads.
+    let refused = match error.get(ContextKind::InvalidArg) {
+        Some(ContextValue::String(text)) => text.clone(),
+        _ => String::new(),
+    };
+    let command = Cli::command();
+    let env = command
+        .find_subcommand(subcommand)
+        .into_iter()
+        .flat_map(|c| c.get_arguments())
+        .find(|arg| {
+            arg.get_long()
+                .is_some_and(|long| refused.starts_with(&format!("--{long}")))
+        })
+        .and_then(|arg| arg.get_env())
+        .and_then(|env| SUBCOMMAND_SETTINGS.into_iter().find(|s| env == *s));
+    tailor::config::ConfigError::Invalid {
+        setting: env.unwrap_or("the command line"),
+        problem,
+    }
 }
 
 async fn work(count: usize) -> anyhow::Result<()> {
