@@ -1,4 +1,6 @@
-//! `/metrics` in the Prometheus text format.
+//! `/metrics` in the Prometheus text format, every figure read from PostgreSQL at scrape time
+//! (why this is not `prometheus-client`: docs/ARCHITECTURE.md, "Our own code where a crate
+//! exists").
 
 use std::fmt::Write;
 
