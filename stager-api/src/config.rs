@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 
 use tailor::config::{ConfigError, Secret, TailorSettings};
+use tailor::staging::worker::WorkerSettings;
 
 /// Shortest API token accepted: anything shorter is guessable.
 pub const MIN_TOKEN_LEN: usize = 16;
@@ -20,6 +21,23 @@ pub struct StagerSettings {
     pub credentials_key: Option<tailor::secrets::CredentialsKey>,
     /// `STAGER_TLS_CERT` / `STAGER_TLS_KEY` / `STAGER_TLS_CLIENT_CA`: HTTPS, optionally mutual.
     pub tls: Option<crate::tls::TlsSettings>,
+    /// The in-process workers' settings (`TAILOR_LEASE_SECONDS`, `TAILOR_POLL_SECONDS`, ...),
+    /// from the same deployment settings; their registries' TLS roots are checked too.
+    pub worker: WorkerSettings,
+    /// The size of the one pool the API and the in-process workers share
+    /// (`TAILOR_DATABASE_CONNECTIONS`, 8 by default).
+    pub connections: u32,
+}
+
+/// What [`StagerSettings::new`] is made from: the settings read directly, before what they imply
+/// is derived and checked.
+pub struct Parts {
+    pub tailor: TailorSettings,
+    pub listen: SocketAddr,
+    pub api_tokens: Vec<Secret>,
+    pub workers: usize,
+    pub credentials_key: Option<tailor::secrets::CredentialsKey>,
+    pub tls: Option<crate::tls::TlsSettings>,
 }
 
 impl StagerSettings {
@@ -36,19 +54,38 @@ impl StagerSettings {
         )
     }
 
+    /// Everything `serve` needs, from the variables `lookup` answers: a value that parses
+    /// here is one `serve` accepts (`check-config` is this and nothing more).
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let tailor = TailorSettings::from_lookup(&lookup)?;
-        let listen = parse_listen(lookup("STAGER_LISTEN").as_deref())?;
-        let api_tokens = parse_tokens(lookup("STAGER_API_TOKENS").as_deref())?;
-        let workers = parse_count("STAGER_WORKERS", lookup("STAGER_WORKERS").as_deref(), 2)?;
-        let credentials_key = tailor::secrets::CredentialsKey::from_lookup(&lookup)?;
-        Ok(Self {
-            tailor,
-            listen,
-            api_tokens,
-            workers,
-            credentials_key,
+        let parts = Parts {
+            tailor: TailorSettings::from_lookup(&lookup)?,
+            listen: parse_listen(lookup("STAGER_LISTEN").as_deref())?,
+            api_tokens: parse_tokens(lookup("STAGER_API_TOKENS").as_deref())?,
+            workers: parse_count("STAGER_WORKERS", lookup("STAGER_WORKERS").as_deref(), 2)?,
+            credentials_key: tailor::secrets::CredentialsKey::from_lookup(&lookup)?,
             tls: crate::tls::TlsSettings::from_lookup(&lookup)?,
+        };
+        Self::new(parts, lookup)
+    }
+
+    /// Derives what `parts` imply (the workers' settings, with the tunables `lookup` answers;
+    /// the pool's size) and checks it.
+    pub fn new(parts: Parts, lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let worker =
+            WorkerSettings::from_settings(&parts.tailor, parts.credentials_key.clone(), lookup)?;
+        worker.registries()?;
+        // One pool for the API and the in-process workers (whose LISTEN connection is one of
+        // them): its size does not grow with workers or blob transfers.
+        let connections = parts.tailor.database_pool(8, parts.workers > 0)?;
+        Ok(Self {
+            tailor: parts.tailor,
+            listen: parts.listen,
+            api_tokens: parts.api_tokens,
+            workers: parts.workers,
+            credentials_key: parts.credentials_key,
+            tls: parts.tls,
+            worker,
+            connections,
         })
     }
 }

@@ -4,12 +4,11 @@ use std::net::TcpListener;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use stager_api::config::{StagerSettings, parse_listen};
+use stager_api::config::{Parts, StagerSettings, parse_listen};
 use stager_api::startup::Application;
 use tailor::config::{Secret, TailorSettings};
 use tailor::embedded::{EmbeddedPostgres, EmbeddedRegistry, RegistryOptions};
 use tailor::secrets::CredentialsKey;
-use tailor::staging::worker::WorkerSettings;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -96,19 +95,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Embedded(args) => embedded(args).await,
         Command::CheckConfig { probe } => {
+            // Built as `serve` builds it: what parses here, serve accepts.
             let settings = StagerSettings::from_env().map_err(config_error)?;
-            // The in-process workers' tunables too: serve would refuse them at start-up.
-            let workers = WorkerSettings::from_settings(
-                &settings.tailor,
-                settings.credentials_key.clone(),
-                |n| std::env::var(n).ok(),
-            )
-            .map_err(config_error)?;
-            workers.registries().map_err(config_error)?;
-            settings
-                .tailor
-                .database_pool(8, settings.workers > 0)
-                .map_err(config_error)?;
             if probe {
                 probe_dependencies(&settings).await?;
             }
@@ -150,18 +138,8 @@ async fn serve(
     listener: TcpListener,
     ready: impl FnOnce(&str),
 ) -> anyhow::Result<()> {
-    let mut worker_settings =
-        WorkerSettings::from_settings(&settings.tailor, settings.credentials_key.clone(), |name| {
-            std::env::var(name).ok()
-        })
-        .map_err(config_error)?;
-    // One pool for the API and the in-process workers (whose LISTEN connection is one of
-    // them): its size does not grow with workers or blob transfers.
-    let connections = settings
-        .tailor
-        .database_pool(8, settings.workers > 0)
-        .map_err(config_error)?;
-    let db = tailor::db::connect(settings.tailor.database_url.expose(), connections)
+    let mut worker_settings = settings.worker.clone();
+    let db = tailor::db::connect(settings.tailor.database_url.expose(), settings.connections)
         .await
         .context("connecting to DATABASE_URL")?;
     tailor::db::migrate(&db)
@@ -283,7 +261,7 @@ async fn embedded(args: EmbeddedArgs) -> anyhow::Result<()> {
         tailor.egress_allow =
             tailor::egress::Rule::parse_list("127.0.0.0/8, ::1, localhost").expect("valid rules");
     }
-    let settings = StagerSettings {
+    let parts = Parts {
         tailor,
         listen,
         api_tokens,
@@ -296,6 +274,8 @@ async fn embedded(args: EmbeddedArgs) -> anyhow::Result<()> {
         credentials_key: Some(CredentialsKey::generate()),
         tls: None,
     };
+    let settings =
+        StagerSettings::new(parts, |name| std::env::var(name).ok()).map_err(config_error)?;
     eprintln!("embedded PostgreSQL:        {}", postgres.url("postgres"));
     eprintln!("embedded internal registry: {}", registry.base_url());
     if let Some(demo) = &demo {

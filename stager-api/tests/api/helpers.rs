@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use stager_api::config::StagerSettings;
+use stager_api::config::{Parts, StagerSettings};
 use stager_api::startup::Application;
 use tailor::config::{Secret, TailorSettings};
 use tailor::staging::worker::WorkerSettings;
@@ -197,14 +197,20 @@ pub fn settings_with(
         }
     })
     .expect("valid test settings");
-    StagerSettings {
+    let parts = Parts {
         tailor,
         listen: "127.0.0.1:0".parse().unwrap(),
         api_tokens: vec![Secret::new(TOKEN)],
         workers: 0,
         credentials_key: None,
         tls: None,
-    }
+    };
+    StagerSettings::new(parts, |name| {
+        env.iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, value)| value.clone())
+    })
+    .expect("valid test settings")
 }
 
 pub async fn spawn_app() -> TestApp {
