@@ -365,6 +365,26 @@ mod tests {
                 "EGRESS_DENIED",
             ),
             (
+                "callback with only a password",
+                with(&|r| {
+                    r.completion_callback = Some("https://:hunter2@cc.example.com/done".into())
+                }),
+                false,
+                "INVALID_CALLBACK",
+            ),
+            (
+                "callback with only a username",
+                with(&|r| r.completion_callback = Some("https://cc@cc.example.com/done".into())),
+                false,
+                "INVALID_CALLBACK",
+            ),
+            (
+                "empty username",
+                with(&|r| r.credentials = credentials("", "hunter2")),
+                true,
+                "INVALID_CREDENTIALS",
+            ),
+            (
                 "empty password",
                 with(&|r| r.credentials = credentials("robot", "")),
                 true,
