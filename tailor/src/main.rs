@@ -88,7 +88,11 @@ async fn run(command: Command) -> anyhow::Result<u8> {
     match command {
         Command::Copy(args) => return Ok(cli::copy::run(args).await as u8),
         Command::Prune(args) => return Ok(cli::prune::run(args).await as u8),
-        Command::Work { workers } => work(usize::from(workers)).await?,
+        Command::Work { workers } => {
+            let settings = cli::work::WorkSettings::from_lookup(workers, |n| std::env::var(n).ok())
+                .map_err(config_error)?;
+            cli::work::run(settings).await?
+        }
         Command::CheckConfig { role, probe } => {
             let lookup = |name: &str| std::env::var(name).ok();
             let policy = check_config(lookup, role).map_err(config_error)?;
@@ -135,19 +139,29 @@ fn check_config(
     lookup: impl Fn(&str) -> Option<String> + Copy,
     role: Option<Role>,
 ) -> Result<String, tailor::config::ConfigError> {
-    let settings = tailor::config::TailorSettings::from_lookup(lookup)?;
-    let key = tailor::secrets::CredentialsKey::from_lookup(lookup)?;
-    let workers = tailor::staging::worker::WorkerSettings::from_settings(&settings, key, lookup)?;
-    workers.registries()?;
-    settings.database_pool(4, role != Some(Role::Prune))?;
-    // What `work` and `prune` take from flags and the environment, built as they build it.
-    for (subcommand, reads) in [("work", Role::Work), ("prune", Role::Prune)] {
-        if role.is_none_or(|role| role == reads) {
-            Cli::try_parse_from(["tailor", subcommand])
-                .map_err(|error| refused_setting(subcommand, &error))?;
-        }
+    // The policy the workers enforce, in words (the pruner reaches only the internal registry).
+    let policy = tailor::config::TailorSettings::from_lookup(lookup)?
+        .egress_policy()
+        .describe();
+    if role.is_none_or(|role| role == Role::Work) {
+        let Command::Work { workers } = parsed("work")? else {
+            unreachable!("clap parsed `tailor work` as another subcommand")
+        };
+        cli::work::WorkSettings::from_lookup(workers, lookup)?;
     }
-    Ok(workers.egress.describe())
+    if role.is_none_or(|role| role == Role::Prune) {
+        parsed("prune")?;
+        cli::prune::PruneSettings::from_lookup(lookup)?;
+    }
+    Ok(policy)
+}
+
+/// `tailor <subcommand>`'s arguments as clap builds them from the environment alone (what the
+/// subcommand would refuse, naming the variable).
+fn parsed(subcommand: &str) -> Result<Command, tailor::config::ConfigError> {
+    Cli::try_parse_from(["tailor", subcommand])
+        .map(|cli| cli.command)
+        .map_err(|error| refused_setting(subcommand, &error))
 }
 
 /// The settings `tailor <subcommand>` reads from the environment, by their variables.
@@ -192,40 +206,4 @@ fn refused_setting(subcommand: &str, error: &clap::Error) -> tailor::config::Con
         setting: env.unwrap_or("the command line"),
         problem,
     }
-}
-
-async fn work(count: usize) -> anyhow::Result<()> {
-    let settings = tailor::config::TailorSettings::from_env().map_err(config_error)?;
-    let key = tailor::secrets::CredentialsKey::from_lookup(|n| std::env::var(n).ok())
-        .map_err(config_error)?;
-    let worker_settings =
-        tailor::staging::worker::WorkerSettings::from_settings(&settings, key, |n| {
-            std::env::var(n).ok()
-        })
-        .map_err(config_error)?;
-    // Workers borrow a connection for one short statement at a time; the pool's size (its
-    // LISTEN connection included) does not grow with workers or blob transfers.
-    let connections = settings.database_pool(4, true).map_err(config_error)?;
-    let pool = tailor::db::connect(settings.database_url.expose(), connections)
-        .await
-        .context("connecting to DATABASE_URL")?;
-    tailor::db::migrate(&pool)
-        .await
-        .context("running database migrations")?;
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let signal = shutdown.clone();
-    tokio::spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
-        tracing::info!("shutting down: no new stagings will be claimed");
-        signal.cancel();
-    });
-    tracing::info!("{}", worker_settings.egress.describe());
-    println!("tailor work: {count} workers running");
-    tailor::staging::worker::run(pool, worker_settings, count, shutdown).await;
-    Ok(())
 }

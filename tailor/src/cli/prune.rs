@@ -3,11 +3,13 @@
 //! "nothing to do" and "error" happened. With `--schedule`, a long-running process that prunes
 //! on a cron schedule (how the BOSH job runs it, supervised like any other process).
 
+use std::sync::Arc;
+
 use clap::Args;
 use tailor::code::Code;
-use tailor::config::TailorSettings;
+use tailor::config::{ConfigError, Secret, TailorSettings};
 use tailor::prune::{PruneOptions, PruneOutcome, PruneReport};
-use tailor::registry::Credentials;
+use tailor::registry::{Credentials, Registry};
 
 /// Exit status: images were (or, dry, would be) pruned.
 pub const EXIT_PRUNED: i32 = 0;
@@ -102,31 +104,45 @@ async fn run_once(args: &PruneArgs) -> i32 {
     }
 }
 
+/// What a prune run reaches, built once from the environment; a value that builds here is one
+/// `prune` accepts (`check-config --for prune` is this, with the arguments clap builds).
+pub struct PruneSettings {
+    database_url: Secret,
+    connections: u32,
+    /// The internal registry, with tailor's credentials; the operator's, so unrestricted.
+    internal: Arc<Registry>,
+}
+
+impl PruneSettings {
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let settings = TailorSettings::from_lookup(lookup)?;
+        let registries = settings.registries(tailor::egress::Egress::unrestricted())?;
+        let internal = registries.internal(
+            &settings.internal_registry,
+            settings
+                .internal_registry_credentials
+                .as_ref()
+                .map(|(user, password)| Credentials::new(user.clone(), password.expose())),
+        );
+        Ok(Self {
+            connections: settings.database_pool(2, false)?,
+            database_url: settings.database_url,
+            internal,
+        })
+    }
+}
+
 async fn execute(args: &PruneArgs) -> Result<PruneReport, (Code, String)> {
-    let settings = TailorSettings::from_env().map_err(|e| (e.code(), e.to_string()))?;
-    let pool = tailor::db::connect(
-        settings.database_url.expose(),
-        settings
-            .database_pool(2, false)
-            .map_err(|e| (e.code(), e.to_string()))?,
-    )
-    .await
-    .map_err(|e| (Code::DatabaseUnavailable, e.to_string()))?;
-    let registries = settings
-        .registries(tailor::egress::Egress::unrestricted())
+    let settings = PruneSettings::from_lookup(|name| std::env::var(name).ok())
         .map_err(|e| (e.code(), e.to_string()))?;
-    let internal = registries.internal(
-        &settings.internal_registry,
-        settings
-            .internal_registry_credentials
-            .as_ref()
-            .map(|(user, password)| Credentials::new(user.clone(), password.expose())),
-    );
+    let pool = tailor::db::connect(settings.database_url.expose(), settings.connections)
+        .await
+        .map_err(|e| (Code::DatabaseUnavailable, e.to_string()))?;
     let options = PruneOptions {
         grace: args.grace,
         dry_run: args.dry_run,
     };
-    tailor::prune::prune(&pool, &internal, &options)
+    tailor::prune::prune(&pool, &settings.internal, &options)
         .await
         .map_err(|e| (e.code(), e.to_string()))
 }
