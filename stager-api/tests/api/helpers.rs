@@ -42,6 +42,14 @@ impl Drop for TestApp {
 }
 
 impl TestApp {
+    /// Runs one attempt of the next ready staging to its recorded end, as a worker of this app
+    /// would (`tailor::staging::worker::run_one`); the staging it ran, if any.
+    pub async fn step(&self) -> Option<uuid::Uuid> {
+        tailor::staging::worker::run_one(&self.pool, &self.worker_settings, "test-step")
+            .await
+            .expect("a step of the queue")
+    }
+
     /// Starts `count` more in-process workers (for tests that let stagings wait first).
     pub async fn start_workers(&self, count: usize) {
         let pool = tailor::db::connect(&self._database.url, 4).await.unwrap();

@@ -337,3 +337,34 @@ async fn database_outage_answers_503_with_retry_after_and_writes_nothing() {
     let body: serde_json::Value = response.json().await.unwrap();
     assert_eq!(body["code"], "DATABASE_UNAVAILABLE");
 }
+
+#[tokio::test]
+async fn a_step_runs_the_oldest_ready_staging_to_its_end_and_then_finds_nothing() {
+    // No workers: only the test's steps run stagings, one whole attempt at a time.
+    let app = spawn_app_with(0, TestRegistry::anonymous()).await;
+    let image = ImageSpec::seeded(ManifestFormat::Docker, 1100, 2, 16 * 1024).build();
+    app.hub.push("steps/app:v1", &image).await;
+    let reference = format!("{}/steps/app:v1", app.hub.host());
+    let (_, first) = app
+        .stage(json!({ "app_guid": Uuid::new_v4(), "image": reference }))
+        .await;
+    let (_, second) = app
+        .stage(json!({ "app_guid": Uuid::new_v4(), "image": format!("{}/steps/missing:v1", app.hub.host()) }))
+        .await;
+    let guid = |body: &serde_json::Value| body["staging_guid"].as_str().unwrap().to_owned();
+
+    let ran = app.step().await.expect("a ready staging");
+    assert_eq!(ran.to_string(), guid(&first));
+    // Recorded before the step returned: no waiting.
+    let done = app.staging(&guid(&first)).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(app.staging(&guid(&second)).await["state"], "queued");
+
+    let ran = app.step().await.expect("the second staging");
+    assert_eq!(ran.to_string(), guid(&second));
+    let failed = app.staging(&guid(&second)).await;
+    assert_eq!(failed["state"], "failed", "{failed}");
+    assert_eq!(failed["error"]["code"], "IMAGE_NOT_FOUND", "{failed}");
+
+    assert_eq!(app.step().await, None, "nothing is left to run");
+}

@@ -234,6 +234,41 @@ pub async fn run(
     tracing::info!("workers stopped");
 }
 
+/// Claims one staging, if one is ready, and runs one attempt of it to its recorded end (what
+/// each of [`run`]'s workers does in a loop): for tests that step the queue by hand. Returns the
+/// staging it ran. No callback is delivered and no cancellation is forwarded meanwhile (the
+/// attempt's heartbeat still sees a cancellation request).
+pub async fn run_one(
+    pool: &PgPool,
+    settings: &WorkerSettings,
+    worker: &str,
+) -> Result<Option<Uuid>, RunOneError> {
+    let shared = Shared {
+        pool: pool.clone(),
+        shutdown: CancellationToken::new(),
+        hub: Hub::new(),
+        running: Mutex::new(HashMap::new()),
+        registries: settings.registries()?,
+        budgets: Budgets::new(pool.clone()),
+        settings: settings.clone(),
+    };
+    let Some(claimed) = queue::claim(pool, worker, settings.lease).await? else {
+        return Ok(None);
+    };
+    let guid = claimed.staging.staging_guid;
+    attempt::run_one(&shared, worker, claimed).await;
+    Ok(Some(guid))
+}
+
+/// Why [`run_one`] could not run anything.
+#[derive(Debug, thiserror::Error)]
+pub enum RunOneError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("claiming a staging failed: {0}")]
+    Claim(#[from] sqlx::Error),
+}
+
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
