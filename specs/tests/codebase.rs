@@ -262,6 +262,30 @@ fn the_dependency_check_reads_code_not_comments() {
     assert_eq!(used, ["registry", "staging"]);
 }
 
+/// Lines of the services' production code (`tailor/src`, `stager-api/src`, before any
+/// `#[cfg(test)]`, outside `skip`, comments cut off) for which `offends` holds, as `file:line: text`.
+fn production_lines(skip: &[&str], offends: impl Fn(&str) -> bool) -> Vec<String> {
+    let root = root();
+    let mut found = Vec::new();
+    for dir in ["tailor/src", "stager-api/src"] {
+        for file in rust_files(&root.join(dir)) {
+            let relative = file.strip_prefix(&root).unwrap().display().to_string();
+            if skip.contains(&relative.as_str()) {
+                continue;
+            }
+            let text = std::fs::read_to_string(&file).unwrap();
+            let production = text.split("#[cfg(test)]").next().unwrap_or_default();
+            for (n, line) in production.lines().enumerate() {
+                let code = line.split("//").next().unwrap_or_default();
+                if offends(code) {
+                    found.push(format!("{relative}:{}: {}", n + 1, line.trim()));
+                }
+            }
+        }
+    }
+    found
+}
+
 #[test]
 fn production_sql_is_checked_when_it_compiles() {
     // Every statement the services run is a `sqlx::query!`-family macro, checked against the
@@ -275,24 +299,7 @@ fn production_sql_is_checked_when_it_compiles() {
         "AssertSqlSafe",
         "raw_sql(",
     ];
-    let root = root();
-    let mut broken = Vec::new();
-    for dir in ["tailor/src", "stager-api/src"] {
-        for file in rust_files(&root.join(dir)) {
-            let text = std::fs::read_to_string(&file).unwrap();
-            for (n, line) in text.lines().enumerate() {
-                let code = line.split("//").next().unwrap_or_default();
-                if unchecked.iter().any(|call| code.contains(call)) {
-                    broken.push(format!(
-                        "{}:{}: {}",
-                        file.strip_prefix(&root).unwrap().display(),
-                        n + 1,
-                        line.trim()
-                    ));
-                }
-            }
-        }
-    }
+    let broken = production_lines(&[], |code| unchecked.iter().any(|call| code.contains(call)));
     assert!(
         broken.is_empty(),
         "SQL not checked at compile time: {broken:#?}"
@@ -304,30 +311,11 @@ fn error_codes_are_named_only_by_the_code_enum() {
     // One vocabulary: a code is a `tailor::code::Code` variant wherever production code
     // produces one, so a misspelt or invented code fails the build instead of reaching a client.
     // Tests may compare with the wire form; production code outside `code.rs` may not spell it.
-    let root = root();
-    let mut spelt = Vec::new();
-    for dir in ["tailor/src", "stager-api/src"] {
-        for file in rust_files(&root.join(dir)) {
-            if file.ends_with("tailor/src/code.rs") {
-                continue;
-            }
-            let text = std::fs::read_to_string(&file).unwrap();
-            let production = text.split("#[cfg(test)]").next().unwrap_or_default();
-            for (n, line) in production.lines().enumerate() {
-                let code = line.split("//").next().unwrap_or_default();
-                for &known in tailor::code::Code::ALL {
-                    if code.contains(&format!("\"{known}\"")) {
-                        spelt.push(format!(
-                            "{}:{}: {}",
-                            file.strip_prefix(&root).unwrap().display(),
-                            n + 1,
-                            line.trim()
-                        ));
-                    }
-                }
-            }
-        }
-    }
+    let spelt = production_lines(&["tailor/src/code.rs"], |code| {
+        tailor::code::Code::ALL
+            .iter()
+            .any(|known| code.contains(&format!("\"{known}\"")))
+    });
     assert!(
         spelt.is_empty(),
         "error codes spelt as strings instead of tailor::code::Code: {spelt:#?}"
