@@ -22,7 +22,9 @@ pub struct StagerSettings {
     /// `STAGER_TLS_CERT` / `STAGER_TLS_KEY` / `STAGER_TLS_CLIENT_CA`: HTTPS, optionally mutual.
     pub tls: Option<crate::tls::TlsSettings>,
     /// The in-process workers' settings (`TAILOR_LEASE_SECONDS`, `TAILOR_POLL_SECONDS`, ...),
-    /// from the same deployment settings; their registries' TLS roots are checked too.
+    /// from the same deployment settings; their registries' TLS roots are checked too. Their
+    /// egress policy does not yet protect this process's own listener: `serve` sets it to
+    /// [`StagerSettings::egress_policy`] once it has bound.
     pub worker: WorkerSettings,
     /// The size of the one pool the API and the in-process workers share
     /// (`TAILOR_DATABASE_CONNECTIONS`, 8 by default).

@@ -78,14 +78,15 @@ impl Contract {
         })
     }
 
-    /// Whether `code` with `status` is documented for the operation (`route`: the matched path
-    /// template, `None` when no route matched).
+    /// Whether `code` with `status` is documented for the operation (`route`: the path template
+    /// the request's path matches, `None` when it matches none). A method no operation of that
+    /// path takes (`HEAD /_ping`, `GET /references`) is answered like a path no route matches.
     pub fn documents(&self, method: &str, route: Option<&str>, status: u16, code: Code) -> bool {
-        let documented = match route {
-            Some(route) => self.operations.get(&(method.to_owned(), route.to_owned())),
-            None => Some(&self.unrouted),
-        };
-        documented.is_some_and(|codes| codes.contains(&(status, code)))
+        let operation =
+            route.and_then(|route| self.operations.get(&(method.to_owned(), route.to_owned())));
+        operation
+            .unwrap_or(&self.unrouted)
+            .contains(&(status, code))
     }
 }
 
@@ -229,8 +230,10 @@ mod tests {
             409,
             Code::StagingConflict
         ));
-        assert!(!contract.documents("GET", Some("/no/such/route"), 404, Code::NotFound));
         assert!(contract.documents("GET", None, 404, Code::NotFound));
+        // A method the path's operations do not take gets the unrouted answer.
+        assert!(contract.documents("HEAD", Some("/_ping"), 404, Code::NotFound));
+        assert!(!contract.documents("HEAD", Some("/_ping"), 409, Code::StagingConflict));
     }
 
     #[actix_web::test]

@@ -78,11 +78,8 @@ impl ResponseError for ApiError {
 /// A database failure as the client sees it: 503 with `Retry-After` when PostgreSQL is
 /// unreachable (nothing was written), 500 otherwise. Details go to the log, not the client.
 pub fn database_error(error: &sqlx::Error) -> ApiError {
-    match error {
-        sqlx::Error::PoolTimedOut
-        | sqlx::Error::Io(_)
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::Tls(_) => {
+    match tailor::db::error_code(error) {
+        Code::DatabaseUnavailable => {
             tracing::warn!(%error, "database unavailable");
             ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -24,6 +24,18 @@ pub enum DbError {
     Query(#[from] sqlx::Error),
 }
 
+/// The code for a failed statement: `DATABASE_UNAVAILABLE` when PostgreSQL could not be reached
+/// (nothing was written; retry later), `DATABASE_ERROR` for anything else.
+pub fn error_code(error: &sqlx::Error) -> Code {
+    match error {
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::Io(_)
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Tls(_) => Code::DatabaseUnavailable,
+        _ => Code::DatabaseError,
+    }
+}
+
 impl DbError {
     /// A stable, machine-readable code for this error.
     pub fn code(&self) -> Code {
@@ -63,5 +75,32 @@ fn redact_url_error(error: &sqlx::Error) -> String {
     match error {
         sqlx::Error::Configuration(inner) => inner.to_string(),
         _ => "unparseable URL".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_an_unreachable_database_is_unavailable() {
+        assert_eq!(
+            error_code(&sqlx::Error::PoolTimedOut),
+            Code::DatabaseUnavailable
+        );
+        assert_eq!(
+            error_code(&sqlx::Error::PoolClosed),
+            Code::DatabaseUnavailable
+        );
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert_eq!(
+            error_code(&sqlx::Error::Io(refused)),
+            Code::DatabaseUnavailable
+        );
+        assert_eq!(error_code(&sqlx::Error::RowNotFound), Code::DatabaseError);
+        assert_eq!(
+            error_code(&sqlx::Error::Protocol("unexpected message".into())),
+            Code::DatabaseError
+        );
     }
 }

@@ -46,6 +46,9 @@ impl CopyError {
         match self {
             Self::InvalidReference(_) => Code::InvalidReference,
             Self::InvalidArgument(_) => Code::InvalidArgument,
+            // Copies only read from a source: a 405 there is the source misbehaving, not a
+            // maintenance window of ours.
+            Self::Source(RegistryError::ReadOnly { .. }) => Code::UpstreamProtocolError,
             Self::Source(error) => error.code(),
             Self::Destination(RegistryError::ReadOnly { .. }) => Code::InternalRegistryReadOnly,
             Self::Destination(_) => Code::InternalRegistryError,
@@ -60,6 +63,7 @@ impl CopyError {
     /// Whether trying the same copy again may succeed.
     pub fn is_transient(&self) -> bool {
         match self {
+            Self::Source(RegistryError::ReadOnly { .. }) => false,
             Self::Source(error) => error.is_transient(),
             // The operator's registry: a restart, a full disk, a maintenance window.
             Self::Destination(error) => !matches!(error, RegistryError::EgressDenied(_)),
@@ -83,5 +87,24 @@ impl CopyError {
     /// The source is rate limiting (429, or the fleet's budget).
     pub fn is_rate_limited(&self) -> bool {
         matches!(self, Self::Source(RegistryError::RateLimited { .. }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_405_is_a_maintenance_window_only_on_the_internal_registry() {
+        let read_only = || RegistryError::ReadOnly {
+            registry: "registry.example.com".into(),
+        };
+        let internal = CopyError::Destination(read_only());
+        assert_eq!(internal.code(), Code::InternalRegistryReadOnly);
+        assert!(internal.is_read_only() && internal.is_transient());
+        // A copy only reads from its source: a 405 there is the source breaking the protocol.
+        let source = CopyError::Source(read_only());
+        assert_eq!(source.code(), Code::UpstreamProtocolError);
+        assert!(!source.is_read_only() && !source.is_transient());
     }
 }

@@ -134,15 +134,22 @@ fn probe_error(error: tailor::config::ProbeError) -> anyhow::Error {
 }
 
 /// Everything `tailor work` and `tailor prune` would refuse at start-up, without starting;
-/// returns the egress policy in words.
+/// returns the egress policy in words. The settings are read through `lookup`; the subcommands'
+/// own arguments, as clap reads them, from the process's environment.
 fn check_config(
     lookup: impl Fn(&str) -> Option<String> + Copy,
     role: Option<Role>,
 ) -> Result<String, tailor::config::ConfigError> {
-    // The policy the workers enforce, in words (the pruner reaches only the internal registry).
-    let policy = tailor::config::TailorSettings::from_lookup(lookup)?
-        .egress_policy()
-        .describe();
+    // The policy the workers enforce, in words; the pruner reaches only the internal registry.
+    let policy = match role {
+        Some(Role::Prune) => {
+            "egress: the pruner reaches only the internal registry (TAILOR_INTERNAL_REGISTRY)"
+                .to_owned()
+        }
+        _ => tailor::config::TailorSettings::from_lookup(lookup)?
+            .egress_policy()
+            .describe(),
+    };
     if role.is_none_or(|role| role == Role::Work) {
         let Command::Work { workers } = parsed("work")? else {
             unreachable!("clap parsed `tailor work` as another subcommand")
@@ -205,5 +212,26 @@ fn refused_setting(subcommand: &str, error: &clap::Error) -> tailor::config::Con
     tailor::config::ConfigError::Invalid {
         setting: env.unwrap_or("the command line"),
         problem,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn every_variable_a_subcommand_reads_is_one_check_config_can_name() {
+        let command = Cli::command();
+        for subcommand in ["work", "prune"] {
+            let arguments = command.find_subcommand(subcommand).unwrap().get_arguments();
+            for env in arguments.filter_map(|arg| arg.get_env()) {
+                assert!(
+                    SUBCOMMAND_SETTINGS.iter().any(|setting| env == *setting),
+                    "tailor {subcommand} reads {env:?}: add it to SUBCOMMAND_SETTINGS"
+                );
+            }
+        }
     }
 }

@@ -78,9 +78,7 @@ impl DockerStaging {
                 )
             })?;
         let credentials = match (data.docker_user, data.docker_password) {
-            (Some(user), Some(password)) if !user.is_empty() => {
-                Some(Credentials::new(user, password))
-            }
+            (Some(user), Some(password)) => Some(Credentials::new(user, password)),
             (None, None) => None,
             _ => {
                 return Err(unprocessable(
@@ -204,13 +202,6 @@ mod tests {
             (
                 "user alone",
                 docker(json!({ "docker_image": "redis", "docker_user": "robot" })),
-                Code::InvalidCredentials,
-            ),
-            (
-                "empty user",
-                docker(
-                    json!({ "docker_image": "redis", "docker_user": "", "docker_password": "hunter2" }),
-                ),
                 Code::InvalidCredentials,
             ),
         ];

@@ -62,6 +62,32 @@ async fn unknown_routes_get_a_json_404() {
 }
 
 #[tokio::test]
+async fn a_method_no_route_takes_gets_the_json_404_the_contract_documents() {
+    // Load balancers send HEAD /_ping; a client may GET /references. Neither is an operation:
+    // they get the unrouted answer, which the contract check (run when `app` drops) accepts.
+    let app = spawn_app().await;
+    for (method, path) in [
+        ("HEAD", "/_ping"),
+        ("GET", "/references"),
+        ("PUT", "/stage"),
+    ] {
+        let response = app
+            .client
+            .request(method.parse().unwrap(), format!("{}{path}", app.address))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 404, "{method} {path}");
+        if method != "HEAD" {
+            let body: serde_json::Value = response.json().await.unwrap();
+            assert_eq!(body["code"], "NOT_FOUND", "{method} {path}");
+        }
+    }
+    assert_eq!(stager_api::contract::undocumented_answers(), 0);
+}
+
+#[tokio::test]
 async fn served_openapi_equals_the_contract_file() {
     let app = spawn_app().await;
     let response = app.get_authed("/openapi.json").send().await.unwrap();

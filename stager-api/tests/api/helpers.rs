@@ -189,6 +189,26 @@ pub fn settings_with(
     also_insecure: &[String],
     env: &[(String, String)],
 ) -> StagerSettings {
+    settings_of(parts(database_url, internal, also_insecure, env), env)
+}
+
+/// Settings built as `serve` builds them, from `parts` and the tunables in `env`.
+fn settings_of(parts: Parts, env: &[(String, String)]) -> StagerSettings {
+    StagerSettings::new(parts, |name| {
+        env.iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, value)| value.clone())
+    })
+    .expect("valid test settings")
+}
+
+/// What [`settings_with`] builds its settings from.
+fn parts(
+    database_url: &str,
+    internal: &str,
+    also_insecure: &[String],
+    env: &[(String, String)],
+) -> Parts {
     let mut insecure = vec![internal.to_owned()];
     insecure.extend_from_slice(also_insecure);
     let insecure = insecure.join(",");
@@ -205,20 +225,14 @@ pub fn settings_with(
         }
     })
     .expect("valid test settings");
-    let parts = Parts {
+    Parts {
         tailor,
         listen: "127.0.0.1:0".parse().unwrap(),
         api_tokens: vec![Secret::new(TOKEN)],
         workers: 0,
         credentials_key: None,
         tls: None,
-    };
-    StagerSettings::new(parts, |name| {
-        env.iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, value)| value.clone())
-    })
-    .expect("valid test settings")
+    }
 }
 
 pub async fn spawn_app() -> TestApp {
@@ -270,20 +284,20 @@ pub async fn spawn(options: AppOptions) -> TestApp {
     let key = tailor::secrets::CredentialsKey::generate();
     let mut insecure = vec![hub.host()];
     insecure.extend(options.also_insecure);
-    let settings = StagerSettings {
-        workers: options.workers,
-        credentials_key: Some(key.clone()),
-        ..settings_with(&db.url, &registry.host(), &insecure, &options.env)
-    };
+    let settings = settings_of(
+        Parts {
+            workers: options.workers,
+            credentials_key: Some(key),
+            ..parts(&db.url, &registry.host(), &insecure, &options.env)
+        },
+        &options.env,
+    );
     let pool = db.pool().await;
     let app = Application::build(&settings, pool.clone()).expect("build the app");
     let address = format!("http://{}", app.addr());
     let shutdown = CancellationToken::new();
     let env = options.env.clone();
-    let mut worker_settings = WorkerSettings::from_settings(&settings.tailor, Some(key), |n| {
-        env.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone())
-    })
-    .unwrap();
+    let mut worker_settings = settings.worker.clone();
     // The workers, like stager-api's own, may not call this very app back.
     worker_settings.egress = settings.egress_policy(app.addr());
     if !env.iter().any(|(k, _)| k == "TAILOR_POLL_SECONDS") {

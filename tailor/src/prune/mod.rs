@@ -179,7 +179,7 @@ impl PruneError {
     pub fn code(&self) -> Code {
         match self {
             Self::AlreadyRunning => Code::PruneAlreadyRunning,
-            Self::Database(_) => Code::DatabaseUnavailable,
+            Self::Database(error) => crate::db::error_code(error),
         }
     }
 }

@@ -42,7 +42,6 @@ use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::code::Code;
 use crate::platform::Platform;
 use crate::reference::ImageReference;
 
@@ -130,7 +129,8 @@ pub struct Staging {
     pub state: StagingState,
     pub attempts: i32,
     pub cancel_requested: bool,
-    pub error_code: Option<Code>,
+    /// A [`crate::code::Code`] as text: one a newer version added (codes may be added) still reads.
+    pub error_code: Option<String>,
     pub error_message: Option<String>,
     pub last_error: Option<String>,
     pub source_digest: Option<String>,

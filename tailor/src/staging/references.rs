@@ -36,7 +36,7 @@ impl SyncError {
     pub fn code(&self) -> Code {
         match self {
             Self::Suspicious { .. } => Code::SuspiciousReferenceList,
-            Self::Database(_) => Code::DatabaseUnavailable,
+            Self::Database(error) => crate::db::error_code(error),
         }
     }
 }

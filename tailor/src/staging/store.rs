@@ -29,7 +29,7 @@ impl StoreError {
         match self {
             Self::Conflict(_) => Code::StagingConflict,
             Self::NoCredentialsKey => Code::CredentialsNotAccepted,
-            Self::Database(_) => Code::DatabaseUnavailable,
+            Self::Database(error) => crate::db::error_code(error),
         }
     }
 }
@@ -115,7 +115,7 @@ pub(crate) async fn read<'e>(
         Staging,
         r#"SELECT staging_guid, app_guid, source_image AS "source_image: ImageReference",
                platform AS "platform: Platform", api AS "api: Api", completion_callback,
-               state AS "state: StagingState", attempts, cancel_requested, error_code AS "error_code: Code",
+               state AS "state: StagingState", attempts, cancel_requested, error_code,
                error_message, last_error, source_digest,
                pinned_image AS "pinned_image: ImageReference", tagged_image, bytes_total,
                bytes_done, bytes_copied, bytes_mounted, bytes_skipped, blobs_copied,
@@ -201,11 +201,12 @@ pub enum Stopped {
 pub async fn stop(pool: &PgPool, staging_guid: Uuid) -> Result<Stopped, sqlx::Error> {
     let mut tx = pool.begin().await?;
     let cancelled = sqlx::query_scalar!(
-        "UPDATE stagings SET state = 'cancelled', encrypted_credentials = NULL, error_code = 'CANCELLED', \
+        "UPDATE stagings SET state = 'cancelled', encrypted_credentials = NULL, error_code = $2, \
          error_message = 'cancelled before it started', finished_at = now(), updated_at = now(), \
          waiting_for = NULL \
          WHERE staging_guid = $1 AND state = 'queued' RETURNING staging_guid",
-        staging_guid
+        staging_guid,
+        Code::Cancelled.as_str(),
     )
     .fetch_optional(&mut *tx)
     .await?;
