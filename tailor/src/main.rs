@@ -141,20 +141,17 @@ fn check_config(
     role: Option<Role>,
 ) -> Result<String, tailor::config::ConfigError> {
     // The policy the workers enforce, in words; the pruner reaches only the internal registry.
-    let policy = match role {
-        Some(Role::Prune) => {
-            "egress: the pruner reaches only the internal registry (TAILOR_INTERNAL_REGISTRY)"
-                .to_owned()
-        }
-        _ => tailor::config::TailorSettings::from_lookup(lookup)?
-            .egress_policy()
-            .describe(),
-    };
+    let mut policy =
+        "egress: the pruner reaches only the internal registry (TAILOR_INTERNAL_REGISTRY)"
+            .to_owned();
     if role.is_none_or(|role| role == Role::Work) {
         let Command::Work { workers } = parsed("work")? else {
             unreachable!("clap parsed `tailor work` as another subcommand")
         };
-        cli::work::WorkSettings::from_lookup(workers, lookup)?;
+        policy = cli::work::WorkSettings::from_lookup(workers, lookup)?
+            .worker
+            .egress
+            .describe();
     }
     if role.is_none_or(|role| role == Role::Prune) {
         parsed("prune")?;

@@ -584,3 +584,57 @@ async fn a_restaging_started_between_the_pruners_decision_and_its_delete_still_p
     );
     pulls(&done).unwrap_or_else(|e| panic!("the restaging does not pull: {e}"));
 }
+
+#[tokio::test]
+async fn a_deletion_that_fails_leaves_the_image_unpruned_and_a_later_run_prunes_it() {
+    let app = spawn_app_with(2, testkit::TestRegistry::anonymous()).await;
+    let app_guid = Uuid::new_v4();
+    let old = ImageSpec::seeded(ManifestFormat::Docker, 4700, 2, LAYER).build();
+    let new = ImageSpec::seeded(ManifestFormat::Docker, 4800, 2, LAYER).build();
+    let released = staged(&app, app_guid, &old, "failing/app:v1").await;
+    staged(&app, app_guid, &new, "failing/app:v2").await;
+    release(&app, &released).await;
+    let guid = released["staging_guid"].as_str().unwrap();
+
+    // Between its decision and its DELETE the pruner loses the repository's lease, so it may
+    // not delete (a staging may have started there): the decision is undone.
+    let pool = app.pool.clone();
+    let hooks = tailor::prune::PruneHooks {
+        before_delete: Some(std::sync::Arc::new(move |repository: String| {
+            let pool = pool.clone();
+            Box::pin(async move {
+                sqlx::query("DELETE FROM leases WHERE resource = $1")
+                    .bind(tailor::staging::lease::repository(&repository))
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+            })
+        })),
+    };
+    let options = PruneOptions {
+        grace: Duration::ZERO,
+        dry_run: false,
+    };
+    let failed = tailor::prune::prune_with_hooks(&app.pool, &internal(&app), &options, &hooks)
+        .await
+        .expect("prune runs");
+    assert_eq!(failed.outcome, PruneOutcome::Error, "{failed:?}");
+    assert_eq!(decision(&failed, &released).unwrap().action, Action::Failed);
+    let body = app.staging(guid).await;
+    assert!(body["pruned_at"].is_null(), "marked pruned: {body}");
+    let audited: i64 = sqlx::query_scalar("SELECT count(*) FROM prune_audit WHERE run_id = $1")
+        .bind(failed.run_id.unwrap())
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(audited, 0, "the failed deletion's audit rows stay");
+    assert!(manifest_exists(&app, &released).await);
+
+    let pruned = prune(&app, false).await;
+    assert_eq!(
+        decision(&pruned, &released).unwrap().action,
+        Action::Deleted
+    );
+    assert!(app.staging(guid).await["pruned_at"].is_string());
+    assert!(!manifest_exists(&app, &released).await);
+}

@@ -177,34 +177,41 @@ pub(super) async fn audit_intent(
     .await
 }
 
-/// Marks `stagings` pruned (the decision; undone by [`unmark_pruned`] if the deletion fails).
-pub(super) async fn mark_pruned(
+/// Marks `stagings` pruned (the decision), or not (the deletion failed: the images are still
+/// in the registry).
+async fn set_pruned(
     tx: &mut Transaction<'_, Postgres>,
     stagings: &[&Candidate],
+    pruned: bool,
 ) -> Result<(), sqlx::Error> {
     let guids: Vec<Uuid> = stagings.iter().map(|c| c.staging_guid).collect();
     sqlx::query!(
-        "UPDATE stagings SET pruned_at = now(), updated_at = now() WHERE staging_guid = ANY($1)",
-        &guids
+        "UPDATE stagings SET pruned_at = CASE WHEN $2 THEN now() END, updated_at = now() \
+         WHERE staging_guid = ANY($1)",
+        &guids,
+        pruned,
     )
     .execute(&mut **tx)
     .await?;
     Ok(())
 }
 
-/// A deletion failed: the images are still in the registry, so they are not pruned.
+/// Marks `stagings` pruned (the decision; undone by [`unmark_pruned`] if the deletion fails).
+pub(super) async fn mark_pruned(
+    tx: &mut Transaction<'_, Postgres>,
+    stagings: &[&Candidate],
+) -> Result<(), sqlx::Error> {
+    set_pruned(tx, stagings, true).await
+}
+
+/// A deletion failed: the images are still in the registry, so they are not pruned, and the
+/// audit rows written for them (`intents`) go.
 pub(super) async fn unmark_pruned(
     tx: &mut Transaction<'_, Postgres>,
     stagings: &[&Candidate],
     intents: &[i64],
 ) -> Result<(), sqlx::Error> {
-    let guids: Vec<Uuid> = stagings.iter().map(|c| c.staging_guid).collect();
-    sqlx::query!(
-        "UPDATE stagings SET pruned_at = NULL, updated_at = now() WHERE staging_guid = ANY($1)",
-        &guids
-    )
-    .execute(&mut **tx)
-    .await?;
+    set_pruned(tx, stagings, false).await?;
     sqlx::query!("DELETE FROM prune_audit WHERE id = ANY($1)", intents)
         .execute(&mut **tx)
         .await?;
