@@ -118,6 +118,13 @@ const FORBIDDEN: &[(&[&str], &[&str], &str)] = &[
         "the copy engine moves images between registries; what a staging is, it does not know",
     ),
     (
+        &["layout"],
+        &[
+            "registry", "staging", "copy", "prune", "db", "config", "egress",
+        ],
+        "an OCI layout is storage on disk: it knows no registry, staging or configuration",
+    ),
+    (
         &["prune"],
         &["copy"],
         "the pruner deletes what nothing references; it never copies",

@@ -140,3 +140,80 @@ async fn passwords_come_from_stdin_or_the_environment_and_are_never_printed() {
     assert_eq!(json["error"]["code"], "UNAUTHORIZED");
     assert!(!output.contains("wrong-password"), "{output}");
 }
+
+#[tokio::test]
+async fn copies_into_an_oci_layout_directory_and_refuses_unusable_ones() {
+    let hub = TestRegistry::anonymous();
+    let image = ImageSpec::seeded(ManifestFormat::Oci, 801, 2, 4096).build();
+    hub.push("cli/layout:v1", &image).await;
+    let src = format!("docker://{}/cli/layout:v1", hub.host());
+    let dir = tempfile::tempdir().unwrap();
+    let layout = dir.path().join("images");
+    let dst = format!("oci:{}:v1", layout.display());
+
+    let (code, json, output) = tailor_copy(
+        &["--json", "--insecure", &hub.host(), &src, &dst],
+        None,
+        &[],
+    );
+    assert_eq!(code, 0, "{output}");
+    assert_eq!(json["source_digest"], image.digest.as_str());
+    assert_eq!(json["tagged"], format!("oci:{}:v1", layout.display()));
+    assert_eq!(json["blobs"]["copied"], 3);
+    let raw = testkit::skopeo::skopeo()
+        .args(["inspect", "--raw", &dst])
+        .output()
+        .unwrap();
+    assert_eq!(
+        raw.stdout,
+        image.manifest.as_ref(),
+        "skopeo reads upstream's bytes back"
+    );
+
+    let (code, json, _) = tailor_copy(
+        &["--json", "--insecure", &hub.host(), &src, &dst],
+        None,
+        &[],
+    );
+    assert_eq!((code, json["blobs"]["skipped"].as_u64()), (0, Some(3)));
+
+    // A directory that holds something else is not written into.
+    let other = dir.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    std::fs::write(other.join("oci-layout"), "not json").unwrap();
+    let (code, json, _) = tailor_copy(
+        &[
+            "--json",
+            "--insecure",
+            &hub.host(),
+            &src,
+            &format!("oci:{}:v1", other.display()),
+        ],
+        None,
+        &[],
+    );
+    assert_eq!(
+        (code, json["error"]["code"].as_str()),
+        (1, Some("LAYOUT_INVALID"))
+    );
+    let written: Vec<_> = std::fs::read_dir(&other)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(written, ["oci-layout"], "nothing is written into it");
+    let (code, json, _) = tailor_copy(
+        &[
+            "--json",
+            "--insecure",
+            &hub.host(),
+            &src,
+            &format!("oci:{}:../x", layout.display()),
+        ],
+        None,
+        &[],
+    );
+    assert_eq!(
+        (code, json["error"]["code"].as_str()),
+        (1, Some("INVALID_ARGUMENT"))
+    );
+}

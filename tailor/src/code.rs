@@ -99,6 +99,8 @@ codes! {
     ComponentNotInstalled = "COMPONENT_NOT_INSTALLED": "An embedded component (PostgreSQL, the registry) is not installed.",
     ComponentStartFailed = "COMPONENT_START_FAILED": "An embedded component did not start.",
     ComponentIoError = "COMPONENT_IO_ERROR": "An embedded component's files could not be written or read.",
+    LayoutInvalid = "LAYOUT_INVALID": "A location is not an OCI image layout that can be used, or its entries contradict themselves.",
+    LocationIoError = "LOCATION_IO_ERROR": "Reading or writing a location (an OCI layout's directory) failed.",
 }
 
 impl fmt::Display for Code {

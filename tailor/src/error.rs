@@ -38,6 +38,9 @@ pub enum CopyError {
     ImageConfig(#[from] ImageConfigError),
     #[error("the copy was cancelled")]
     Cancelled,
+    /// An OCI image layout (source or destination) failed or is not usable.
+    #[error("OCI layout: {0}")]
+    Layout(crate::layout::LayoutError),
 }
 
 impl CopyError {
@@ -57,6 +60,7 @@ impl CopyError {
             Self::NotAContainerImage(_) => Code::NotAContainerImage,
             Self::ImageConfig(error) => error.code(),
             Self::Cancelled => Code::Cancelled,
+            Self::Layout(error) => error.code(),
         }
     }
 

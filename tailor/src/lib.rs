@@ -17,6 +17,7 @@ pub mod egress;
 pub mod embedded;
 pub mod error;
 pub mod image_config;
+pub mod layout;
 pub mod manifest;
 pub mod platform;
 pub mod prune;

@@ -7,8 +7,11 @@ use std::sync::{Arc, Mutex};
 
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use tailor::copy::{CopyOptions, PlatformChoice, Progress, ProgressSink, copy_image};
+use tailor::copy::{
+    CopyOptions, PlatformChoice, Progress, ProgressSink, copy_image, copy_to_layout,
+};
 use tailor::error::CopyError;
+use tailor::layout::OciDir;
 use tailor::platform::Platform;
 use tailor::reference::ImageReference;
 use tailor::registry::{Credentials, Registries, RetryPolicy};
@@ -17,7 +20,8 @@ use tailor::registry::{Credentials, Registries, RetryPolicy};
 pub struct CopyArgs {
     /// Image to copy, e.g. redis:7 or registry.example:5000/team/app@sha256:...
     pub source: String,
-    /// Where to put it, e.g. registry.internal:5000/apps/web:v1
+    /// Where to put it: a registry (registry.internal:5000/apps/web:v1, docker:// optional)
+    /// or an OCI image layout directory (oci:DIR[:TAG], tag `latest` if none).
     pub destination: String,
     /// Platform to copy out of a multi-platform image.
     #[arg(long, default_value = "linux/amd64", conflicts_with = "all_platforms")]
@@ -107,10 +111,74 @@ pub async fn run(args: CopyArgs) -> i32 {
     }
 }
 
+/// Where a copy goes.
+#[derive(Debug, PartialEq)]
+enum Destination {
+    /// `[docker://]host/repository:tag`.
+    Registry(ImageReference),
+    /// `oci:DIR[:TAG]`: an OCI image layout (containers/image's syntax: DIR ends at the first
+    /// `:`); without a tag, `latest`.
+    Layout {
+        dir: std::path::PathBuf,
+        tag: String,
+    },
+}
+
+impl Destination {
+    fn parse(arg: &str, default_registry: &str) -> Result<Self, CopyError> {
+        if let Some(rest) = arg.strip_prefix("oci:") {
+            let (dir, tag) = match rest.split_once(':') {
+                Some((dir, tag)) => (dir, tag),
+                None => (rest, "latest"),
+            };
+            if dir.is_empty() {
+                return Err(CopyError::InvalidArgument(format!(
+                    "{arg}: name the layout's directory, as in oci:DIR[:TAG]"
+                )));
+            }
+            tailor::layout::check_tag(tag).map_err(CopyError::Layout)?;
+            return Ok(Self::Layout {
+                dir: dir.into(),
+                tag: tag.to_owned(),
+            });
+        }
+        let reference = registry_reference(arg, default_registry)?;
+        if reference.digest.is_some() {
+            return Err(CopyError::InvalidArgument(format!(
+                "{reference}: a destination is named by tag; its digest is the result of the copy"
+            )));
+        }
+        Ok(Self::Registry(reference))
+    }
+}
+
+/// A registry reference, with or without containers/image's `docker://` transport prefix.
+fn registry_reference(arg: &str, default_registry: &str) -> Result<ImageReference, CopyError> {
+    if let Some((transport, _)) = arg.split_once(':')
+        && matches!(transport, "oci-archive" | "s3" | "dir" | "docker-archive")
+    {
+        return Err(CopyError::InvalidArgument(format!(
+            "{arg}: {transport}: locations are not supported; use a registry reference \
+             (docker://host/repo:tag) or, as a destination, oci:DIR[:TAG]"
+        )));
+    }
+    let reference = arg.strip_prefix("docker://").unwrap_or(arg);
+    Ok(ImageReference::parse_with_default(
+        reference,
+        default_registry,
+    )?)
+}
+
 async fn execute(args: &CopyArgs) -> Result<tailor::copy::CopyReport, CopyError> {
-    let source = ImageReference::parse_with_default(&args.source, &args.default_registry)?;
-    let destination =
-        ImageReference::parse_with_default(&args.destination, &args.default_registry)?;
+    if args.source.starts_with("oci:") {
+        return Err(CopyError::InvalidArgument(format!(
+            "{}: copying out of an OCI layout is not supported yet; the source is a registry \
+             reference",
+            args.source
+        )));
+    }
+    let source = registry_reference(&args.source, &args.default_registry)?;
+    let destination = Destination::parse(&args.destination, &args.default_registry)?;
     let platforms = if args.all_platforms {
         PlatformChoice::All
     } else {
@@ -138,11 +206,6 @@ async fn execute(args: &CopyArgs) -> Result<tailor::copy::CopyReport, CopyError>
         args.dst_password_stdin,
         &mut read_stdin,
     )?;
-    if destination.digest.is_some() {
-        return Err(CopyError::InvalidArgument(format!(
-            "{destination}: a destination is named by tag; its digest is the result of the copy"
-        )));
-    }
     let insecure = insecure_hosts(&args.insecure)?;
     let roots = match &args.ca_certificates {
         Some(path) => std::fs::read(path).map_err(|e| {
@@ -166,15 +229,6 @@ async fn execute(args: &CopyArgs) -> Result<tailor::copy::CopyReport, CopyError>
     let src = registries
         .source(&source.registry, source.endpoint(), src_credentials, None)
         .repository(&source.repository);
-    // The destination is reached like a source (by its endpoint), with its own credentials.
-    let dst = registries
-        .source(
-            &destination.registry,
-            destination.endpoint(),
-            dst_credentials,
-            None,
-        )
-        .repository(&destination.repository);
     let show_progress = !args.json && std::io::stderr().is_terminal();
     let options = CopyOptions {
         platforms,
@@ -182,7 +236,32 @@ async fn execute(args: &CopyArgs) -> Result<tailor::copy::CopyReport, CopyError>
         progress: show_progress.then(progress_bars),
         ..CopyOptions::default()
     };
-    copy_image(&src, &source, &dst, destination.tag_or_latest(), &options).await
+    match destination {
+        Destination::Registry(destination) => {
+            // Reached like a source (by its endpoint), with its own credentials.
+            let dst = registries
+                .source(
+                    &destination.registry,
+                    destination.endpoint(),
+                    dst_credentials,
+                    None,
+                )
+                .repository(&destination.repository);
+            copy_image(&src, &source, &dst, destination.tag_or_latest(), &options).await
+        }
+        Destination::Layout { dir, tag } => {
+            if dst_credentials.is_some() {
+                return Err(CopyError::InvalidArgument(
+                    "--dst-creds: an OCI layout takes no credentials".into(),
+                ));
+            }
+            let layout = tokio::task::spawn_blocking(move || OciDir::create(&dir))
+                .await
+                .expect("creating a layout does not panic")
+                .map_err(CopyError::Layout)?;
+            copy_to_layout(&src, &source, &layout, &tag, &options).await
+        }
+    }
 }
 
 /// `--insecure` entries: `host:port` each. A URL is refused with what to write instead.
@@ -284,4 +363,58 @@ fn progress_bars() -> ProgressSink {
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(arg: &str) -> Result<Destination, String> {
+        Destination::parse(arg, "docker.io").map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn destinations_name_a_registry_or_a_layout() {
+        assert_eq!(
+            parse("oci:/srv/images:v1").unwrap(),
+            Destination::Layout {
+                dir: "/srv/images".into(),
+                tag: "v1".into()
+            }
+        );
+        assert_eq!(
+            parse("oci:out").unwrap(),
+            Destination::Layout {
+                dir: "out".into(),
+                tag: "latest".into()
+            }
+        );
+        let Destination::Registry(reference) =
+            parse("docker://127.0.0.1:5000/apps/web:v1").unwrap()
+        else {
+            panic!("a registry")
+        };
+        assert_eq!(reference.registry, "127.0.0.1:5000");
+        assert!(
+            parse("oci::v1")
+                .unwrap_err()
+                .contains("name the layout's directory")
+        );
+        assert!(parse("oci:/srv:../x").unwrap_err().contains("is not a tag"));
+        assert!(
+            parse("s3://bucket/prefix")
+                .unwrap_err()
+                .contains("not supported")
+        );
+        assert!(
+            parse("oci-archive:x.tar")
+                .unwrap_err()
+                .contains("not supported")
+        );
+        assert!(
+            parse("127.0.0.1:5000/apps/web@sha256:0000000000000000000000000000000000000000000000000000000000000000")
+                .unwrap_err()
+                .contains("named by tag")
+        );
+    }
 }

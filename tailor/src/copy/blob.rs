@@ -7,11 +7,12 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use futures_util::Stream;
+use futures_util::{Stream, StreamExt};
 
 use super::{BlobLedger, FetchClaim, Progress, ProgressSink};
 use crate::digest::StreamingDigest;
 use crate::error::CopyError;
+use crate::layout::OciDir;
 use crate::manifest::Blob;
 use crate::registry::{BlobBody, Floor, Mount, RegistryError, Repository, UploadSession};
 
@@ -233,28 +234,7 @@ impl BlobJob {
                 .await
                 .map_err(CopyError::Destination)?,
         };
-        let body = self
-            .source
-            .get_blob(&blob.digest)
-            .await
-            .map_err(CopyError::Source)?;
-        if let Some(length) = body.content_length()
-            && length != blob.size
-        {
-            return Err(CopyError::Source(RegistryError::DigestMismatch {
-                expected: blob.digest.clone(),
-                detail: format!(
-                    "the source serves {length} bytes, the manifest says {}",
-                    blob.size
-                ),
-            }));
-        }
-        if let Some(progress) = &self.progress {
-            progress(Progress::BlobStarted {
-                digest: blob.digest.clone(),
-                size: blob.size,
-            });
-        }
+        let body = open_source(&self.source, blob, &self.progress).await?;
         let meter = body.meter();
         let failure = Arc::new(Mutex::new(None));
         let stream = VerifyingStream::new(body, blob, failure.clone(), self.progress.clone());
@@ -274,6 +254,101 @@ impl BlobJob {
             .await;
         Ok(BlobOutcome::Copied)
     }
+}
+
+/// `GET`s `blob` from `source`, refusing a body whose announced length is not the blob's size.
+async fn open_source(
+    source: &Repository,
+    blob: &Blob,
+    progress: &Option<ProgressSink>,
+) -> Result<BlobBody, CopyError> {
+    let body = source
+        .get_blob(&blob.digest)
+        .await
+        .map_err(CopyError::Source)?;
+    if let Some(length) = body.content_length()
+        && length != blob.size
+    {
+        return Err(CopyError::Source(RegistryError::DigestMismatch {
+            expected: blob.digest.clone(),
+            detail: format!(
+                "the source serves {length} bytes, the manifest says {}",
+                blob.size
+            ),
+        }));
+    }
+    if let Some(progress) = progress {
+        progress(Progress::BlobStarted {
+            digest: blob.digest.clone(),
+            size: blob.size,
+        });
+    }
+    Ok(body)
+}
+
+/// Moves `blob` from `source` into the OCI layout `dest` unless it is there already, retrying
+/// transient failures as [`BlobJob::transfer`] does. The bytes are checked as they stream
+/// (the chunk completing a wrong blob is never written) and again by the layout before the
+/// blob gets its name.
+pub(crate) async fn into_layout(
+    source: &Repository,
+    dest: &OciDir,
+    blob: &Blob,
+    progress: &Option<ProgressSink>,
+) -> Result<BlobOutcome, CopyError> {
+    let mut tries = 1;
+    loop {
+        match into_layout_once(source, dest, blob, progress).await {
+            Err(error) if error.is_transient() && tries < BLOB_TRIES => {
+                tracing::warn!(digest = %blob.digest, tries, error = %error, "blob transfer failed; retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(200 * u64::from(tries))).await;
+                tries += 1;
+            }
+            result => return result,
+        }
+    }
+}
+
+async fn into_layout_once(
+    source: &Repository,
+    dest: &OciDir,
+    blob: &Blob,
+    progress: &Option<ProgressSink>,
+) -> Result<BlobOutcome, CopyError> {
+    if dest
+        .blob_size(&blob.digest)
+        .await
+        .map_err(CopyError::Layout)?
+        == Some(blob.size)
+    {
+        return Ok(BlobOutcome::Skipped);
+    }
+    let body = open_source(source, blob, progress).await?;
+    let meter = body.meter();
+    let failure = Arc::new(Mutex::new(None));
+    let mut stream = VerifyingStream::new(body, blob, failure.clone(), progress.clone());
+    let mut sink = dest
+        .begin_blob(&blob.digest, blob.size)
+        .await
+        .map_err(CopyError::Layout)?;
+    let what = format!("blob {}", blob.digest);
+    let write = async {
+        while let Some(Ok(chunk)) = stream.next().await {
+            sink.write(&chunk).await.map_err(CopyError::Layout)?;
+        }
+        Ok::<_, CopyError>(())
+    };
+    let result = tokio::select! {
+        result = write => result,
+        error = meter.watch(source.registry().limits().floor, source.registry().name(), &what) => Err(CopyError::Source(error)),
+    };
+    // The stream's own verdict first; a sink dropped uncommitted leaves nothing behind.
+    if let Some(error) = failure.lock().expect("not poisoned").take() {
+        return Err(error);
+    }
+    result?;
+    sink.commit().await.map_err(CopyError::Layout)?;
+    Ok(BlobOutcome::Copied)
 }
 
 /// The source body, passed through while hashed and counted. It fails the upload, before its

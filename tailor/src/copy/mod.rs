@@ -3,6 +3,9 @@
 //! exact bytes upstream published (children before the index, the tag last), so that a tag
 //! never points at an incomplete image and the pinned digest equals upstream's.
 //!
+//! A destination is a registry repository ([`copy_image`]) or an OCI image layout on disk
+//! ([`copy_to_layout`], see [`crate::layout`]).
+//!
 //! It speaks to registries only through [`crate::registry::Repository`] handles, so every
 //! request it makes is bounded, deadlined and egress-checked there. With
 //! [`CopyOptions::runnable`] (stagings) it also refuses, before anything is tagged, what cannot
@@ -23,6 +26,7 @@ pub use plan::select_platform;
 
 use crate::error::CopyError;
 use crate::image_config::RunInfo;
+use crate::layout::OciDir;
 use crate::manifest::{Blob, RawManifest};
 use crate::platform::Platform;
 use crate::reference::ImageReference;
@@ -204,12 +208,35 @@ pub async fn copy_image(
     tag: &str,
     options: &CopyOptions,
 ) -> Result<CopyReport, CopyError> {
-    let cancel = options.cancel.clone();
+    cancellable(options, copy_unguarded(source, src, dest, tag, options)).await
+}
+
+/// Runs `copy` until it ends or the copy is cancelled.
+async fn cancellable(
+    options: &CopyOptions,
+    copy: impl std::future::Future<Output = Result<CopyReport, CopyError>>,
+) -> Result<CopyReport, CopyError> {
     tokio::select! {
         biased;
-        () = cancel.cancelled() => Err(CopyError::Cancelled),
-        result = copy_unguarded(source, src, dest, tag, options) => result,
+        () = options.cancel.cancelled() => Err(CopyError::Cancelled),
+        result = copy => result,
     }
+}
+
+/// Plans the copy and reports the plan.
+async fn planned(
+    source: &Repository,
+    src: &ImageReference,
+    options: &CopyOptions,
+) -> Result<plan::Plan, CopyError> {
+    let plan = plan::plan(source, src, options).await?;
+    if let Some(progress) = &options.progress {
+        progress(Progress::Planned {
+            blobs: plan.blobs.len(),
+            bytes: plan.blobs.iter().map(|b| b.size).sum(),
+        });
+    }
+    Ok(plan)
 }
 
 async fn copy_unguarded(
@@ -219,13 +246,7 @@ async fn copy_unguarded(
     tag: &str,
     options: &CopyOptions,
 ) -> Result<CopyReport, CopyError> {
-    let plan = plan::plan(source, src, options).await?;
-    if let Some(progress) = &options.progress {
-        progress(Progress::Planned {
-            blobs: plan.blobs.len(),
-            bytes: plan.blobs.iter().map(|b| b.size).sum(),
-        });
-    }
+    let plan = planned(source, src, options).await?;
     let job = Arc::new(BlobJob {
         source: source.clone(),
         dest: dest.clone(),
@@ -294,9 +315,64 @@ async fn copy_unguarded(
         .await
         .map_err(CopyError::Destination)?;
 
-    let mut report = report(&plan, dest, tag, outcomes, run);
+    let name = format!("{}/{}", dest.registry().name(), dest.name());
+    let mut report = report(&plan, &name, tag, outcomes, run);
     report.warnings = warnings;
     Ok(report)
+}
+
+/// Copies `src` (read from `source`) into the OCI image layout `dest`, tagged `tag`, with the
+/// registry copy's guarantees: only blobs the layout lacks are read, each is verified before it
+/// gets its name, manifests are upstream's exact bytes, and the tag is written last.
+pub async fn copy_to_layout(
+    source: &Repository,
+    src: &ImageReference,
+    dest: &OciDir,
+    tag: &str,
+    options: &CopyOptions,
+) -> Result<CopyReport, CopyError> {
+    crate::layout::check_tag(tag).map_err(CopyError::Layout)?;
+    if options.runnable.is_some() {
+        return Err(CopyError::InvalidArgument(
+            "only copies into a registry check that the image runs here".into(),
+        ));
+    }
+    cancellable(options, layout_unguarded(source, src, dest, tag, options)).await
+}
+
+async fn layout_unguarded(
+    source: &Repository,
+    src: &ImageReference,
+    dest: &OciDir,
+    tag: &str,
+    options: &CopyOptions,
+) -> Result<CopyReport, CopyError> {
+    let plan = planned(source, src, options).await?;
+    let outcomes: Vec<(Blob, BlobOutcome)> = futures_util::stream::iter(plan.blobs.clone())
+        .map(|blob| async move {
+            let outcome = blob::into_layout(source, dest, &blob, &options.progress).await?;
+            report_finished(&options.progress, &blob, outcome);
+            Ok::<_, CopyError>((blob, outcome))
+        })
+        .buffer_unordered(options.concurrency.max(1))
+        .try_collect()
+        .await?;
+    for manifest in plan.children.iter().chain(std::iter::once(&plan.tagged)) {
+        dest.put_blob_bytes(&manifest.digest, &manifest.bytes)
+            .await
+            .map_err(CopyError::Layout)?;
+    }
+    let descriptor = crate::layout::Descriptor {
+        media_type: plan.tagged.media_type.clone(),
+        digest: plan.tagged.digest.clone(),
+        size: plan.tagged.bytes.len() as u64,
+        annotations: Default::default(),
+    };
+    dest.set_tag(tag, &descriptor)
+        .await
+        .map_err(CopyError::Layout)?;
+    let name = format!("oci:{}", dest.root().display());
+    Ok(report(&plan, &name, tag, outcomes, None))
 }
 
 /// A single-platform image copied for another platform: said, not silent. Read from the
@@ -328,6 +404,11 @@ async fn transfer_reporting(
     progress: &Option<ProgressSink>,
 ) -> Result<BlobOutcome, CopyError> {
     let outcome = job.transfer(blob).await?;
+    report_finished(progress, blob, outcome);
+    Ok(outcome)
+}
+
+fn report_finished(progress: &Option<ProgressSink>, blob: &Blob, outcome: BlobOutcome) {
     if let Some(progress) = progress {
         progress(Progress::BlobFinished {
             digest: blob.digest.clone(),
@@ -335,17 +416,16 @@ async fn transfer_reporting(
             outcome,
         });
     }
-    Ok(outcome)
 }
 
+/// The report of a copy into `name` (`registry/repository`, or `oci:DIR`).
 fn report(
     plan: &plan::Plan,
-    dest: &Repository,
+    name: &str,
     tag: &str,
     outcomes: Vec<(Blob, BlobOutcome)>,
     run: Option<RunInfo>,
 ) -> CopyReport {
-    let name = format!("{}/{}", dest.registry().name(), dest.name());
     let objects = plan
         .children
         .iter()

@@ -24,7 +24,7 @@ impl Registries {
         self
     }
 
-    fn repository(&self, reference: &ImageReference) -> tailor::registry::Repository {
+    pub fn repository(&self, reference: &ImageReference) -> tailor::registry::Repository {
         self.inner
             .source(
                 &reference.registry,

@@ -3,5 +3,6 @@
 mod auth_and_faults;
 mod helpers;
 mod kinds;
+mod layout;
 mod only_missing;
 mod resume_and_cancel;
