@@ -6,17 +6,13 @@
 //! queries a scrape used to run: a `GROUP BY state` and the sums and histogram over every
 //! succeeded staging.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use specs::{Service, TOKEN, stager_api};
+use testkit::bench::median;
 use testkit::{TestDatabase, TestRegistry};
 
 const ROWS: i64 = 1_000_000;
-
-fn median(mut times: Vec<Duration>) -> Duration {
-    times.sort();
-    times[times.len() / 2]
-}
 
 #[tokio::main]
 async fn main() {

@@ -10,57 +10,12 @@
 //! - peak RSS while copying the 1 GiB layer (from wait4's rusage), for both tools.
 
 use std::process::Command;
-use std::time::{Duration, Instant};
 
 use testkit::TestRegistry;
+use testkit::bench::{measure, median, ms};
 use testkit::image::{ImageSpec, LayerSpec, ManifestFormat};
 
 const MIB: u64 = 1024 * 1024;
-
-struct Measured {
-    elapsed: Duration,
-    max_rss_kib: u64,
-    stdout: String,
-}
-
-/// Runs `command` to completion and measures its wall time and peak resident set.
-fn measure(mut command: Command) -> Measured {
-    command
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let started = Instant::now();
-    // Reaped by wait4 below, which std's Child cannot report rusage for.
-    #[allow(clippy::zombie_processes)]
-    let mut child = command.spawn().expect("spawn");
-    let pid = child.id() as libc::pid_t;
-    let read = |mut pipe: Box<dyn std::io::Read + Send>| {
-        std::thread::spawn(move || {
-            let mut text = String::new();
-            let _ = pipe.read_to_string(&mut text);
-            text
-        })
-    };
-    let stdout = read(Box::new(child.stdout.take().expect("piped")));
-    let stderr = read(Box::new(child.stderr.take().expect("piped")));
-    let mut status = 0;
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: waiting on our own child; rusage is a plain out-parameter. std's Child is not
-    // used to wait afterwards, since wait4 has reaped it.
-    let reaped = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-    let elapsed = started.elapsed();
-    assert_eq!(reaped, pid, "wait4");
-    let stdout = stdout.join().expect("stdout reader");
-    let stderr = stderr.join().expect("stderr reader");
-    assert!(
-        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-        "{command:?} failed: {stdout} {stderr}"
-    );
-    Measured {
-        elapsed,
-        max_rss_kib: usage.ru_maxrss as u64,
-        stdout,
-    }
-}
 
 fn tailor_copy(src: &str, dst: &str, insecure: &str) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_tailor"));
@@ -82,15 +37,6 @@ fn skopeo_copy(src: &str, dst: &str) -> Command {
         .arg(format!("docker://{src}"))
         .arg(format!("docker://{dst}"));
     command
-}
-
-fn median(mut values: Vec<Duration>) -> Duration {
-    values.sort();
-    values[values.len() / 2]
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.0} ms", d.as_secs_f64() * 1000.0)
 }
 
 #[tokio::main]

@@ -21,6 +21,7 @@
 //! Nothing is assumed to be running: every component is started here and stopped on drop.
 
 pub mod access_log;
+pub mod bench;
 pub mod callback_sink;
 pub mod certs;
 pub mod db;
