@@ -31,6 +31,8 @@ const INDEX_MEDIA_TYPE: &str = "application/vnd.oci.image.index.v1+json";
 /// Largest `index.json` or `refs/` file read: a layout's lists are small; a huge one is
 /// not something this writer made.
 const MAX_INDEX_BYTES: u64 = 16 * 1024 * 1024;
+/// Bytes a blob sink gathers before it writes to its file.
+const SINK_BUFFER: usize = 256 * 1024;
 
 /// What went wrong with a layout.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -224,7 +226,7 @@ impl OciDir {
             .await
             .map_err(io(&temp))?;
         Ok(BlobSink {
-            file: Some(file),
+            file: Some(tokio::io::BufWriter::with_capacity(SINK_BUFFER, file)),
             temp,
             target,
             expected: digest.to_owned(),
@@ -374,7 +376,9 @@ struct IndexLock {
 
 /// A blob being written: verified as it comes, published by [`BlobSink::commit`] only.
 pub struct BlobSink {
-    file: Option<tokio::fs::File>,
+    /// Buffered: a source's chunks are small, and each write to a `tokio::fs::File` is a trip
+    /// to the blocking pool.
+    file: Option<tokio::io::BufWriter<tokio::fs::File>>,
     temp: PathBuf,
     target: PathBuf,
     expected: String,
@@ -415,6 +419,7 @@ impl BlobSink {
         }
         let mut file = self.file.take().expect("open until committed");
         file.flush().await.map_err(io(&self.temp))?;
+        let file = file.into_inner();
         file.sync_all().await.map_err(io(&self.temp))?;
         drop(file);
         tokio::fs::rename(&self.temp, &self.target)
