@@ -12,7 +12,7 @@
 use std::process::Command;
 
 use testkit::TestRegistry;
-use testkit::bench::{measure, median, ms};
+use testkit::bench::{measure, median, ms, runs_ms};
 use testkit::image::{ImageSpec, LayerSpec, ManifestFormat};
 
 const MIB: u64 = 1024 * 1024;
@@ -170,14 +170,8 @@ async fn main() {
     );
     println!(
         "| cold copy runs | {:?} | {:?} | | |",
-        tailor_times
-            .iter()
-            .map(|d| d.as_millis())
-            .collect::<Vec<_>>(),
-        skopeo_times
-            .iter()
-            .map(|d| d.as_millis())
-            .collect::<Vec<_>>()
+        runs_ms(&tailor_times),
+        runs_ms(&skopeo_times)
     );
     println!(
         "| re-copy, all present (process wall time) | {} | | | < 50 ms |",

@@ -12,7 +12,7 @@
 use std::process::Command;
 
 use testkit::TestRegistry;
-use testkit::bench::{measure, median, ms};
+use testkit::bench::{measure, median, ms, runs_ms};
 use testkit::image::{ImageSpec, ManifestFormat};
 
 const MIB: u64 = 1024 * 1024;
@@ -116,14 +116,8 @@ async fn main() {
     );
     println!(
         "| cold export runs (ms) | {:?} | {:?} | |",
-        tailor_times
-            .iter()
-            .map(|d| d.as_millis())
-            .collect::<Vec<_>>(),
-        skopeo_times
-            .iter()
-            .map(|d| d.as_millis())
-            .collect::<Vec<_>>()
+        runs_ms(&tailor_times),
+        runs_ms(&skopeo_times)
     );
     println!(
         "| re-export into the same layout | {} | {} | {:.2}x |",

@@ -61,3 +61,8 @@ pub fn median(mut values: Vec<Duration>) -> Duration {
 pub fn ms(d: Duration) -> String {
     format!("{:.0} ms", d.as_secs_f64() * 1000.0)
 }
+
+/// Each run's time in whole milliseconds, for a table's list of runs.
+pub fn runs_ms(runs: &[Duration]) -> Vec<u128> {
+    runs.iter().map(Duration::as_millis).collect()
+}
