@@ -283,31 +283,35 @@ impl OciDir {
         .expect("the index writer does not panic")
     }
 
-    /// What `tag` points at: its `refs/` file, else its `index.json` entry (a layout another
-    /// tool wrote has no `refs/`).
+    /// What `tag` points at: its `index.json` entry, the spec's record, which any tool that
+    /// retags the layout rewrites; else its `refs/` file (a writer stopped between the two
+    /// writes has published the tag there, after every blob it reaches).
     pub async fn resolve(&self, tag: &str) -> Result<Option<Descriptor>, LayoutError> {
         check_tag(tag)?;
-        let path = self.root.join("refs").join(tag);
-        match tokio::fs::read(&path).await {
-            Ok(bytes) => {
-                return serde_json::from_slice(&bytes).map(Some).map_err(|e| {
-                    LayoutError::Invalid {
-                        path,
-                        detail: format!("not a descriptor: {e}"),
-                    }
-                });
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io(&path)(e)),
-        }
         let layout = self.clone();
         let index = tokio::task::spawn_blocking(move || layout.read_index())
             .await
             .expect("reading the index does not panic")?;
-        Ok(index
+        if let Some(entry) = index
             .manifests
             .into_iter()
-            .find(|m| m.annotations.get(REF_NAME).map(String::as_str) == Some(tag)))
+            .find(|m| m.annotations.get(REF_NAME).map(String::as_str) == Some(tag))
+        {
+            return Ok(Some(entry));
+        }
+        let path = self.root.join("refs").join(tag);
+        match tokio::fs::read(&path).await {
+            Ok(bytes) => {
+                serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|e| LayoutError::Invalid {
+                        path,
+                        detail: format!("not a descriptor: {e}"),
+                    })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io(&path)(e)),
+        }
     }
 
     /// Every tag `index.json` lists, with what it points at.
@@ -425,7 +429,14 @@ impl BlobSink {
         tokio::fs::rename(&self.temp, &self.target)
             .await
             .map_err(io(&self.target))?;
-        Ok(())
+        let parent = self
+            .target
+            .parent()
+            .expect("a blob path has a parent")
+            .to_owned();
+        tokio::task::spawn_blocking(move || sync_dir(&parent))
+            .await
+            .expect("syncing a directory does not panic")
     }
 }
 
@@ -449,7 +460,15 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), LayoutError> {
     if result.is_err() {
         let _ = std::fs::remove_file(&temp);
     }
-    result.map_err(io(path))
+    result.map_err(io(path))?;
+    sync_dir(path.parent().expect("a layout file has a parent"))
+}
+
+/// Makes a rename in `dir` durable: without it, a crash may forget the new name.
+fn sync_dir(dir: &Path) -> Result<(), LayoutError> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir))
 }
 
 fn checked_hex(digest: &str) -> Result<&str, LayoutError> {
@@ -585,6 +604,34 @@ mod tests {
             desc.digest
         );
         assert_eq!(layout.resolve("v2").await.unwrap(), None);
+
+        // Another tool retags v1 in index.json only: the index wins over a stale refs/ file.
+        layout.set_tag("v1", &desc).await.unwrap();
+        let other = br#"{"schemaVersion":2,"other":true}"#;
+        let other_desc = descriptor(other);
+        layout
+            .put_blob_bytes(&other_desc.digest, other)
+            .await
+            .unwrap();
+        let index = std::fs::read_to_string(dir.path().join("index.json")).unwrap();
+        std::fs::write(
+            dir.path().join("index.json"),
+            index.replace(&desc.digest, &other_desc.digest).replace(
+                &format!("\"size\":{}", desc.size),
+                &format!("\"size\":{}", other_desc.size),
+            ),
+        )
+        .unwrap();
+        assert_eq!(
+            layout.resolve("v1").await.unwrap().unwrap().digest,
+            other_desc.digest
+        );
+        // A writer stopped after refs/ and before index.json: refs/ answers.
+        std::fs::copy(dir.path().join("refs/v1"), dir.path().join("refs/v3")).unwrap();
+        assert_eq!(
+            layout.resolve("v3").await.unwrap().unwrap().digest,
+            desc.digest
+        );
     }
 
     #[tokio::test]
