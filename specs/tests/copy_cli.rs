@@ -142,7 +142,7 @@ async fn passwords_come_from_stdin_or_the_environment_and_are_never_printed() {
 }
 
 #[tokio::test]
-async fn copies_into_an_oci_layout_directory_and_refuses_unusable_ones() {
+async fn copies_into_and_out_of_an_oci_layout_directory_and_refuses_unusable_ones() {
     let hub = TestRegistry::anonymous();
     let image = ImageSpec::seeded(ManifestFormat::Oci, 801, 2, 4096).build();
     hub.push("cli/layout:v1", &image).await;
@@ -176,6 +176,46 @@ async fn copies_into_an_oci_layout_directory_and_refuses_unusable_ones() {
         &[],
     );
     assert_eq!((code, json["blobs"]["skipped"].as_u64()), (0, Some(3)));
+
+    // And back out of the layout into another registry (the bootstrap of an empty one):
+    // the same digest, which skopeo pulls from there.
+    let fresh = TestRegistry::anonymous();
+    let (code, json, output) = tailor_copy(
+        &[
+            "--json",
+            "--insecure",
+            &fresh.host(),
+            &dst,
+            &format!("docker://{}/restored/layout:v1", fresh.host()),
+        ],
+        None,
+        &[],
+    );
+    assert_eq!(code, 0, "{output}");
+    assert_eq!(json["source_digest"], image.digest.as_str());
+    assert_eq!(json["blobs"]["copied"], 3);
+    let pulled = testkit::skopeo::skopeo()
+        .args(["inspect", "--tls-verify=false", "--format", "{{.Digest}}"])
+        .arg(format!("docker://{}/restored/layout:v1", fresh.host()))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&pulled.stdout).trim(), image.digest);
+    let (code, json, _) = tailor_copy(
+        &[
+            "--json",
+            "--src-creds",
+            "someone:secret",
+            &dst,
+            &format!("docker://{}/restored/layout:v2", fresh.host()),
+        ],
+        None,
+        &[],
+    );
+    assert_eq!(
+        (code, json["error"]["code"].as_str()),
+        (1, Some("INVALID_ARGUMENT")),
+        "a layout takes no credentials"
+    );
 
     // A directory that holds something else is not written into.
     let other = dir.path().join("other");

@@ -47,6 +47,9 @@ pub enum LayoutError {
     /// A digest or tag that cannot name anything in a layout.
     #[error("{0}")]
     InvalidName(String),
+    /// The tag or blob a reader asked for is not in the layout.
+    #[error("{0}")]
+    NotFound(String),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -62,6 +65,7 @@ impl LayoutError {
             Self::Invalid { .. } => Code::LayoutInvalid,
             Self::DigestMismatch { .. } => Code::DigestMismatch,
             Self::InvalidName(_) => Code::InvalidArgument,
+            Self::NotFound(_) => Code::ImageNotFound,
             Self::Io { .. } => Code::LocationIoError,
         }
     }
@@ -312,6 +316,97 @@ impl OciDir {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(io(&path)(e)),
         }
+    }
+
+    /// What a reader of `oci:DIR[:TAG]` copies: the manifest `tag` names or, with no tag, the
+    /// one manifest `index.json` lists (several are ambiguous, and named in the message).
+    pub async fn entry(&self, tag: Option<&str>) -> Result<Descriptor, LayoutError> {
+        if let Some(tag) = tag {
+            return self.resolve(tag).await?.ok_or_else(|| {
+                LayoutError::NotFound(format!("{}: no tag {tag:?}", self.root.display()))
+            });
+        }
+        let layout = self.clone();
+        let mut manifests = tokio::task::spawn_blocking(move || layout.read_index())
+            .await
+            .expect("reading the index does not panic")?
+            .manifests;
+        match manifests.len() {
+            1 => Ok(manifests.remove(0)),
+            0 => Err(LayoutError::NotFound(format!(
+                "{}: the layout holds no image",
+                self.root.display()
+            ))),
+            n => {
+                let tags: Vec<&str> = manifests
+                    .iter()
+                    .filter_map(|m| m.annotations.get(REF_NAME).map(String::as_str))
+                    .take(8)
+                    .collect();
+                Err(LayoutError::InvalidName(format!(
+                    "{}: the layout holds {n} images; name one with oci:DIR:TAG (tags: {})",
+                    self.root.display(),
+                    crate::text::clean(&tags.join(", "), 400)
+                )))
+            }
+        }
+    }
+
+    /// The media type `index.json` gives `digest`, if it lists it.
+    pub async fn listed_media_type(&self, digest: &str) -> Result<Option<String>, LayoutError> {
+        let layout = self.clone();
+        let index = tokio::task::spawn_blocking(move || layout.read_index())
+            .await
+            .expect("reading the index does not panic")?;
+        Ok(index
+            .manifests
+            .into_iter()
+            .find(|m| m.digest == digest)
+            .map(|m| m.media_type))
+    }
+
+    /// Opens the blob `digest` for reading, with its size.
+    pub async fn open_blob(&self, digest: &str) -> Result<(tokio::fs::File, u64), LayoutError> {
+        let path = self.blob_path(digest)?;
+        let file = tokio::fs::File::open(&path).await.map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                LayoutError::NotFound(format!(
+                    "{}: blob {digest} is not in the layout",
+                    self.root.display()
+                ))
+            } else {
+                io(&path)(e)
+            }
+        })?;
+        let size = file.metadata().await.map_err(io(&path))?.len();
+        Ok((file, size))
+    }
+
+    /// Reads a small blob (a manifest) whole, refusing more than `limit` bytes and content
+    /// that does not hash to `digest`.
+    pub async fn read_blob(&self, digest: &str, limit: u64) -> Result<bytes::Bytes, LayoutError> {
+        use tokio::io::AsyncReadExt;
+        let (file, size) = self.open_blob(digest).await?;
+        if size > limit {
+            return Err(LayoutError::Invalid {
+                path: self.blob_path(digest)?,
+                detail: format!("{size} bytes; at most {limit} are read"),
+            });
+        }
+        let mut bytes = Vec::with_capacity(size as usize);
+        let path = self.blob_path(digest)?;
+        file.take(limit + 1)
+            .read_to_end(&mut bytes)
+            .await
+            .map_err(io(&path))?;
+        let actual = crate::digest::sha256(&bytes);
+        if actual != digest {
+            return Err(LayoutError::DigestMismatch {
+                expected: digest.to_owned(),
+                detail: format!("{} holds content hashing to {actual}", path.display()),
+            });
+        }
+        Ok(bytes.into())
     }
 
     /// Every tag `index.json` lists, with what it points at.

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use tailor::copy::{
-    CopyOptions, PlatformChoice, Progress, ProgressSink, copy_image, copy_to_layout,
+    CopyOptions, PlatformChoice, Progress, ProgressSink, Source, Wanted, copy_from, copy_to_layout,
 };
 use tailor::error::CopyError;
 use tailor::layout::OciDir;
@@ -18,7 +18,9 @@ use tailor::registry::{Credentials, Registries, RetryPolicy};
 
 #[derive(Args, Debug)]
 pub struct CopyArgs {
-    /// Image to copy, e.g. redis:7 or registry.example:5000/team/app@sha256:...
+    /// Image to copy: a registry reference (redis:7, registry.example:5000/team/app@sha256:...,
+    /// docker:// optional) or an OCI image layout (oci:DIR[:TAG]; without a tag, its only
+    /// image).
     pub source: String,
     /// Where to put it: a registry (registry.internal:5000/apps/web:v1, docker:// optional)
     /// or an OCI image layout directory (oci:DIR[:TAG], tag `latest` if none).
@@ -111,74 +113,75 @@ pub async fn run(args: CopyArgs) -> i32 {
     }
 }
 
-/// Where a copy goes.
+/// One end of a copy.
 #[derive(Debug, PartialEq)]
-enum Destination {
-    /// `[docker://]host/repository:tag`.
+enum Location {
+    /// `[docker://]host/repository:tag` (a source may name a digest).
     Registry(ImageReference),
     /// `oci:DIR[:TAG]`: an OCI image layout (containers/image's syntax: DIR ends at the first
-    /// `:`); without a tag, `latest`.
+    /// `:`). Without a tag, a source is the layout's only image and a destination is `latest`.
     Layout {
         dir: std::path::PathBuf,
-        tag: String,
+        tag: Option<String>,
     },
 }
 
-impl Destination {
+impl Location {
     fn parse(arg: &str, default_registry: &str) -> Result<Self, CopyError> {
         if let Some(rest) = arg.strip_prefix("oci:") {
             let (dir, tag) = match rest.split_once(':') {
-                Some((dir, tag)) => (dir, tag),
-                None => (rest, "latest"),
+                Some((dir, tag)) => (dir, Some(tag)),
+                None => (rest, None),
             };
             if dir.is_empty() {
                 return Err(CopyError::InvalidArgument(format!(
                     "{arg}: name the layout's directory, as in oci:DIR[:TAG]"
                 )));
             }
-            tailor::layout::check_tag(tag).map_err(CopyError::Layout)?;
+            if let Some(tag) = tag {
+                tailor::layout::check_tag(tag).map_err(CopyError::Layout)?;
+            }
             return Ok(Self::Layout {
                 dir: dir.into(),
-                tag: tag.to_owned(),
+                tag: tag.map(str::to_owned),
             });
         }
-        let reference = registry_reference(arg, default_registry)?;
-        if reference.digest.is_some() {
+        if let Some((transport, _)) = arg.split_once(':')
+            && matches!(transport, "oci-archive" | "s3" | "dir" | "docker-archive")
+        {
             return Err(CopyError::InvalidArgument(format!(
-                "{reference}: a destination is named by tag; its digest is the result of the copy"
+                "{arg}: {transport}: locations are not supported; use a registry reference \
+                 (docker://host/repo:tag) or an OCI layout (oci:DIR[:TAG])"
             )));
         }
-        Ok(Self::Registry(reference))
+        let reference = arg.strip_prefix("docker://").unwrap_or(arg);
+        Ok(Self::Registry(ImageReference::parse_with_default(
+            reference,
+            default_registry,
+        )?))
     }
-}
 
-/// A registry reference, with or without containers/image's `docker://` transport prefix.
-fn registry_reference(arg: &str, default_registry: &str) -> Result<ImageReference, CopyError> {
-    if let Some((transport, _)) = arg.split_once(':')
-        && matches!(transport, "oci-archive" | "s3" | "dir" | "docker-archive")
-    {
-        return Err(CopyError::InvalidArgument(format!(
-            "{arg}: {transport}: locations are not supported; use a registry reference \
-             (docker://host/repo:tag) or, as a destination, oci:DIR[:TAG]"
-        )));
+    /// This location as a destination: a registry is named by tag, a layout defaults to
+    /// `latest`.
+    fn parse_destination(arg: &str, default_registry: &str) -> Result<Self, CopyError> {
+        match Self::parse(arg, default_registry)? {
+            Self::Registry(reference) if reference.digest.is_some() => {
+                Err(CopyError::InvalidArgument(format!(
+                    "{reference}: a destination is named by tag; its digest is the result of the copy"
+                )))
+            }
+            Self::Layout { dir, tag: None } => Ok(Self::Layout {
+                dir,
+                tag: Some("latest".into()),
+            }),
+            location => Ok(location),
+        }
     }
-    let reference = arg.strip_prefix("docker://").unwrap_or(arg);
-    Ok(ImageReference::parse_with_default(
-        reference,
-        default_registry,
-    )?)
 }
 
 async fn execute(args: &CopyArgs) -> Result<tailor::copy::CopyReport, CopyError> {
-    if args.source.starts_with("oci:") {
-        return Err(CopyError::InvalidArgument(format!(
-            "{}: copying out of an OCI layout is not supported yet; the source is a registry \
-             reference",
-            args.source
-        )));
-    }
-    let source = registry_reference(&args.source, &args.default_registry)?;
-    let destination = Destination::parse(&args.destination, &args.default_registry)?;
+    let source = Location::parse(&args.source, &args.default_registry)?;
+    let destination = Location::parse_destination(&args.destination, &args.default_registry)?;
     let platforms = if args.all_platforms {
         PlatformChoice::All
     } else {
@@ -226,9 +229,32 @@ async fn execute(args: &CopyArgs) -> Result<tailor::copy::CopyReport, CopyError>
     )
     .map_err(|e| CopyError::InvalidArgument(format!("--ca-certificates: {e}")))?
     .with_retry(RetryPolicy::patient());
-    let src = registries
-        .source(&source.registry, source.endpoint(), src_credentials, None)
-        .repository(&source.repository);
+    let src = match source {
+        Location::Registry(reference) => {
+            let repository = registries
+                .source(
+                    &reference.registry,
+                    reference.endpoint(),
+                    src_credentials,
+                    None,
+                )
+                .repository(&reference.repository);
+            (Source::registry(repository), Wanted::image(&reference))
+        }
+        Location::Layout { dir, tag } => {
+            if src_credentials.is_some() {
+                return Err(CopyError::InvalidArgument(
+                    "--src-creds: an OCI layout takes no credentials".into(),
+                ));
+            }
+            let layout = tokio::task::spawn_blocking(move || OciDir::open(&dir))
+                .await
+                .expect("opening a layout does not panic")
+                .map_err(CopyError::Layout)?;
+            let wanted = Wanted::in_layout(&layout, tag.as_deref());
+            (Source::layout(layout), wanted)
+        }
+    };
     let show_progress = !args.json && std::io::stderr().is_terminal();
     let options = CopyOptions {
         platforms,
@@ -236,8 +262,9 @@ async fn execute(args: &CopyArgs) -> Result<tailor::copy::CopyReport, CopyError>
         progress: show_progress.then(progress_bars),
         ..CopyOptions::default()
     };
+    let (source, wanted) = src;
     match destination {
-        Destination::Registry(destination) => {
+        Location::Registry(destination) => {
             // Reached like a source (by its endpoint), with its own credentials.
             let dst = registries
                 .source(
@@ -247,9 +274,10 @@ async fn execute(args: &CopyArgs) -> Result<tailor::copy::CopyReport, CopyError>
                     None,
                 )
                 .repository(&destination.repository);
-            copy_image(&src, &source, &dst, destination.tag_or_latest(), &options).await
+            let tag = destination.tag_or_latest();
+            copy_from(&source, &wanted, &dst, tag, &options).await
         }
-        Destination::Layout { dir, tag } => {
+        Location::Layout { dir, tag } => {
             if dst_credentials.is_some() {
                 return Err(CopyError::InvalidArgument(
                     "--dst-creds: an OCI layout takes no credentials".into(),
@@ -259,7 +287,8 @@ async fn execute(args: &CopyArgs) -> Result<tailor::copy::CopyReport, CopyError>
                 .await
                 .expect("creating a layout does not panic")
                 .map_err(CopyError::Layout)?;
-            copy_to_layout(&src, &source, &layout, &tag, &options).await
+            let tag = tag.expect("a destination layout has a tag");
+            copy_to_layout(&source, &wanted, &layout, &tag, &options).await
         }
     }
 }
@@ -369,28 +398,27 @@ fn progress_bars() -> ProgressSink {
 mod tests {
     use super::*;
 
-    fn parse(arg: &str) -> Result<Destination, String> {
-        Destination::parse(arg, "docker.io").map_err(|e| e.to_string())
+    fn parse(arg: &str) -> Result<Location, String> {
+        Location::parse_destination(arg, "docker.io").map_err(|e| e.to_string())
     }
 
     #[test]
     fn destinations_name_a_registry_or_a_layout() {
         assert_eq!(
             parse("oci:/srv/images:v1").unwrap(),
-            Destination::Layout {
+            Location::Layout {
                 dir: "/srv/images".into(),
-                tag: "v1".into()
+                tag: Some("v1".into())
             }
         );
         assert_eq!(
             parse("oci:out").unwrap(),
-            Destination::Layout {
+            Location::Layout {
                 dir: "out".into(),
-                tag: "latest".into()
+                tag: Some("latest".into())
             }
         );
-        let Destination::Registry(reference) =
-            parse("docker://127.0.0.1:5000/apps/web:v1").unwrap()
+        let Location::Registry(reference) = parse("docker://127.0.0.1:5000/apps/web:v1").unwrap()
         else {
             panic!("a registry")
         };
@@ -415,6 +443,17 @@ mod tests {
             parse("127.0.0.1:5000/apps/web@sha256:0000000000000000000000000000000000000000000000000000000000000000")
                 .unwrap_err()
                 .contains("named by tag")
+        );
+    }
+
+    #[test]
+    fn a_source_layout_without_a_tag_means_its_only_image() {
+        assert_eq!(
+            Location::parse("oci:/srv/export", "docker.io").unwrap(),
+            Location::Layout {
+                dir: "/srv/export".into(),
+                tag: None
+            }
         );
     }
 }

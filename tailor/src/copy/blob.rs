@@ -9,12 +9,13 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 
+use super::source::{Source, SourceBody};
 use super::{BlobLedger, FetchClaim, Progress, ProgressSink};
 use crate::digest::StreamingDigest;
 use crate::error::CopyError;
 use crate::layout::OciDir;
 use crate::manifest::Blob;
-use crate::registry::{BlobBody, Floor, Mount, RegistryError, Repository, UploadSession};
+use crate::registry::{Floor, Mount, Repository, UploadSession};
 
 /// How many repositories a mount is tried from before falling back to an upload.
 const MAX_MOUNT_TRIES: usize = 3;
@@ -37,10 +38,10 @@ pub enum BlobOutcome {
 
 /// Everything a blob transfer needs from its copy.
 pub(crate) struct BlobJob {
-    pub source: Repository,
+    pub source: Source,
     pub dest: Repository,
-    /// Source and destination are one registry: the source repository is a mount source.
-    pub same_registry: bool,
+    /// The source repository, when it is in the destination's registry: a mount source.
+    pub same_registry: Option<String>,
     pub ledger: Arc<dyn BlobLedger>,
     pub progress: Option<ProgressSink>,
     pub floor: Floor,
@@ -49,7 +50,7 @@ pub(crate) struct BlobJob {
 impl BlobJob {
     /// The origin recorded for blobs this copy verifies.
     fn origin(&self) -> &str {
-        self.source.registry().name()
+        self.source.name()
     }
 
     /// Transfers `blob`, retrying transient failures; each try starts by checking the
@@ -122,8 +123,8 @@ impl BlobJob {
         proven: &mut Option<bool>,
     ) -> Result<Result<(), Option<UploadSession>>, CopyError> {
         let mut candidates = Vec::new();
-        if self.same_registry {
-            candidates.push(self.source.name().to_owned());
+        if let Some(repository) = &self.same_registry {
+            candidates.push(repository.clone());
         }
         let recorded = self.ledger.mount_sources(&blob.digest, self.origin()).await;
         let mut seen = std::collections::HashSet::new();
@@ -242,7 +243,7 @@ impl BlobJob {
         let result = tokio::select! {
             result = session.put(&blob.digest, blob.size, stream) => result.map_err(CopyError::Destination),
             // The floor covers both ends: a trickling source, or a destination that stalls.
-            error = meter.watch(self.floor, self.source.registry().name(), &what) => Err(CopyError::Source(error)),
+            error = meter.watch(self.floor, self.source.name(), &what) => Err(CopyError::Source(error)),
         };
         // The stream's own verdict beats whatever the failed request reported.
         if let Some(error) = failure.lock().expect("not poisoned").take() {
@@ -258,24 +259,19 @@ impl BlobJob {
 
 /// `GET`s `blob` from `source`, refusing a body whose announced length is not the blob's size.
 async fn open_source(
-    source: &Repository,
+    source: &Source,
     blob: &Blob,
     progress: &Option<ProgressSink>,
-) -> Result<BlobBody, CopyError> {
-    let body = source
-        .get_blob(&blob.digest)
-        .await
-        .map_err(CopyError::Source)?;
+) -> Result<SourceBody, CopyError> {
+    let body = source.open_blob(&blob.digest).await?;
     if let Some(length) = body.content_length()
         && length != blob.size
     {
-        return Err(CopyError::Source(RegistryError::DigestMismatch {
-            expected: blob.digest.clone(),
-            detail: format!(
-                "the source serves {length} bytes, the manifest says {}",
-                blob.size
-            ),
-        }));
+        let detail = format!(
+            "the source serves {length} bytes, the manifest says {}",
+            blob.size
+        );
+        return Err(body.mismatch(&blob.digest, detail));
     }
     if let Some(progress) = progress {
         progress(Progress::BlobStarted {
@@ -291,7 +287,7 @@ async fn open_source(
 /// (the chunk completing a wrong blob is never written) and again by the layout before the
 /// blob gets its name.
 pub(crate) async fn into_layout(
-    source: &Repository,
+    source: &Source,
     dest: &OciDir,
     blob: &Blob,
     progress: &Option<ProgressSink>,
@@ -310,7 +306,7 @@ pub(crate) async fn into_layout(
 }
 
 async fn into_layout_once(
-    source: &Repository,
+    source: &Source,
     dest: &OciDir,
     blob: &Blob,
     progress: &Option<ProgressSink>,
@@ -340,7 +336,7 @@ async fn into_layout_once(
     };
     let result = tokio::select! {
         result = write => result,
-        error = meter.watch(source.registry().limits().floor, source.registry().name(), &what) => Err(CopyError::Source(error)),
+        error = meter.watch(source.floor(), source.name(), &what) => Err(CopyError::Source(error)),
     };
     // The stream's own verdict first; a sink dropped uncommitted leaves nothing behind.
     if let Some(error) = failure.lock().expect("not poisoned").take() {
@@ -354,7 +350,7 @@ async fn into_layout_once(
 /// The source body, passed through while hashed and counted. It fails the upload, before its
 /// last byte is sent, if the content is not exactly the `size` bytes hashing to `digest`.
 struct VerifyingStream {
-    inner: BlobBody,
+    inner: SourceBody,
     expected: String,
     size: u64,
     seen: u64,
@@ -366,7 +362,7 @@ struct VerifyingStream {
 
 impl VerifyingStream {
     fn new(
-        inner: BlobBody,
+        inner: SourceBody,
         blob: &Blob,
         failure: Arc<Mutex<Option<CopyError>>>,
         progress: Option<ProgressSink>,
@@ -391,11 +387,8 @@ impl VerifyingStream {
     }
 
     fn mismatch(&mut self, detail: String) -> Poll<Option<Result<Bytes, std::io::Error>>> {
-        let expected = self.expected.clone();
-        self.fail(CopyError::Source(RegistryError::DigestMismatch {
-            expected,
-            detail,
-        }))
+        let error = self.inner.mismatch(&self.expected, detail);
+        self.fail(error)
     }
 }
 
@@ -437,17 +430,14 @@ impl Stream for VerifyingStream {
                 }
                 Poll::Ready(Some(Ok(chunk)))
             }
-            Poll::Ready(Some(Err(error))) => self.fail(CopyError::Source(error)),
+            Poll::Ready(Some(Err(error))) => self.fail(error),
             Poll::Ready(None) if self.seen < self.size => {
                 let detail = format!(
                     "blob {} ended after {} of {} bytes",
                     self.expected, self.seen, self.size
                 );
-                let registry = self.inner.registry().to_owned();
-                self.fail(CopyError::Source(RegistryError::Unreachable {
-                    registry,
-                    detail,
-                }))
+                let error = self.inner.ended_early(&self.expected, detail);
+                self.fail(error)
             }
             Poll::Ready(None) => {
                 // An empty blob never reached the check above.
@@ -470,14 +460,18 @@ mod tests {
 
     use super::*;
 
-    fn body(chunks: Vec<&'static [u8]>) -> BlobBody {
+    fn body(chunks: Vec<&'static [u8]>) -> SourceBody {
         let stream = futures_util::stream::iter(
             chunks
                 .into_iter()
                 .map(|c| Ok::<_, std::io::Error>(Bytes::from_static(c))),
         );
         let response = http::Response::new(reqwest::Body::wrap_stream(stream));
-        BlobBody::new(reqwest::Response::from(response), "upstream.test", false)
+        SourceBody::registry(crate::registry::BlobBody::new(
+            reqwest::Response::from(response),
+            "upstream.test",
+            false,
+        ))
     }
 
     fn blob(content: &[u8]) -> Blob {

@@ -3,7 +3,8 @@
 //! exact bytes upstream published (children before the index, the tag last), so that a tag
 //! never points at an incomplete image and the pinned digest equals upstream's.
 //!
-//! A destination is a registry repository ([`copy_image`]) or an OCI image layout on disk
+//! A source is a registry repository or an OCI image layout on disk ([`Source`]); a
+//! destination is a registry repository ([`copy_image`], [`copy_from`]) or a layout
 //! ([`copy_to_layout`], see [`crate::layout`]).
 //!
 //! It speaks to registries only through [`crate::registry::Repository`] handles, so every
@@ -13,6 +14,7 @@
 
 mod blob;
 mod plan;
+mod source;
 
 use std::sync::Arc;
 
@@ -23,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use blob::BlobJob;
 pub use blob::BlobOutcome;
 pub use plan::select_platform;
+pub use source::{Source, Wanted};
 
 use crate::error::CopyError;
 use crate::image_config::RunInfo;
@@ -200,10 +203,22 @@ pub struct StoredObject {
     pub size: u64,
 }
 
-/// Copies `src` (read from `source`) into `dest`, tagged `tag`.
+/// Copies `src` (read from the registry repository `source`) into `dest`, tagged `tag`.
 pub async fn copy_image(
     source: &Repository,
     src: &ImageReference,
+    dest: &Repository,
+    tag: &str,
+    options: &CopyOptions,
+) -> Result<CopyReport, CopyError> {
+    let source = Source::registry(source.clone());
+    copy_from(&source, &Wanted::image(src), dest, tag, options).await
+}
+
+/// Copies `src` (read from `source`, a registry or a layout) into `dest`, tagged `tag`.
+pub async fn copy_from(
+    source: &Source,
+    src: &Wanted,
     dest: &Repository,
     tag: &str,
     options: &CopyOptions,
@@ -225,8 +240,8 @@ async fn cancellable(
 
 /// Plans the copy and reports the plan.
 async fn planned(
-    source: &Repository,
-    src: &ImageReference,
+    source: &Source,
+    src: &Wanted,
     options: &CopyOptions,
 ) -> Result<plan::Plan, CopyError> {
     let plan = plan::plan(source, src, options).await?;
@@ -240,20 +255,24 @@ async fn planned(
 }
 
 async fn copy_unguarded(
-    source: &Repository,
-    src: &ImageReference,
+    source: &Source,
+    src: &Wanted,
     dest: &Repository,
     tag: &str,
     options: &CopyOptions,
 ) -> Result<CopyReport, CopyError> {
     let plan = planned(source, src, options).await?;
+    let same_registry = source
+        .repository()
+        .filter(|r| r.registry().host() == dest.registry().host())
+        .map(|r| r.name().to_owned());
     let job = Arc::new(BlobJob {
         source: source.clone(),
         dest: dest.clone(),
-        same_registry: source.registry().host() == dest.registry().host(),
+        same_registry,
         ledger: options.ledger.clone(),
         progress: options.progress.clone(),
-        floor: source.registry().limits().floor,
+        floor: source.floor(),
     });
 
     // A staging's config comes first: it decides whether the image may run here at all,
@@ -263,7 +282,7 @@ async fn copy_unguarded(
     let mut run = None;
     if let Some(platform) = &options.runnable {
         let config = plan.images[0].config.clone();
-        let limit = source.registry().limits().config_bytes;
+        let limit = source.config_limit();
         if config.size > limit {
             return Err(CopyError::ImageConfig(
                 crate::image_config::ImageConfigError::TooLarge(format!(
@@ -325,8 +344,8 @@ async fn copy_unguarded(
 /// registry copy's guarantees: only blobs the layout lacks are read, each is verified before it
 /// gets its name, manifests are upstream's exact bytes, and the tag is written last.
 pub async fn copy_to_layout(
-    source: &Repository,
-    src: &ImageReference,
+    source: &Source,
+    src: &Wanted,
     dest: &OciDir,
     tag: &str,
     options: &CopyOptions,
@@ -341,8 +360,8 @@ pub async fn copy_to_layout(
 }
 
 async fn layout_unguarded(
-    source: &Repository,
-    src: &ImageReference,
+    source: &Source,
+    src: &Wanted,
     dest: &OciDir,
     tag: &str,
     options: &CopyOptions,

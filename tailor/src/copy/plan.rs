@@ -3,12 +3,11 @@
 
 use std::collections::HashSet;
 
+use super::source::{Source, Wanted};
 use super::{CopyOptions, PlatformChoice};
 use crate::error::CopyError;
 use crate::manifest::{Blob, ImageManifest, IndexEntry, ManifestError, RawManifest};
 use crate::platform::Platform;
-use crate::reference::ImageReference;
-use crate::registry::Repository;
 
 /// What a copy will move.
 pub(super) struct Plan {
@@ -29,14 +28,11 @@ pub(super) struct Plan {
 }
 
 pub(super) async fn plan(
-    source: &Repository,
-    src: &ImageReference,
+    source: &Source,
+    src: &Wanted,
     options: &CopyOptions,
 ) -> Result<Plan, CopyError> {
-    let top = source
-        .get_manifest(src.manifest_reference(), src.digest.as_deref())
-        .await
-        .map_err(CopyError::Source)?;
+    let top = source.top_manifest(src).await?;
 
     let mut children: Vec<RawManifest> = Vec::new();
     let mut images = Vec::new();
@@ -137,7 +133,7 @@ pub fn select_platform<'a>(
 }
 
 async fn fetch_child(
-    source: &Repository,
+    source: &Source,
     index: &RawManifest,
     entry: &IndexEntry,
 ) -> Result<RawManifest, CopyError> {
@@ -148,10 +144,7 @@ async fn fetch_child(
         ))
         .into());
     }
-    let child = source
-        .get_manifest(&entry.digest, Some(&entry.digest))
-        .await
-        .map_err(CopyError::Source)?;
+    let child = source.manifest(&entry.digest).await?;
     if child.kind.is_index() {
         return Err(ManifestError::Unsupported(format!(
             "index entry {} is itself an index; nested indexes are not supported",

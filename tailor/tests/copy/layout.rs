@@ -1,7 +1,7 @@
 //! Copies into an OCI image layout on disk: byte-exact (skopeo reads the layout back and
 //! pushes it), only missing blobs read, nothing half-written after a failure.
 
-use tailor::copy::{CopyOptions, copy_to_layout};
+use tailor::copy::{CopyOptions, Source, Wanted, copy_to_layout};
 use tailor::layout::OciDir;
 use testkit::hostile_registry::{HostileRegistry, Lie, Misbehaviour, Rule};
 use testkit::image::{ImageSpec, ManifestFormat};
@@ -17,8 +17,8 @@ async fn copy_into(
 ) -> Result<tailor::copy::CopyReport, tailor::error::CopyError> {
     let src = reference(src);
     copy_to_layout(
-        &registries.repository(&src),
-        &src,
+        &Source::registry(registries.repository(&src)),
+        &Wanted::image(&src),
         layout,
         tag,
         &CopyOptions::default(),

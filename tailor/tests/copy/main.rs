@@ -4,5 +4,6 @@ mod auth_and_faults;
 mod helpers;
 mod kinds;
 mod layout;
+mod layout_import;
 mod only_missing;
 mod resume_and_cancel;
