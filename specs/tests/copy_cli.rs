@@ -257,3 +257,73 @@ async fn copies_into_and_out_of_an_oci_layout_directory_and_refuses_unusable_one
         (1, Some("INVALID_ARGUMENT"))
     );
 }
+
+#[tokio::test]
+async fn copies_into_and_out_of_a_bucket_with_credentials_from_the_environment() {
+    let s3 = testkit::s3::S3Server::start();
+    let hub = TestRegistry::anonymous();
+    let image = ImageSpec::seeded(ManifestFormat::Oci, 802, 2, 4096).build();
+    hub.push("cli/bucket:v1", &image).await;
+    let src = format!("docker://{}/cli/bucket:v1", hub.host());
+    let bucket = format!(
+        "s3://{}/exports/cli:v1?endpoint={}&region={}",
+        s3.bucket(),
+        s3.endpoint(),
+        s3.region()
+    );
+    let env = [
+        ("AWS_ACCESS_KEY_ID", s3.access_key()),
+        ("AWS_SECRET_ACCESS_KEY", s3.secret_key().expose()),
+    ];
+
+    let (code, json, output) = tailor_copy(
+        &["--json", "--insecure", &hub.host(), &src, &bucket],
+        None,
+        &env,
+    );
+    assert_eq!(code, 0, "{output}");
+    assert_eq!(json["source_digest"], image.digest.as_str());
+    assert_eq!(
+        json["tagged"],
+        format!("s3://{}/exports/cli:v1", s3.bucket())
+    );
+    let refs = s3.list_objects("exports/cli/refs").await;
+    assert_eq!(refs.len(), 1, "{refs:?}");
+
+    let fresh = TestRegistry::anonymous();
+    let (code, json, output) = tailor_copy(
+        &[
+            "--json",
+            "--insecure",
+            &fresh.host(),
+            &bucket,
+            &format!("docker://{}/restored/bucket:v1", fresh.host()),
+        ],
+        None,
+        &env,
+    );
+    assert_eq!(code, 0, "{output}");
+    assert_eq!(json["source_digest"], image.digest.as_str());
+    assert_eq!(json["blobs"]["copied"], 3);
+
+    // A refused secret: a stable code, and the secret nowhere in what is printed.
+    let wrong = "not-the-secret-4c1f";
+    let (code, json, output) = tailor_copy(
+        &[
+            "--json",
+            &bucket,
+            &format!("docker://{}/restored/bucket:v2", fresh.host()),
+        ],
+        None,
+        &[
+            ("AWS_ACCESS_KEY_ID", s3.access_key()),
+            ("AWS_SECRET_ACCESS_KEY", wrong),
+        ],
+    );
+    assert_eq!(
+        (code, json["error"]["code"].as_str()),
+        (1, Some("LOCATION_DENIED")),
+        "{output}"
+    );
+    assert!(!output.contains(wrong), "{output}");
+}

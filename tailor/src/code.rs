@@ -100,7 +100,9 @@ codes! {
     ComponentStartFailed = "COMPONENT_START_FAILED": "An embedded component did not start.",
     ComponentIoError = "COMPONENT_IO_ERROR": "An embedded component's files could not be written or read.",
     LayoutInvalid = "LAYOUT_INVALID": "A location is not an OCI image layout that can be used, or its entries contradict themselves.",
-    LocationIoError = "LOCATION_IO_ERROR": "Reading or writing a location (an OCI layout's directory) failed.",
+    LocationIoError = "LOCATION_IO_ERROR": "Reading or writing a location (an OCI layout's directory or bucket) failed.",
+    LocationNotFound = "LOCATION_NOT_FOUND": "A location's bucket does not exist.",
+    LocationDenied = "LOCATION_DENIED": "The object store refused the credentials, or access to the bucket.",
 }
 
 impl fmt::Display for Code {

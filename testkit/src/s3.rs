@@ -199,6 +199,38 @@ impl S3Server {
             .unwrap_or_else(|e| panic!("list s3://{}/{prefix}: {e}", self.bucket))
     }
 
+    /// An OCI layout location under `prefix` of this server's bucket, with its credentials.
+    pub fn layout_location(&self, prefix: &str) -> tailor::layout::S3Location {
+        tailor::layout::S3Location::parse(&format!(
+            "s3://{}/{prefix}?endpoint={}&region={REGION}",
+            self.bucket,
+            self.endpoint()
+        ))
+        .expect("a valid location")
+        .with_credentials(&self.access_key, self.secret_key.expose())
+    }
+
+    /// Writes `key` (a test planting or damaging an object behind the code under test).
+    pub async fn put_object(&self, key: &str, bytes: Vec<u8>) {
+        self.store
+            .put(
+                &object_store::path::Path::from(key),
+                PutPayload::from(bytes),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("put s3://{}/{key}: {e}", self.bucket));
+    }
+
+    /// Reads `key`.
+    pub async fn get_object(&self, key: &str) -> Vec<u8> {
+        let result = self
+            .store
+            .get(&object_store::path::Path::from(key))
+            .await
+            .unwrap_or_else(|e| panic!("get s3://{}/{key}: {e}", self.bucket));
+        result.bytes().await.expect("read an object").to_vec()
+    }
+
     /// The server's own log, for assertion messages.
     pub fn log_tail(&self, max_bytes: usize) -> String {
         self.server

@@ -11,7 +11,7 @@ use tailor::copy::{
     CopyOptions, PlatformChoice, Progress, ProgressSink, Source, Wanted, copy_from, copy_to_layout,
 };
 use tailor::error::CopyError;
-use tailor::layout::OciDir;
+use tailor::layout::{Layout, OciDir, S3Layout, S3Location};
 use tailor::platform::Platform;
 use tailor::reference::ImageReference;
 use tailor::registry::{Credentials, Registries, RetryPolicy};
@@ -19,11 +19,12 @@ use tailor::registry::{Credentials, Registries, RetryPolicy};
 #[derive(Args, Debug)]
 pub struct CopyArgs {
     /// Image to copy: a registry reference (redis:7, registry.example:5000/team/app@sha256:...,
-    /// docker:// optional) or an OCI image layout (oci:DIR[:TAG]; without a tag, its only
-    /// image).
+    /// docker:// optional) or an OCI image layout (oci:DIR[:TAG] or s3://BUCKET/PREFIX[:TAG];
+    /// without a tag, its only image).
     pub source: String,
     /// Where to put it: a registry (registry.internal:5000/apps/web:v1, docker:// optional)
-    /// or an OCI image layout directory (oci:DIR[:TAG], tag `latest` if none).
+    /// or an OCI image layout in a directory (oci:DIR[:TAG]) or a bucket
+    /// (s3://BUCKET/PREFIX[:TAG][?endpoint=URL&region=R]); a layout's tag is `latest` if none.
     pub destination: String,
     /// Platform to copy out of a multi-platform image.
     #[arg(long, default_value = "linux/amd64", conflicts_with = "all_platforms")]
@@ -124,6 +125,9 @@ enum Location {
         dir: std::path::PathBuf,
         tag: Option<String>,
     },
+    /// `s3://BUCKET/PREFIX[:TAG][?endpoint=URL&region=R&path_style=BOOL]`: an OCI image layout
+    /// in a bucket.
+    Bucket(S3Location),
 }
 
 impl Location {
@@ -146,12 +150,18 @@ impl Location {
                 tag: tag.map(str::to_owned),
             });
         }
+        if arg.starts_with("s3://") {
+            return Ok(Self::Bucket(
+                S3Location::parse(arg).map_err(CopyError::Layout)?,
+            ));
+        }
         if let Some((transport, _)) = arg.split_once(':')
-            && matches!(transport, "oci-archive" | "s3" | "dir" | "docker-archive")
+            && matches!(transport, "oci-archive" | "dir" | "docker-archive")
         {
             return Err(CopyError::InvalidArgument(format!(
                 "{arg}: {transport}: locations are not supported; use a registry reference \
-                 (docker://host/repo:tag) or an OCI layout (oci:DIR[:TAG])"
+                 (docker://host/repo:tag) or an OCI layout (oci:DIR[:TAG] or \
+                 s3://BUCKET/PREFIX[:TAG])"
             )));
         }
         let reference = arg.strip_prefix("docker://").unwrap_or(arg);
@@ -247,11 +257,27 @@ async fn execute(args: &CopyArgs) -> Result<tailor::copy::CopyReport, CopyError>
                     "--src-creds: an OCI layout takes no credentials".into(),
                 ));
             }
-            let layout = tokio::task::spawn_blocking(move || OciDir::open(&dir))
+            let layout: Layout = tokio::task::spawn_blocking(move || OciDir::open(&dir))
                 .await
                 .expect("opening a layout does not panic")
-                .map_err(CopyError::Layout)?;
+                .map_err(CopyError::Layout)?
+                .into();
             let wanted = Wanted::in_layout(&layout, tag.as_deref());
+            (Source::layout(layout), wanted)
+        }
+        Location::Bucket(location) => {
+            if src_credentials.is_some() {
+                return Err(CopyError::InvalidArgument(
+                    "--src-creds: a bucket's credentials come from AWS_ACCESS_KEY_ID and \
+                     AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
+                        .into(),
+                ));
+            }
+            let layout: Layout = S3Layout::open(&location)
+                .await
+                .map_err(CopyError::Layout)?
+                .into();
+            let wanted = Wanted::in_layout(&layout, location.tag());
             (Source::layout(layout), wanted)
         }
     };
@@ -283,11 +309,27 @@ async fn execute(args: &CopyArgs) -> Result<tailor::copy::CopyReport, CopyError>
                     "--dst-creds: an OCI layout takes no credentials".into(),
                 ));
             }
-            let layout = tokio::task::spawn_blocking(move || OciDir::create(&dir))
+            let layout: Layout = tokio::task::spawn_blocking(move || OciDir::create(&dir))
                 .await
                 .expect("creating a layout does not panic")
-                .map_err(CopyError::Layout)?;
+                .map_err(CopyError::Layout)?
+                .into();
             let tag = tag.expect("a destination layout has a tag");
+            copy_to_layout(&source, &wanted, &layout, &tag, &options).await
+        }
+        Location::Bucket(location) => {
+            if dst_credentials.is_some() {
+                return Err(CopyError::InvalidArgument(
+                    "--dst-creds: a bucket's credentials come from AWS_ACCESS_KEY_ID and \
+                     AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
+                        .into(),
+                ));
+            }
+            let layout: Layout = S3Layout::create(&location)
+                .await
+                .map_err(CopyError::Layout)?
+                .into();
+            let tag = location.tag().unwrap_or("latest").to_owned();
             copy_to_layout(&source, &wanted, &layout, &tag, &options).await
         }
     }
@@ -429,10 +471,14 @@ mod tests {
                 .contains("name the layout's directory")
         );
         assert!(parse("oci:/srv:../x").unwrap_err().contains("is not a tag"));
+        assert!(matches!(
+            parse("s3://bucket/prefix:v1").unwrap(),
+            Location::Bucket(location) if location.tag() == Some("v1")
+        ));
         assert!(
-            parse("s3://bucket/prefix")
+            parse("s3://key:secret@bucket/prefix")
                 .unwrap_err()
-                .contains("not supported")
+                .contains("credentials never go in the location")
         );
         assert!(
             parse("oci-archive:x.tar")

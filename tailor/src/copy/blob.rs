@@ -13,7 +13,7 @@ use super::source::{Source, SourceBody};
 use super::{BlobLedger, FetchClaim, Progress, ProgressSink};
 use crate::digest::StreamingDigest;
 use crate::error::CopyError;
-use crate::layout::OciDir;
+use crate::layout::Layout;
 use crate::manifest::Blob;
 use crate::registry::{Floor, Mount, Repository, UploadSession};
 
@@ -288,7 +288,7 @@ async fn open_source(
 /// blob gets its name.
 pub(crate) async fn into_layout(
     source: &Source,
-    dest: &OciDir,
+    dest: &Layout,
     blob: &Blob,
     progress: &Option<ProgressSink>,
 ) -> Result<BlobOutcome, CopyError> {
@@ -307,7 +307,7 @@ pub(crate) async fn into_layout(
 
 async fn into_layout_once(
     source: &Source,
-    dest: &OciDir,
+    dest: &Layout,
     blob: &Blob,
     progress: &Option<ProgressSink>,
 ) -> Result<BlobOutcome, CopyError> {

@@ -3,8 +3,8 @@
 //! exact bytes upstream published (children before the index, the tag last), so that a tag
 //! never points at an incomplete image and the pinned digest equals upstream's.
 //!
-//! A source is a registry repository or an OCI image layout on disk ([`Source`]); a
-//! destination is a registry repository ([`copy_image`], [`copy_from`]) or a layout
+//! A source is a registry repository or an OCI image layout ([`Source`]); a destination is a
+//! registry repository ([`copy_image`], [`copy_from`]) or a layout in a directory or a bucket
 //! ([`copy_to_layout`], see [`crate::layout`]).
 //!
 //! It speaks to registries only through [`crate::registry::Repository`] handles, so every
@@ -29,7 +29,7 @@ pub use source::{Source, Wanted};
 
 use crate::error::CopyError;
 use crate::image_config::RunInfo;
-use crate::layout::OciDir;
+use crate::layout::Layout;
 use crate::manifest::{Blob, RawManifest};
 use crate::platform::Platform;
 use crate::reference::ImageReference;
@@ -346,7 +346,7 @@ async fn copy_unguarded(
 pub async fn copy_to_layout(
     source: &Source,
     src: &Wanted,
-    dest: &OciDir,
+    dest: &Layout,
     tag: &str,
     options: &CopyOptions,
 ) -> Result<CopyReport, CopyError> {
@@ -362,7 +362,7 @@ pub async fn copy_to_layout(
 async fn layout_unguarded(
     source: &Source,
     src: &Wanted,
-    dest: &OciDir,
+    dest: &Layout,
     tag: &str,
     options: &CopyOptions,
 ) -> Result<CopyReport, CopyError> {
@@ -390,7 +390,7 @@ async fn layout_unguarded(
     dest.set_tag(tag, &descriptor)
         .await
         .map_err(CopyError::Layout)?;
-    let name = format!("oci:{}", dest.root().display());
+    let name = dest.name();
     Ok(report(&plan, &name, tag, outcomes, None))
 }
 

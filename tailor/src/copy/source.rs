@@ -1,5 +1,5 @@
-//! Where a copy reads from: a registry repository, or an OCI image layout on disk (an export
-//! read back: the bootstrap import, an air-gapped site fed by directory).
+//! Where a copy reads from: a registry repository, or an OCI image layout in a directory or a
+//! bucket (an export read back: the bootstrap import, an air-gapped site fed by directory).
 //!
 //! A source answers three questions: the manifest a reference names (its exact bytes, checked
 //! against a pinned digest), whether it holds a blob, and the blob's bytes as a stream. The
@@ -13,7 +13,7 @@ use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 
 use crate::error::CopyError;
-use crate::layout::{LayoutError, OciDir};
+use crate::layout::{Layout, LayoutError};
 use crate::manifest::{MAX_MANIFEST_BYTES, RawManifest};
 use crate::reference::ImageReference;
 use crate::registry::{BlobBody, Floor, RegistryError, Repository, TransferMeter};
@@ -30,7 +30,7 @@ pub struct Source {
 #[derive(Debug, Clone)]
 enum Kind {
     Registry(Repository),
-    Layout(OciDir),
+    Layout(Layout),
 }
 
 /// Which image of a source to copy: a tag or a digest, and the digest it must have when the
@@ -55,10 +55,10 @@ impl Wanted {
     }
 
     /// In a layout: the image tagged `tag`, or with `None`, the layout's only image.
-    pub fn in_layout(layout: &OciDir, tag: Option<&str>) -> Self {
+    pub fn in_layout(layout: &Layout, tag: Option<&str>) -> Self {
         let shown = match tag {
-            Some(tag) => format!("oci:{}:{tag}", layout.root().display()),
-            None => format!("oci:{}", layout.root().display()),
+            Some(tag) => format!("{}:{tag}", layout.name()),
+            None => layout.name(),
         };
         Self {
             reference: tag.map(str::to_owned),
@@ -82,9 +82,10 @@ impl Source {
         }
     }
 
-    pub fn layout(layout: OciDir) -> Self {
+    pub fn layout(layout: impl Into<Layout>) -> Self {
+        let layout = layout.into();
         Self {
-            name: format!("oci:{}", layout.root().display()),
+            name: layout.name(),
             kind: Kind::Layout(layout),
         }
     }
@@ -102,15 +103,16 @@ impl Source {
         }
     }
 
-    /// The slowest a blob may arrive. A layout's disk has no floor: a slow disk is slow, not
-    /// hostile.
+    /// The slowest a blob may arrive. A directory has no floor (a slow disk is slow, not
+    /// hostile); a bucket has a registry's.
     pub(crate) fn floor(&self) -> Floor {
         match &self.kind {
             Kind::Registry(repository) => repository.registry().limits().floor,
-            Kind::Layout(_) => Floor {
+            Kind::Layout(Layout::Dir(_)) => Floor {
                 min_bytes_per_second: 0,
                 window: std::time::Duration::ZERO,
             },
+            Kind::Layout(Layout::S3(_)) => Floor::default(),
         }
     }
 
@@ -208,22 +210,16 @@ impl Source {
                 Ok(SourceBody::registry(body))
             }
             Kind::Layout(layout) => {
-                let (file, size) = layout.open_blob(digest).await.map_err(CopyError::Layout)?;
-                let path = layout.blob_path(digest).map_err(CopyError::Layout)?;
+                let (stream, size) = layout.open_blob(digest).await.map_err(CopyError::Layout)?;
                 let meter = TransferMeter::new();
                 let counted = meter.clone();
-                let stream = tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024).map(
-                    move |chunk| match chunk {
-                        Ok(chunk) => {
-                            counted.add(chunk.len() as u64);
-                            Ok(chunk)
-                        }
-                        Err(error) => Err(CopyError::Layout(LayoutError::Io {
-                            path: path.clone(),
-                            source: error.into(),
-                        })),
-                    },
-                );
+                let stream = stream.map(move |chunk| match chunk {
+                    Ok(chunk) => {
+                        counted.add(chunk.len() as u64);
+                        Ok(chunk)
+                    }
+                    Err(error) => Err(CopyError::Layout(error)),
+                });
                 Ok(SourceBody {
                     inner: Box::pin(stream),
                     meter,

@@ -19,7 +19,7 @@ async fn copy_into(
     copy_to_layout(
         &Source::registry(registries.repository(&src)),
         &Wanted::image(&src),
-        layout,
+        &layout.clone().into(),
         tag,
         &CopyOptions::default(),
     )

@@ -6,17 +6,17 @@ use tailor::copy::{
     CopyOptions, CopyReport, PlatformChoice, Source, Wanted, copy_from, copy_to_layout,
 };
 use tailor::error::CopyError;
-use tailor::layout::OciDir;
+use tailor::layout::{Layout, OciDir};
 use testkit::image::{ImageSpec, IndexSpec, ManifestFormat};
 use testkit::{TestRegistry, skopeo};
 
 use crate::helpers::*;
 
 /// Exports `src` from `registries` into `layout` under `tag`.
-async fn export(
+pub async fn export(
     registries: &Registries,
     src: &str,
-    layout: &OciDir,
+    layout: &(impl Clone + Into<Layout>),
     tag: &str,
     options: &CopyOptions,
 ) {
@@ -24,7 +24,7 @@ async fn export(
     copy_to_layout(
         &Source::registry(registries.repository(&src)),
         &Wanted::image(&src),
-        layout,
+        &layout.clone().into(),
         tag,
         options,
     )
@@ -32,18 +32,19 @@ async fn export(
     .unwrap();
 }
 
-/// Imports `oci:<layout>[:tag]` into `dst` (`host/repository:tag`).
-async fn import(
+/// Imports `<layout>[:tag]` into `dst` (`host/repository:tag`).
+pub async fn import(
     registries: &Registries,
-    layout: &OciDir,
+    layout: &(impl Clone + Into<Layout>),
     tag: Option<&str>,
     dst: &str,
     options: &CopyOptions,
 ) -> Result<CopyReport, CopyError> {
     let dst = reference(dst);
+    let layout: Layout = layout.clone().into();
     copy_from(
         &Source::layout(layout.clone()),
-        &Wanted::in_layout(layout, tag),
+        &Wanted::in_layout(&layout, tag),
         &registries.repository(&dst),
         dst.tag_or_latest(),
         options,

@@ -1,6 +1,7 @@
 //! The copy engine against real registries, judged by skopeo and the registries' access logs.
 
 mod auth_and_faults;
+mod bucket;
 mod helpers;
 mod kinds;
 mod layout;

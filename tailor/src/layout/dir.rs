@@ -1,105 +1,31 @@
-//! An OCI image layout in a directory (the image-spec's `image-layout.md`), written so that a
-//! reader never sees a half-written blob or tag and concurrent writers never lose one.
-//!
-//! - A blob is streamed into a temporary file beside its final path and renamed into place
-//!   only after its size and digest check out ([`BlobSink::commit`]); a sink dropped without a
-//!   commit removes its temporary file. A blob path therefore only ever holds verified bytes.
-//! - A tag is written last, after every blob and manifest it reaches. It is written twice:
-//!   first as one small file per tag under `refs/` (dogestry's scheme: one rename publishes it,
-//!   so no reader ever sees a half-written index), then into `index.json`, the spec's list,
-//!   rewritten under an exclusive `flock` on `index.json.lock` by temporary file and rename.
-//!   containers/image rewrites `index.json` unlocked, so two writers racing into one layout
-//!   can lose a tag (containers/image#1028); here they cannot.
-//!
-//! Digests are `sha256:<64 hex>` and tags follow the distribution tag grammar, both checked
-//! before they become paths, so no name can escape the layout's directory.
+//! An OCI image layout in a directory. Blobs are streamed into a temporary file beside their
+//! final path and renamed into place only after their size and digest check out
+//! ([`DirBlobSink::commit`]); a sink dropped without a commit removes its temporary file, so a
+//! blob path only ever holds verified bytes. `index.json` is rewritten by temporary file and
+//! rename under an exclusive `flock` on `index.json.lock`; every rename is made durable by
+//! syncing its directory.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
+use futures_util::StreamExt;
+use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
 
-use crate::code::Code;
+use super::{
+    BlobStream, Descriptor, Index, LAYOUT_VERSION, LayoutError, MAX_INDEX_BYTES, REF_NAME,
+    check_tag, checked_hex, tag_entry,
+};
 use crate::digest::StreamingDigest;
 
-/// The `oci-layout` file's content this writer produces and accepts.
-const LAYOUT_VERSION: &str = "1.0.0";
-/// The annotation naming a tag in `index.json`.
-pub const REF_NAME: &str = "org.opencontainers.image.ref.name";
-const INDEX_MEDIA_TYPE: &str = "application/vnd.oci.image.index.v1+json";
-/// Largest `index.json` or `refs/` file read: a layout's lists are small; a huge one is
-/// not something this writer made.
-const MAX_INDEX_BYTES: u64 = 16 * 1024 * 1024;
 /// Bytes a blob sink gathers before it writes to its file.
 const SINK_BUFFER: usize = 256 * 1024;
-
-/// What went wrong with a layout.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum LayoutError {
-    /// The directory is not an OCI image layout this writer can use, or holds entries that
-    /// contradict themselves.
-    #[error("{path}: {detail}")]
-    Invalid { path: PathBuf, detail: String },
-    /// A blob's bytes were not what its descriptor says.
-    #[error("blob {expected}: {detail}")]
-    DigestMismatch { expected: String, detail: String },
-    /// A digest or tag that cannot name anything in a layout.
-    #[error("{0}")]
-    InvalidName(String),
-    /// The tag or blob a reader asked for is not in the layout.
-    #[error("{0}")]
-    NotFound(String),
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::sync::Arc<std::io::Error>,
-    },
-}
-
-impl LayoutError {
-    /// The stable, machine-readable code.
-    pub fn code(&self) -> Code {
-        match self {
-            Self::Invalid { .. } => Code::LayoutInvalid,
-            Self::DigestMismatch { .. } => Code::DigestMismatch,
-            Self::InvalidName(_) => Code::InvalidArgument,
-            Self::NotFound(_) => Code::ImageNotFound,
-            Self::Io { .. } => Code::LocationIoError,
-        }
-    }
-}
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LayoutError + '_ {
     move |source| LayoutError::Io {
         path: path.to_owned(),
         source: source.into(),
     }
-}
-
-/// A content descriptor, as `index.json` and the `refs/` files hold it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Descriptor {
-    pub media_type: String,
-    pub digest: String,
-    pub size: u64,
-    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
-    pub annotations: std::collections::BTreeMap<String, String>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Index {
-    schema_version: u32,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    media_type: Option<String>,
-    #[serde(default)]
-    manifests: Vec<Descriptor>,
-    /// Whatever else another writer put there is kept as it was.
-    #[serde(flatten)]
-    rest: serde_json::Map<String, serde_json::Value>,
 }
 
 /// An OCI image layout directory.
@@ -145,12 +71,7 @@ impl OciDir {
         let _lock = layout.lock_index()?;
         let index = root.join("index.json");
         if !index.exists() {
-            layout.write_index(&Index {
-                schema_version: 2,
-                media_type: Some(INDEX_MEDIA_TYPE.to_owned()),
-                manifests: Vec::new(),
-                rest: serde_json::Map::new(),
-            })?;
+            layout.write_index(&Index::empty())?;
         }
         Ok(layout)
     }
@@ -215,22 +136,26 @@ impl OciDir {
     }
 
     /// Starts writing the blob `digest` of `size` bytes; nothing is visible until
-    /// [`BlobSink::commit`].
-    pub async fn begin_blob(&self, digest: &str, size: u64) -> Result<BlobSink, LayoutError> {
+    /// [`DirBlobSink::commit`].
+    pub async fn begin_blob(&self, digest: &str, size: u64) -> Result<DirBlobSink, LayoutError> {
         let target = self.blob_path(digest)?;
         let temp = target.with_file_name(format!(
             ".tmp-{}-{}",
             checked_hex(digest)?,
             uuid::Uuid::new_v4().simple()
         ));
-        let file = tokio::fs::OpenOptions::new()
+        // Created without an await point before the sink owns it: a copy cancelled here (a
+        // sibling blob failed) must not leave a temporary file that nothing will remove.
+        let file = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .open(&temp)
-            .await
             .map_err(io(&temp))?;
-        Ok(BlobSink {
-            file: Some(tokio::io::BufWriter::with_capacity(SINK_BUFFER, file)),
+        Ok(DirBlobSink {
+            file: Some(tokio::io::BufWriter::with_capacity(
+                SINK_BUFFER,
+                tokio::fs::File::from_std(file),
+            )),
             temp,
             target,
             expected: digest.to_owned(),
@@ -266,10 +191,7 @@ impl OciDir {
                 });
             }
         }
-        let mut entry = descriptor.clone();
-        entry
-            .annotations
-            .insert(REF_NAME.to_owned(), tag.to_owned());
+        let entry = tag_entry(tag, descriptor);
         let layout = self.clone();
         let tag = tag.to_owned();
         tokio::task::spawn_blocking(move || {
@@ -277,10 +199,7 @@ impl OciDir {
             write_atomically(&layout.root.join("refs").join(&tag), &json)?;
             let _lock = layout.lock_index()?;
             let mut index = layout.read_index()?;
-            index
-                .manifests
-                .retain(|m| m.annotations.get(REF_NAME) != Some(&tag));
-            index.manifests.push(entry);
+            index.retag(&tag, entry);
             layout.write_index(&index)
         })
         .await
@@ -296,77 +215,19 @@ impl OciDir {
         let index = tokio::task::spawn_blocking(move || layout.read_index())
             .await
             .expect("reading the index does not panic")?;
-        if let Some(entry) = index
-            .manifests
-            .into_iter()
-            .find(|m| m.annotations.get(REF_NAME).map(String::as_str) == Some(tag))
-        {
+        if let Some(entry) = index.tagged(tag) {
             return Ok(Some(entry));
         }
         let path = self.root.join("refs").join(tag);
         match tokio::fs::read(&path).await {
-            Ok(bytes) => {
-                serde_json::from_slice(&bytes)
-                    .map(Some)
-                    .map_err(|e| LayoutError::Invalid {
-                        path,
-                        detail: format!("not a descriptor: {e}"),
-                    })
-            }
+            Ok(bytes) => Descriptor::parse_ref(&bytes, path).map(Some),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(io(&path)(e)),
         }
     }
 
-    /// What a reader of `oci:DIR[:TAG]` copies: the manifest `tag` names or, with no tag, the
-    /// one manifest `index.json` lists (several are ambiguous, and named in the message).
-    pub async fn entry(&self, tag: Option<&str>) -> Result<Descriptor, LayoutError> {
-        if let Some(tag) = tag {
-            return self.resolve(tag).await?.ok_or_else(|| {
-                LayoutError::NotFound(format!("{}: no tag {tag:?}", self.root.display()))
-            });
-        }
-        let layout = self.clone();
-        let mut manifests = tokio::task::spawn_blocking(move || layout.read_index())
-            .await
-            .expect("reading the index does not panic")?
-            .manifests;
-        match manifests.len() {
-            1 => Ok(manifests.remove(0)),
-            0 => Err(LayoutError::NotFound(format!(
-                "{}: the layout holds no image",
-                self.root.display()
-            ))),
-            n => {
-                let tags: Vec<&str> = manifests
-                    .iter()
-                    .filter_map(|m| m.annotations.get(REF_NAME).map(String::as_str))
-                    .take(8)
-                    .collect();
-                Err(LayoutError::InvalidName(format!(
-                    "{}: the layout holds {n} images; name one with oci:DIR:TAG (tags: {})",
-                    self.root.display(),
-                    crate::text::clean(&tags.join(", "), 400)
-                )))
-            }
-        }
-    }
-
-    /// The media type `index.json` gives `digest`, if it lists it.
-    pub async fn listed_media_type(&self, digest: &str) -> Result<Option<String>, LayoutError> {
-        let layout = self.clone();
-        let index = tokio::task::spawn_blocking(move || layout.read_index())
-            .await
-            .expect("reading the index does not panic")?;
-        Ok(index
-            .manifests
-            .into_iter()
-            .find(|m| m.digest == digest)
-            .map(|m| m.media_type))
-    }
-
-    /// Opens the blob `digest` for reading, with its size.
-    pub async fn open_blob(&self, digest: &str) -> Result<(tokio::fs::File, u64), LayoutError> {
+    /// Opens the blob `digest` for reading: its bytes as they are read, and its size.
+    pub async fn open_blob(&self, digest: &str) -> Result<(BlobStream, u64), LayoutError> {
         let path = self.blob_path(digest)?;
         let file = tokio::fs::File::open(&path).await.map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
@@ -379,34 +240,9 @@ impl OciDir {
             }
         })?;
         let size = file.metadata().await.map_err(io(&path))?.len();
-        Ok((file, size))
-    }
-
-    /// Reads a small blob (a manifest) whole, refusing more than `limit` bytes and content
-    /// that does not hash to `digest`.
-    pub async fn read_blob(&self, digest: &str, limit: u64) -> Result<bytes::Bytes, LayoutError> {
-        use tokio::io::AsyncReadExt;
-        let (file, size) = self.open_blob(digest).await?;
-        if size > limit {
-            return Err(LayoutError::Invalid {
-                path: self.blob_path(digest)?,
-                detail: format!("{size} bytes; at most {limit} are read"),
-            });
-        }
-        let mut bytes = Vec::with_capacity(size as usize);
-        let path = self.blob_path(digest)?;
-        file.take(limit + 1)
-            .read_to_end(&mut bytes)
-            .await
-            .map_err(io(&path))?;
-        let actual = crate::digest::sha256(&bytes);
-        if actual != digest {
-            return Err(LayoutError::DigestMismatch {
-                expected: digest.to_owned(),
-                detail: format!("{} holds content hashing to {actual}", path.display()),
-            });
-        }
-        Ok(bytes.into())
+        let stream = tokio_util::io::ReaderStream::with_capacity(file, SINK_BUFFER)
+            .map(move |chunk| chunk.map_err(io(&path)));
+        Ok((stream.boxed(), size))
     }
 
     /// Every tag `index.json` lists, with what it points at.
@@ -435,7 +271,7 @@ impl OciDir {
         Ok(IndexLock { _file: file })
     }
 
-    fn read_index(&self) -> Result<Index, LayoutError> {
+    pub(super) fn read_index(&self) -> Result<Index, LayoutError> {
         let path = self.root.join("index.json");
         let file = std::fs::File::open(&path).map_err(io(&path))?;
         let mut bytes = Vec::new();
@@ -443,28 +279,11 @@ impl OciDir {
         file.take(MAX_INDEX_BYTES + 1)
             .read_to_end(&mut bytes)
             .map_err(io(&path))?;
-        if bytes.len() as u64 > MAX_INDEX_BYTES {
-            return Err(LayoutError::Invalid {
-                path,
-                detail: format!("larger than {MAX_INDEX_BYTES} bytes"),
-            });
-        }
-        let index: Index = serde_json::from_slice(&bytes).map_err(|e| LayoutError::Invalid {
-            path: path.clone(),
-            detail: format!("not an image index: {e}"),
-        })?;
-        if index.schema_version != 2 {
-            return Err(LayoutError::Invalid {
-                path,
-                detail: format!("schemaVersion {}; expected 2", index.schema_version),
-            });
-        }
-        Ok(index)
+        Index::parse(&bytes, path)
     }
 
     fn write_index(&self, index: &Index) -> Result<(), LayoutError> {
-        let json = serde_json::to_vec(index).expect("an index serialises");
-        write_atomically(&self.root.join("index.json"), &json)
+        write_atomically(&self.root.join("index.json"), &index.to_json())
     }
 }
 
@@ -473,8 +292,8 @@ struct IndexLock {
     _file: std::fs::File,
 }
 
-/// A blob being written: verified as it comes, published by [`BlobSink::commit`] only.
-pub struct BlobSink {
+/// A blob being written: verified as it comes, published by [`DirBlobSink::commit`] only.
+pub struct DirBlobSink {
     /// Buffered: a source's chunks are small, and each write to a `tokio::fs::File` is a trip
     /// to the blocking pool.
     file: Option<tokio::io::BufWriter<tokio::fs::File>>,
@@ -486,7 +305,7 @@ pub struct BlobSink {
     hasher: StreamingDigest,
 }
 
-impl BlobSink {
+impl DirBlobSink {
     /// Appends `chunk`; refuses bytes beyond the declared size.
     pub async fn write(&mut self, chunk: &[u8]) -> Result<(), LayoutError> {
         self.written += chunk.len() as u64;
@@ -535,7 +354,7 @@ impl BlobSink {
     }
 }
 
-impl Drop for BlobSink {
+impl Drop for DirBlobSink {
     fn drop(&mut self) {
         // Committed or not, the temporary name is gone afterwards (a rename moved it).
         let _ = std::fs::remove_file(&self.temp);
@@ -566,43 +385,10 @@ fn sync_dir(dir: &Path) -> Result<(), LayoutError> {
         .map_err(io(dir))
 }
 
-fn checked_hex(digest: &str) -> Result<&str, LayoutError> {
-    match digest.strip_prefix("sha256:") {
-        Some(hex)
-            if hex.len() == 64
-                && hex
-                    .bytes()
-                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) =>
-        {
-            Ok(hex)
-        }
-        _ => Err(LayoutError::InvalidName(format!(
-            "{digest:?} is not a sha256 digest"
-        ))),
-    }
-}
-
-/// The distribution tag grammar: `[A-Za-z0-9_][A-Za-z0-9._-]{0,127}`.
-pub fn check_tag(tag: &str) -> Result<(), LayoutError> {
-    let mut bytes = tag.bytes();
-    let first_ok = bytes
-        .next()
-        .is_some_and(|b| b.is_ascii_alphanumeric() || b == b'_');
-    if first_ok
-        && tag.len() <= 128
-        && bytes.all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
-    {
-        Ok(())
-    } else {
-        Err(LayoutError::InvalidName(format!(
-            "{tag:?} is not a tag (letters, digits, '_', '.' and '-', at most 128, not starting with '.' or '-')"
-        )))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::code::Code;
 
     fn descriptor(bytes: &[u8]) -> Descriptor {
         Descriptor {
