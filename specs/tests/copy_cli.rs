@@ -327,3 +327,70 @@ async fn copies_into_and_out_of_a_bucket_with_credentials_from_the_environment()
     );
     assert!(!output.contains(wrong), "{output}");
 }
+
+#[tokio::test]
+async fn boots_an_empty_registry_from_an_oci_archive() {
+    let hub = TestRegistry::anonymous();
+    let image = ImageSpec::seeded(ManifestFormat::Oci, 803, 2, 4096).build();
+    hub.push("library/registry:2", &image).await;
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("registry.tar");
+    let (code, json, output) = tailor_copy(
+        &[
+            "--json",
+            "--insecure",
+            &hub.host(),
+            &format!("docker://{}/library/registry:2", hub.host()),
+            &format!("oci-archive:{}:2", archive.display()),
+        ],
+        None,
+        &[],
+    );
+    assert_eq!(code, 0, "{output}");
+    assert_eq!(
+        json["tagged"],
+        format!("oci-archive:{}:2", archive.display())
+    );
+
+    // The first registry of a site, loaded from the file alone.
+    let fresh = TestRegistry::anonymous();
+    let (code, json, output) = tailor_copy(
+        &[
+            "--json",
+            "--insecure",
+            &fresh.host(),
+            &format!("oci-archive:{}", archive.display()),
+            &format!("docker://{}/library/registry:2", fresh.host()),
+        ],
+        None,
+        &[],
+    );
+    assert_eq!(code, 0, "{output}");
+    assert_eq!(json["source_digest"], image.digest.as_str());
+    let pulled = testkit::skopeo::skopeo()
+        .args(["inspect", "--tls-verify=false", "--format", "{{.Digest}}"])
+        .arg(format!("docker://{}/library/registry:2", fresh.host()))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&pulled.stdout).trim(), image.digest);
+
+    // A file that is not an archive is refused by name, and left alone.
+    let bogus = dir.path().join("bogus.tar");
+    std::fs::write(&bogus, "not a tar").unwrap();
+    let (code, json, _) = tailor_copy(
+        &[
+            "--json",
+            "--insecure",
+            &fresh.host(),
+            &format!("oci-archive:{}", bogus.display()),
+            &format!("docker://{}/library/bogus:1", fresh.host()),
+        ],
+        None,
+        &[],
+    );
+    assert_eq!(
+        (code, json["error"]["code"].as_str()),
+        (1, Some("LAYOUT_INVALID"))
+    );
+    assert_eq!(std::fs::read(&bogus).unwrap(), b"not a tar");
+}

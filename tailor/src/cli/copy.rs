@@ -8,10 +8,11 @@ use std::sync::{Arc, Mutex};
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use tailor::copy::{
-    CopyOptions, PlatformChoice, Progress, ProgressSink, Source, Wanted, copy_from, copy_to_layout,
+    CopyOptions, PlatformChoice, Progress, ProgressSink, Source, Wanted, copy_from,
+    copy_to_archive, copy_to_layout,
 };
 use tailor::error::CopyError;
-use tailor::layout::{Layout, OciDir, S3Layout, S3Location};
+use tailor::layout::{Layout, OciArchive, OciDir, S3Layout, S3Location};
 use tailor::platform::Platform;
 use tailor::reference::ImageReference;
 use tailor::registry::{Credentials, Registries, RetryPolicy};
@@ -19,11 +20,12 @@ use tailor::registry::{Credentials, Registries, RetryPolicy};
 #[derive(Args, Debug)]
 pub struct CopyArgs {
     /// Image to copy: a registry reference (redis:7, registry.example:5000/team/app@sha256:...,
-    /// docker:// optional) or an OCI image layout (oci:DIR[:TAG] or s3://BUCKET/PREFIX[:TAG];
-    /// without a tag, its only image).
+    /// docker:// optional) or an OCI image layout (oci:DIR[:TAG], oci-archive:FILE[:TAG] or
+    /// s3://BUCKET/PREFIX[:TAG]; without a tag, its only image).
     pub source: String,
     /// Where to put it: a registry (registry.internal:5000/apps/web:v1, docker:// optional)
-    /// or an OCI image layout in a directory (oci:DIR[:TAG]) or a bucket
+    /// or an OCI image layout in a directory (oci:DIR[:TAG]), a tar file
+    /// (oci-archive:FILE[:TAG], written whole) or a bucket
     /// (s3://BUCKET/PREFIX[:TAG][?endpoint=URL&region=R]); a layout's tag is `latest` if none.
     pub destination: String,
     /// Platform to copy out of a multi-platform image.
@@ -128,10 +130,33 @@ enum Location {
     /// `s3://BUCKET/PREFIX[:TAG][?endpoint=URL&region=R&path_style=BOOL]`: an OCI image layout
     /// in a bucket.
     Bucket(S3Location),
+    /// `oci-archive:FILE[:TAG]`: an OCI image layout in a tar file.
+    Archive {
+        file: std::path::PathBuf,
+        tag: Option<String>,
+    },
 }
 
 impl Location {
     fn parse(arg: &str, default_registry: &str) -> Result<Self, CopyError> {
+        if let Some(rest) = arg.strip_prefix("oci-archive:") {
+            let (file, tag) = match rest.split_once(':') {
+                Some((file, tag)) => (file, Some(tag)),
+                None => (rest, None),
+            };
+            if file.is_empty() {
+                return Err(CopyError::InvalidArgument(format!(
+                    "{arg}: name the archive, as in oci-archive:FILE[:TAG]"
+                )));
+            }
+            if let Some(tag) = tag {
+                tailor::layout::check_tag(tag).map_err(CopyError::Layout)?;
+            }
+            return Ok(Self::Archive {
+                file: file.into(),
+                tag: tag.map(str::to_owned),
+            });
+        }
         if let Some(rest) = arg.strip_prefix("oci:") {
             let (dir, tag) = match rest.split_once(':') {
                 Some((dir, tag)) => (dir, Some(tag)),
@@ -156,12 +181,12 @@ impl Location {
             ));
         }
         if let Some((transport, _)) = arg.split_once(':')
-            && matches!(transport, "oci-archive" | "dir" | "docker-archive")
+            && matches!(transport, "dir" | "docker-archive")
         {
             return Err(CopyError::InvalidArgument(format!(
                 "{arg}: {transport}: locations are not supported; use a registry reference \
-                 (docker://host/repo:tag) or an OCI layout (oci:DIR[:TAG] or \
-                 s3://BUCKET/PREFIX[:TAG])"
+                 (docker://host/repo:tag) or an OCI layout (oci:DIR[:TAG], \
+                 oci-archive:FILE[:TAG] or s3://BUCKET/PREFIX[:TAG])"
             )));
         }
         let reference = arg.strip_prefix("docker://").unwrap_or(arg);
@@ -182,6 +207,10 @@ impl Location {
             }
             Self::Layout { dir, tag: None } => Ok(Self::Layout {
                 dir,
+                tag: Some("latest".into()),
+            }),
+            Self::Archive { file, tag: None } => Ok(Self::Archive {
+                file,
                 tag: Some("latest".into()),
             }),
             location => Ok(location),
@@ -265,6 +294,20 @@ async fn execute(args: &CopyArgs) -> Result<tailor::copy::CopyReport, CopyError>
             let wanted = Wanted::in_layout(&layout, tag.as_deref());
             (Source::layout(layout), wanted)
         }
+        Location::Archive { file, tag } => {
+            if src_credentials.is_some() {
+                return Err(CopyError::InvalidArgument(
+                    "--src-creds: an OCI archive takes no credentials".into(),
+                ));
+            }
+            let layout: Layout = tokio::task::spawn_blocking(move || OciArchive::open(&file))
+                .await
+                .expect("opening an archive does not panic")
+                .map_err(CopyError::Layout)?
+                .into();
+            let wanted = Wanted::in_layout(&layout, tag.as_deref());
+            (Source::layout(layout), wanted)
+        }
         Location::Bucket(location) => {
             if src_credentials.is_some() {
                 return Err(CopyError::InvalidArgument(
@@ -316,6 +359,15 @@ async fn execute(args: &CopyArgs) -> Result<tailor::copy::CopyReport, CopyError>
                 .into();
             let tag = tag.expect("a destination layout has a tag");
             copy_to_layout(&source, &wanted, &layout, &tag, &options).await
+        }
+        Location::Archive { file, tag } => {
+            if dst_credentials.is_some() {
+                return Err(CopyError::InvalidArgument(
+                    "--dst-creds: an OCI archive takes no credentials".into(),
+                ));
+            }
+            let tag = tag.expect("a destination archive has a tag");
+            copy_to_archive(&source, &wanted, &file, &tag, &options).await
         }
         Location::Bucket(location) => {
             if dst_credentials.is_some() {
@@ -480,8 +532,15 @@ mod tests {
                 .unwrap_err()
                 .contains("credentials never go in the location")
         );
+        assert_eq!(
+            parse("oci-archive:out/x.tar").unwrap(),
+            Location::Archive {
+                file: "out/x.tar".into(),
+                tag: Some("latest".into())
+            }
+        );
         assert!(
-            parse("oci-archive:x.tar")
+            parse("docker-archive:x.tar")
                 .unwrap_err()
                 .contains("not supported")
         );

@@ -359,6 +359,30 @@ pub async fn copy_to_layout(
     cancellable(options, layout_unguarded(source, src, dest, tag, options)).await
 }
 
+/// Copies `src` into the archive `target` (`oci-archive:FILE`), tagged `tag`: into a
+/// directory layout beside it, then packed and renamed over it; a failed copy leaves `target`
+/// as it was. The archive holds this one image.
+pub async fn copy_to_archive(
+    source: &Source,
+    src: &Wanted,
+    target: &std::path::Path,
+    tag: &str,
+    options: &CopyOptions,
+) -> Result<CopyReport, CopyError> {
+    let owned = target.to_owned();
+    let writer = tokio::task::spawn_blocking(move || crate::layout::ArchiveWriter::new(&owned))
+        .await
+        .expect("preparing an archive does not panic")
+        .map_err(CopyError::Layout)?;
+    let layout = Layout::Dir(writer.layout().clone());
+    let mut report = copy_to_layout(source, src, &layout, tag, options).await?;
+    writer.seal().await.map_err(CopyError::Layout)?;
+    let name = format!("oci-archive:{}", target.display());
+    report.pinned = format!("{name}@{}", report.source_digest);
+    report.tagged = format!("{name}:{tag}");
+    Ok(report)
+}
+
 async fn layout_unguarded(
     source: &Source,
     src: &Wanted,

@@ -108,7 +108,7 @@ impl Source {
     pub(crate) fn floor(&self) -> Floor {
         match &self.kind {
             Kind::Registry(repository) => repository.registry().limits().floor,
-            Kind::Layout(Layout::Dir(_)) => Floor {
+            Kind::Layout(Layout::Dir(_) | Layout::Archive(_)) => Floor {
                 min_bytes_per_second: 0,
                 window: std::time::Duration::ZERO,
             },

@@ -9,7 +9,6 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use futures_util::StreamExt;
-use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
 
 use super::{
@@ -45,7 +44,7 @@ impl OciDir {
         };
         let marker = root.join("oci-layout");
         match std::fs::read(&marker) {
-            Ok(bytes) => layout.check_marker(&marker, &bytes)?,
+            Ok(bytes) => super::check_marker(&marker, &bytes)?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let occupied = match std::fs::read_dir(root) {
                     Ok(mut entries) => entries.next().is_some(),
@@ -89,30 +88,8 @@ impl OciDir {
         let layout = Self {
             root: root.to_owned(),
         };
-        layout.check_marker(&marker, &bytes)?;
+        super::check_marker(&marker, &bytes)?;
         Ok(layout)
-    }
-
-    fn check_marker(&self, marker: &Path, bytes: &[u8]) -> Result<(), LayoutError> {
-        #[derive(Deserialize)]
-        #[serde(rename_all = "camelCase")]
-        struct Marker {
-            image_layout_version: String,
-        }
-        match serde_json::from_slice::<Marker>(bytes) {
-            Ok(m) if m.image_layout_version == LAYOUT_VERSION => Ok(()),
-            Ok(m) => Err(LayoutError::Invalid {
-                path: marker.to_owned(),
-                detail: format!(
-                    "image layout version {:?}; only {LAYOUT_VERSION} is supported",
-                    m.image_layout_version
-                ),
-            }),
-            Err(e) => Err(LayoutError::Invalid {
-                path: marker.to_owned(),
-                detail: format!("not an oci-layout file: {e}"),
-            }),
-        }
     }
 
     pub fn root(&self) -> &Path {
@@ -379,7 +356,7 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), LayoutError> {
 }
 
 /// Makes a rename in `dir` durable: without it, a crash may forget the new name.
-fn sync_dir(dir: &Path) -> Result<(), LayoutError> {
+pub(super) fn sync_dir(dir: &Path) -> Result<(), LayoutError> {
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io(dir))

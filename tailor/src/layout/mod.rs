@@ -1,6 +1,6 @@
-//! OCI image layouts (the image-spec's `image-layout.md`) in a directory ([`OciDir`]) or under
-//! a prefix of an S3 bucket ([`S3Layout`]), written so that a reader never sees a half-written
-//! blob or tag and concurrent writers never lose one.
+//! OCI image layouts (the image-spec's `image-layout.md`) in a directory ([`OciDir`]), under
+//! a prefix of an S3 bucket ([`S3Layout`]) or in a tar file ([`OciArchive`]), written so that
+//! a reader never sees a half-written blob or tag and concurrent writers never lose one.
 //!
 //! - A blob gets its name only after its size and digest check out: on disk by rename from a
 //!   temporary file, on S3 by completing a multipart upload (or one `PUT`) only then.
@@ -17,6 +17,7 @@
 //! Digests are `sha256:<64 hex>` and tags follow the distribution tag grammar, both checked
 //! before they become paths or keys, so no name can escape the layout.
 
+mod archive;
 mod dir;
 mod s3;
 
@@ -28,6 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::code::Code;
 
+pub use archive::{ArchiveWriter, OciArchive};
 pub use dir::{DirBlobSink, OciDir};
 pub use s3::{S3BlobSink, S3Layout, S3Location};
 
@@ -85,6 +87,29 @@ impl LayoutError {
             Self::Denied(_) => Code::LocationDenied,
             Self::Io { .. } | Self::Store(_) => Code::LocationIoError,
         }
+    }
+}
+
+/// Checks an `oci-layout` file's content (read from `path`).
+fn check_marker(path: &std::path::Path, bytes: &[u8]) -> Result<(), LayoutError> {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Marker {
+        image_layout_version: String,
+    }
+    match serde_json::from_slice::<Marker>(bytes) {
+        Ok(m) if m.image_layout_version == LAYOUT_VERSION => Ok(()),
+        Ok(m) => Err(LayoutError::Invalid {
+            path: path.to_owned(),
+            detail: format!(
+                "image layout version {:?}; only {LAYOUT_VERSION} is supported",
+                m.image_layout_version
+            ),
+        }),
+        Err(e) => Err(LayoutError::Invalid {
+            path: path.to_owned(),
+            detail: format!("not an oci-layout file: {e}"),
+        }),
     }
 }
 
@@ -211,11 +236,19 @@ fn tag_entry(tag: &str, descriptor: &Descriptor) -> Descriptor {
 pub enum Layout {
     Dir(OciDir),
     S3(S3Layout),
+    /// Read only: an archive is written whole, through [`ArchiveWriter`].
+    Archive(OciArchive),
 }
 
 impl From<OciDir> for Layout {
     fn from(dir: OciDir) -> Self {
         Self::Dir(dir)
+    }
+}
+
+impl From<OciArchive> for Layout {
+    fn from(archive: OciArchive) -> Self {
+        Self::Archive(archive)
     }
 }
 
@@ -234,7 +267,16 @@ impl Layout {
         match self {
             Self::Dir(dir) => format!("oci:{}", dir.root().display()),
             Self::S3(layout) => layout.location().to_string(),
+            Self::Archive(archive) => format!("oci-archive:{}", archive.path().display()),
         }
+    }
+
+    /// Refuses a write into an archive (written whole by [`ArchiveWriter`] instead).
+    fn written_whole(&self) -> LayoutError {
+        LayoutError::InvalidName(format!(
+            "{}: an archive is written whole, as a copy's destination",
+            self.name()
+        ))
     }
 
     /// The size of the blob `digest`, if the layout has it.
@@ -242,6 +284,7 @@ impl Layout {
         match self {
             Self::Dir(dir) => dir.blob_size(digest).await,
             Self::S3(layout) => layout.blob_size(digest).await,
+            Self::Archive(archive) => archive.blob_size(digest),
         }
     }
 
@@ -251,6 +294,7 @@ impl Layout {
         match self {
             Self::Dir(dir) => Ok(BlobSink::Dir(dir.begin_blob(digest, size).await?)),
             Self::S3(layout) => Ok(BlobSink::S3(layout.begin_blob(digest, size)?)),
+            Self::Archive(_) => Err(self.written_whole()),
         }
     }
 
@@ -259,6 +303,7 @@ impl Layout {
         match self {
             Self::Dir(dir) => dir.put_blob_bytes(digest, bytes).await,
             Self::S3(layout) => layout.put_blob_bytes(digest, bytes).await,
+            Self::Archive(_) => Err(self.written_whole()),
         }
     }
 
@@ -268,6 +313,7 @@ impl Layout {
         match self {
             Self::Dir(dir) => dir.set_tag(tag, descriptor).await,
             Self::S3(layout) => layout.set_tag(tag, descriptor).await,
+            Self::Archive(_) => Err(self.written_whole()),
         }
     }
 
@@ -276,6 +322,7 @@ impl Layout {
         match self {
             Self::Dir(dir) => dir.resolve(tag).await,
             Self::S3(layout) => layout.resolve(tag).await,
+            Self::Archive(archive) => archive.resolve(tag).await,
         }
     }
 
@@ -288,6 +335,12 @@ impl Layout {
                     .expect("reading the index does not panic")
             }
             Self::S3(layout) => Ok(layout.read_index().await?.0),
+            Self::Archive(archive) => {
+                let archive = archive.clone();
+                tokio::task::spawn_blocking(move || archive.read_index())
+                    .await
+                    .expect("reading the index does not panic")
+            }
         }
     }
 
@@ -319,6 +372,7 @@ impl Layout {
         match self {
             Self::Dir(dir) => dir.open_blob(digest).await,
             Self::S3(layout) => layout.open_blob(digest).await,
+            Self::Archive(archive) => archive.open_blob(digest).await,
         }
     }
 

@@ -18,6 +18,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -439,18 +440,7 @@ impl S3Layout {
 
     async fn check_marker(&self) -> Result<(), LayoutError> {
         let bytes = self.get_small("oci-layout", 4096).await?;
-        #[derive(serde::Deserialize)]
-        #[serde(rename_all = "camelCase")]
-        struct Marker {
-            image_layout_version: String,
-        }
-        match serde_json::from_slice::<Marker>(&bytes) {
-            Ok(m) if m.image_layout_version == LAYOUT_VERSION => Ok(()),
-            _ => Err(LayoutError::Invalid {
-                path: format!("{}/oci-layout", self.location).into(),
-                detail: format!("not an oci-layout file of version {LAYOUT_VERSION}"),
-            }),
-        }
+        super::check_marker(Path::new(&format!("{}/oci-layout", self.location)), &bytes)
     }
 
     pub fn location(&self) -> &S3Location {

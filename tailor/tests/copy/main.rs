@@ -1,5 +1,6 @@
 //! The copy engine against real registries, judged by skopeo and the registries' access logs.
 
+mod archive;
 mod auth_and_faults;
 mod bucket;
 mod helpers;
