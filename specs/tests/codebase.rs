@@ -125,6 +125,17 @@ const FORBIDDEN: &[(&[&str], &[&str], &str)] = &[
         "an OCI layout is storage (a directory or a bucket): it knows no registry, staging or configuration",
     ),
     (
+        &["portable"],
+        &["prune", "config", "egress", "db"],
+        "export and import are the staging store and the copy engine put together; their caller \
+         brings the settings and the pool",
+    ),
+    (
+        &["staging"],
+        &["portable"],
+        "a staging does not know it can be exported",
+    ),
+    (
         &["prune"],
         &["copy"],
         "the pruner deletes what nothing references; it never copies",

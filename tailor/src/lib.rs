@@ -20,6 +20,7 @@ pub mod image_config;
 pub mod layout;
 pub mod manifest;
 pub mod platform;
+pub mod portable;
 pub mod prune;
 pub mod reference;
 pub mod registry;

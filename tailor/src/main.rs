@@ -25,6 +25,12 @@ struct Cli {
 enum Command {
     /// Copy an image between registries: only missing blobs, verified, pinned by digest.
     Copy(cli::copy::CopyArgs),
+    /// Copy staged images out of the internal registry into an OCI layout (oci:DIR,
+    /// oci-archive:FILE or s3://BUCKET/PREFIX), each tagged with its staging GUID.
+    Export(cli::portable::ExportArgs),
+    /// Copy what `tailor export` wrote back into the internal registry and record each image
+    /// as a succeeded staging again.
+    Import(cli::portable::ImportArgs),
     /// Run staging workers against DATABASE_URL until SIGTERM or Ctrl-C (then drain).
     Work {
         /// How many stagings this process copies at once.
@@ -63,6 +69,8 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let json = match &cli.command {
         Command::Copy(args) => args.json,
+        Command::Export(args) => args.json,
+        Command::Import(args) => args.json,
         Command::Prune(args) => args.json,
         _ => false,
     };
@@ -87,6 +95,8 @@ fn main() -> std::process::ExitCode {
 async fn run(command: Command) -> anyhow::Result<u8> {
     match command {
         Command::Copy(args) => return Ok(cli::copy::run(args).await as u8),
+        Command::Export(args) => return Ok(cli::portable::export(args).await as u8),
+        Command::Import(args) => return Ok(cli::portable::import(args).await as u8),
         Command::Prune(args) => return Ok(cli::prune::run(args).await as u8),
         Command::Work { workers } => {
             let settings = cli::work::WorkSettings::from_lookup(workers, |n| std::env::var(n).ok())

@@ -118,7 +118,7 @@ pub async fn run(args: CopyArgs) -> i32 {
 
 /// One end of a copy.
 #[derive(Debug, PartialEq)]
-enum Location {
+pub(super) enum Location {
     /// `[docker://]host/repository:tag` (a source may name a digest).
     Registry(ImageReference),
     /// `oci:DIR[:TAG]`: an OCI image layout (containers/image's syntax: DIR ends at the first
@@ -138,7 +138,7 @@ enum Location {
 }
 
 impl Location {
-    fn parse(arg: &str, default_registry: &str) -> Result<Self, CopyError> {
+    pub(super) fn parse(arg: &str, default_registry: &str) -> Result<Self, CopyError> {
         if let Some(rest) = arg.strip_prefix("oci-archive:") {
             let (file, tag) = match rest.split_once(':') {
                 Some((file, tag)) => (file, Some(tag)),
@@ -218,6 +218,65 @@ impl Location {
     }
 }
 
+impl Location {
+    /// The tag a layout location names, if any.
+    pub(super) fn tag(&self) -> Option<String> {
+        match self {
+            Self::Registry(_) => None,
+            Self::Layout { tag, .. } | Self::Archive { tag, .. } => tag.clone(),
+            Self::Bucket(location) => location.tag().map(str::to_owned),
+        }
+    }
+
+    /// Why `--src-creds`/`--dst-creds` do not apply to this layout location.
+    fn takes_no_credentials(&self) -> &'static str {
+        match self {
+            Self::Bucket(_) => {
+                "a bucket's credentials come from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, \
+                 or AWS_PROFILE"
+            }
+            Self::Archive { .. } => "an OCI archive takes no credentials",
+            _ => "an OCI layout takes no credentials",
+        }
+    }
+
+    /// Opens this layout location: to read from (`create` false: it must exist), or to write
+    /// into (created if missing). An archive opens only to read; it is written whole.
+    pub(super) async fn open_layout(self, create: bool) -> Result<Layout, CopyError> {
+        let blocking = |open: Box<
+            dyn FnOnce() -> Result<Layout, tailor::layout::LayoutError> + Send,
+        >| async move {
+            tokio::task::spawn_blocking(open)
+                .await
+                .expect("opening a layout does not panic")
+                .map_err(CopyError::Layout)
+        };
+        match self {
+            Self::Registry(reference) => Err(CopyError::InvalidArgument(format!(
+                "{reference}: a registry, not an OCI layout (oci:DIR, oci-archive:FILE or \
+                 s3://BUCKET/PREFIX)"
+            ))),
+            Self::Layout { dir, .. } if create => {
+                blocking(Box::new(move || OciDir::create(&dir).map(Layout::from))).await
+            }
+            Self::Layout { dir, .. } => {
+                blocking(Box::new(move || OciDir::open(&dir).map(Layout::from))).await
+            }
+            Self::Archive { file, .. } => {
+                blocking(Box::new(move || OciArchive::open(&file).map(Layout::from))).await
+            }
+            Self::Bucket(location) if create => Ok(S3Layout::create(&location)
+                .await
+                .map_err(CopyError::Layout)?
+                .into()),
+            Self::Bucket(location) => Ok(S3Layout::open(&location)
+                .await
+                .map_err(CopyError::Layout)?
+                .into()),
+        }
+    }
+}
+
 async fn execute(args: &CopyArgs) -> Result<tailor::copy::CopyReport, CopyError> {
     let source = Location::parse(&args.source, &args.default_registry)?;
     let destination = Location::parse_destination(&args.destination, &args.default_registry)?;
@@ -280,47 +339,16 @@ async fn execute(args: &CopyArgs) -> Result<tailor::copy::CopyReport, CopyError>
                 .repository(&reference.repository);
             (Source::registry(repository), Wanted::image(&reference))
         }
-        Location::Layout { dir, tag } => {
+        location => {
             if src_credentials.is_some() {
-                return Err(CopyError::InvalidArgument(
-                    "--src-creds: an OCI layout takes no credentials".into(),
-                ));
+                return Err(CopyError::InvalidArgument(format!(
+                    "--src-creds: {}",
+                    location.takes_no_credentials()
+                )));
             }
-            let layout: Layout = tokio::task::spawn_blocking(move || OciDir::open(&dir))
-                .await
-                .expect("opening a layout does not panic")
-                .map_err(CopyError::Layout)?
-                .into();
+            let tag = location.tag();
+            let layout = location.open_layout(false).await?;
             let wanted = Wanted::in_layout(&layout, tag.as_deref());
-            (Source::layout(layout), wanted)
-        }
-        Location::Archive { file, tag } => {
-            if src_credentials.is_some() {
-                return Err(CopyError::InvalidArgument(
-                    "--src-creds: an OCI archive takes no credentials".into(),
-                ));
-            }
-            let layout: Layout = tokio::task::spawn_blocking(move || OciArchive::open(&file))
-                .await
-                .expect("opening an archive does not panic")
-                .map_err(CopyError::Layout)?
-                .into();
-            let wanted = Wanted::in_layout(&layout, tag.as_deref());
-            (Source::layout(layout), wanted)
-        }
-        Location::Bucket(location) => {
-            if src_credentials.is_some() {
-                return Err(CopyError::InvalidArgument(
-                    "--src-creds: a bucket's credentials come from AWS_ACCESS_KEY_ID and \
-                     AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
-                        .into(),
-                ));
-            }
-            let layout: Layout = S3Layout::open(&location)
-                .await
-                .map_err(CopyError::Layout)?
-                .into();
-            let wanted = Wanted::in_layout(&layout, location.tag());
             (Source::layout(layout), wanted)
         }
     };
@@ -346,43 +374,23 @@ async fn execute(args: &CopyArgs) -> Result<tailor::copy::CopyReport, CopyError>
             let tag = destination.tag_or_latest();
             copy_from(&source, &wanted, &dst, tag, &options).await
         }
-        Location::Layout { dir, tag } => {
+        location => {
             if dst_credentials.is_some() {
-                return Err(CopyError::InvalidArgument(
-                    "--dst-creds: an OCI layout takes no credentials".into(),
-                ));
+                return Err(CopyError::InvalidArgument(format!(
+                    "--dst-creds: {}",
+                    location.takes_no_credentials()
+                )));
             }
-            let layout: Layout = tokio::task::spawn_blocking(move || OciDir::create(&dir))
-                .await
-                .expect("creating a layout does not panic")
-                .map_err(CopyError::Layout)?
-                .into();
-            let tag = tag.expect("a destination layout has a tag");
-            copy_to_layout(&source, &wanted, &layout, &tag, &options).await
-        }
-        Location::Archive { file, tag } => {
-            if dst_credentials.is_some() {
-                return Err(CopyError::InvalidArgument(
-                    "--dst-creds: an OCI archive takes no credentials".into(),
-                ));
+            let tag = location.tag().unwrap_or_else(|| "latest".into());
+            match location {
+                Location::Archive { file, .. } => {
+                    copy_to_archive(&source, &wanted, &file, &tag, &options).await
+                }
+                location => {
+                    let layout = location.open_layout(true).await?;
+                    copy_to_layout(&source, &wanted, &layout, &tag, &options).await
+                }
             }
-            let tag = tag.expect("a destination archive has a tag");
-            copy_to_archive(&source, &wanted, &file, &tag, &options).await
-        }
-        Location::Bucket(location) => {
-            if dst_credentials.is_some() {
-                return Err(CopyError::InvalidArgument(
-                    "--dst-creds: a bucket's credentials come from AWS_ACCESS_KEY_ID and \
-                     AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
-                        .into(),
-                ));
-            }
-            let layout: Layout = S3Layout::create(&location)
-                .await
-                .map_err(CopyError::Layout)?
-                .into();
-            let tag = location.tag().unwrap_or("latest").to_owned();
-            copy_to_layout(&source, &wanted, &layout, &tag, &options).await
         }
     }
 }

@@ -144,6 +144,9 @@ pub struct CopyOptions {
     /// Stagings: the image must be a container image that runs on this platform; checked
     /// (with its config) before any layer is fetched and before anything is tagged.
     pub runnable: Option<Platform>,
+    /// Copies into a layout: annotations for the image's `index.json` entry, beside its
+    /// `org.opencontainers.image.ref.name` (`tailor export` records the staging there).
+    pub layout_annotations: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for CopyOptions {
@@ -155,6 +158,7 @@ impl Default for CopyOptions {
             progress: None,
             cancel: CancellationToken::new(),
             runnable: None,
+            layout_annotations: Default::default(),
         }
     }
 }
@@ -409,7 +413,7 @@ async fn layout_unguarded(
         media_type: plan.tagged.media_type.clone(),
         digest: plan.tagged.digest.clone(),
         size: plan.tagged.bytes.len() as u64,
-        annotations: Default::default(),
+        annotations: options.layout_annotations.clone(),
     };
     dest.set_tag(tag, &descriptor)
         .await

@@ -356,6 +356,11 @@ impl Layout {
         }
     }
 
+    /// The images `index.json` lists, with their annotations.
+    pub async fn entries(&self) -> Result<Vec<Descriptor>, LayoutError> {
+        Ok(self.index().await?.manifests)
+    }
+
     /// The media type `index.json` gives `digest`, if it lists it.
     pub async fn listed_media_type(&self, digest: &str) -> Result<Option<String>, LayoutError> {
         Ok(self

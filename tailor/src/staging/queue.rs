@@ -12,7 +12,8 @@ use std::time::Duration;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use super::store::{self, enqueue_callback, notify, read_returned};
+use super::request::NewStaging;
+use super::store::{self, enqueue_callback, notify, read_one, read_returned};
 use super::{Staging, StagingState};
 use crate::code::Code;
 use crate::copy::CopyReport;
@@ -270,6 +271,76 @@ pub async fn finish(
     if let Some(staging) = &staging {
         enqueue_callback(&mut tx, staging).await?;
     }
+    tx.commit().await?;
+    Ok(staging)
+}
+
+/// Records a staging `tailor import` copied into the internal registry as succeeded, with what
+/// its image is made of, in one transaction and only while `repository_lease` is held (as
+/// [`finish`] does). `None` if the lease was lost, or if a staging with this GUID appeared
+/// meanwhile: then nothing is recorded.
+pub async fn record_imported(
+    pool: &PgPool,
+    new: &NewStaging,
+    report: &CopyReport,
+    run: &RunInfo,
+    repository_lease: RepositoryLease<'_>,
+) -> Result<Option<Staging>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let held = sqlx::query_scalar!(
+        "SELECT 1 AS held FROM leases WHERE resource = $1 AND holder = $2 \
+         AND expires_at > clock_timestamp() FOR UPDATE",
+        repository_lease.resource,
+        repository_lease.holder,
+    )
+    .fetch_optional(&mut *tx)
+    .await?;
+    if held.is_none() {
+        return Ok(None);
+    }
+    let start_command = store_safe(&run.start_command);
+    let execution_metadata = store_safe(&run.execution_metadata);
+    let inserted = sqlx::query_scalar!(
+        "INSERT INTO stagings (staging_guid, app_guid, source_image, platform, request_fingerprint, \
+         api, budget_key, state, started_at, finished_at, deadline_at, source_digest, pinned_image, \
+         tagged_image, bytes_copied, bytes_mounted, bytes_skipped, blobs_copied, blobs_mounted, \
+         blobs_skipped, bytes_done, bytes_total, start_command, execution_metadata) \
+         VALUES ($1, $2, $3, $4, $5, 'stage', $6, 'succeeded', now(), now(), now(), $7, $8, $9, \
+         $10, $11, $12, $13, $14, $15, $10::bigint + $11::bigint + $12::bigint, \
+         $10::bigint + $11::bigint + $12::bigint, $16, $17) \
+         ON CONFLICT (staging_guid) DO NOTHING RETURNING staging_guid",
+        new.staging_guid(),
+        new.app_guid(),
+        new.image().to_string(),
+        new.platform().to_string(),
+        &new.fingerprint(),
+        new.budget_key(),
+        &report.source_digest,
+        &report.pinned,
+        &report.tagged,
+        report.bytes_copied as i64,
+        report.bytes_mounted as i64,
+        report.bytes_skipped as i64,
+        report.blobs.copied as i32,
+        report.blobs.mounted as i32,
+        report.blobs.skipped as i32,
+        start_command.as_ref(),
+        execution_metadata.as_ref(),
+    )
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(staging_guid) = inserted else {
+        return Ok(None);
+    };
+    // An imported staging means the app is alive here, as a new staging does.
+    sqlx::query!(
+        "DELETE FROM deleted_apps WHERE app_guid = $1",
+        new.app_guid()
+    )
+    .execute(&mut *tx)
+    .await?;
+    record_objects(&mut tx, staging_guid, report).await?;
+    let staging = read_one(&mut *tx, staging_guid).await?;
     tx.commit().await?;
     Ok(staging)
 }

@@ -147,6 +147,28 @@ impl NewStaging {
         })
     }
 
+    /// A staging brought back by `tailor import`: it succeeded elsewhere, so nothing is
+    /// fetched from `image` (whose registry this site may not even reach; no egress rule is
+    /// asked), no callback is owed and no credentials are kept. Its fingerprint is that of the
+    /// same request made through `POST /stage` without credentials.
+    pub fn imported(
+        staging_guid: Uuid,
+        app_guid: Uuid,
+        image: ImageReference,
+        platform: Platform,
+    ) -> Self {
+        Self {
+            staging_guid,
+            app_guid,
+            image,
+            platform,
+            credentials: None,
+            completion_callback: None,
+            api: Api::Stage,
+            timeout: Duration::ZERO,
+        }
+    }
+
     pub fn staging_guid(&self) -> Uuid {
         self.staging_guid
     }

@@ -317,6 +317,7 @@ async fn attempt(run: &Run<'_>, claimed: &Claimed, beat: &Beat) -> (Next, Option
         progress: Some(progress),
         cancel: beat.cancel.clone(),
         runnable: Some(prepared.platform.clone()),
+        layout_annotations: Default::default(),
     };
     let tag = run.guid.to_string();
     let result = tokio::select! {
