@@ -103,6 +103,7 @@ codes! {
     LocationIoError = "LOCATION_IO_ERROR": "Reading or writing a location (an OCI layout's directory or bucket) failed.",
     LocationNotFound = "LOCATION_NOT_FOUND": "A location's bucket does not exist.",
     LocationDenied = "LOCATION_DENIED": "The object store refused the credentials, or access to the bucket.",
+    LocationNotAllowed = "LOCATION_NOT_ALLOWED": "A staging's image names an OCI layout outside the locations the operator enabled (TAILOR_SOURCE_LOCATIONS).",
 }
 
 impl fmt::Display for Code {

@@ -97,6 +97,9 @@ pub struct TailorSettings {
     pub insecure_registries: Vec<String>,
     /// `TAILOR_REPO_PREFIX`: repository path under which every app's images land.
     pub repo_prefix: String,
+    /// `TAILOR_SOURCE_LOCATIONS`: the OCI layouts (`oci:/DIR`, `s3://BUCKET/PREFIX?endpoint=`)
+    /// a staging may name as its image; none by default.
+    pub source_locations: crate::staging::location::SourceLocations,
     /// `TAILOR_DEFAULT_REGISTRY`: the registry a reference without a host means.
     pub default_registry: String,
     /// `TAILOR_EGRESS_ALLOW`: exceptions to the egress policy (CIDRs, addresses, names, host:port).
@@ -185,6 +188,13 @@ impl TailorSettings {
 
         let repo_prefix = get("TAILOR_REPO_PREFIX").unwrap_or_else(|| "tailor".to_owned());
         validate_repo_prefix(&repo_prefix)?;
+        let source_locations = crate::staging::location::SourceLocations::parse(
+            &get("TAILOR_SOURCE_LOCATIONS").unwrap_or_default(),
+        )
+        .map_err(|problem| ConfigError::Invalid {
+            setting: "TAILOR_SOURCE_LOCATIONS",
+            problem,
+        })?;
 
         let default_registry =
             get("TAILOR_DEFAULT_REGISTRY").unwrap_or_else(|| "docker.io".to_owned());
@@ -264,6 +274,7 @@ impl TailorSettings {
             internal_registry_credentials,
             insecure_registries,
             repo_prefix,
+            source_locations,
             default_registry,
             egress_allow,
             egress_deny,

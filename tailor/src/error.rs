@@ -41,6 +41,9 @@ pub enum CopyError {
     /// An OCI image layout (source or destination) failed or is not usable.
     #[error("OCI layout: {0}")]
     Layout(crate::layout::LayoutError),
+    /// A staging's layout source is outside this worker's enabled locations.
+    #[error("{0}")]
+    LocationRefused(String),
 }
 
 impl CopyError {
@@ -61,6 +64,7 @@ impl CopyError {
             Self::ImageConfig(error) => error.code(),
             Self::Cancelled => Code::Cancelled,
             Self::Layout(error) => error.code(),
+            Self::LocationRefused(_) => Code::LocationNotAllowed,
         }
     }
 
@@ -71,6 +75,8 @@ impl CopyError {
             Self::Source(error) => error.is_transient(),
             // The operator's registry: a restart, a full disk, a maintenance window.
             Self::Destination(error) => !matches!(error, RegistryError::EgressDenied(_)),
+            // A bucket or a disk that failed to answer may answer next time.
+            Self::Layout(error) => error.code() == Code::LocationIoError,
             _ => false,
         }
     }

@@ -31,6 +31,7 @@ use crate::reference::ImageReference;
 use crate::registry::Registry;
 use crate::staging::lease::{self, Leases};
 use crate::staging::ledger::PgLedger;
+use crate::staging::location::StagingSource;
 use crate::staging::queue::{self, RepositoryLease};
 use crate::staging::request::NewStaging;
 use crate::staging::{Staging, StagingState, store};
@@ -95,7 +96,7 @@ pub enum Selection {
 pub struct Staged {
     pub staging_guid: Uuid,
     pub app_guid: Uuid,
-    pub source_image: ImageReference,
+    pub source_image: StagingSource,
     pub platform: Platform,
     pub pinned_image: ImageReference,
 }
@@ -124,7 +125,7 @@ pub async fn select(pool: &PgPool, selection: Selection) -> Result<Vec<Staged>, 
     };
     let staged = sqlx::query_as!(
         Staged,
-        r#"SELECT staging_guid, app_guid, source_image AS "source_image: ImageReference",
+        r#"SELECT staging_guid, app_guid, source_image AS "source_image: StagingSource",
                platform AS "platform: Platform", pinned_image AS "pinned_image!: ImageReference"
            FROM stagings
            WHERE state = 'succeeded' AND pruned_at IS NULL
@@ -203,8 +204,8 @@ impl Entry {
         };
         let staging_guid = guid(STAGING_GUID)?;
         let app_guid = guid(APP_GUID)?;
-        let image = ImageReference::parse(field(SOURCE_IMAGE)?)
-            .map_err(|e| invalid(SOURCE_IMAGE, e.to_string()))?;
+        let image = StagingSource::parse_stored(field(SOURCE_IMAGE)?)
+            .map_err(|e| invalid(SOURCE_IMAGE, e))?;
         let platform =
             Platform::parse(field(PLATFORM)?).map_err(|e| invalid(PLATFORM, e.to_string()))?;
         let tag = tag.ok_or_else(|| {

@@ -66,6 +66,7 @@ pub fn new_staging(state: &AppState, requested: Requested<'_>) -> Result<NewStag
         default_registry: &state.tailor.default_registry,
         accepts_credentials: state.credentials_key.is_some(),
         default_timeout: state.tailor.staging_timeout,
+        source_locations: &state.tailor.source_locations,
     };
     NewStaging::parse(requested, &rules).map_err(|e| unprocessable(e.code(), e.to_string()))
 }

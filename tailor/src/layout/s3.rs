@@ -164,6 +164,15 @@ impl S3Location {
         self
     }
 
+    pub fn bucket(&self) -> &str {
+        &self.bucket
+    }
+
+    /// The prefix, without leading or trailing `/` (empty: the bucket's root).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     /// The tag the location named, if any.
     pub fn tag(&self) -> Option<&str> {
         self.tag.as_deref()

@@ -39,3 +39,8 @@ macro_rules! text_column {
 
 text_column!(ImageReference, ImageReference::parse, "image reference");
 text_column!(Platform, Platform::parse, "platform");
+text_column!(
+    super::location::StagingSource,
+    super::location::StagingSource::parse_stored,
+    "staging source"
+);

@@ -28,6 +28,7 @@ pub mod callbacks;
 pub mod columns;
 pub mod lease;
 pub mod ledger;
+pub mod location;
 pub mod metrics;
 pub mod notify;
 pub mod queue;
@@ -122,7 +123,7 @@ impl Waiting {
 pub struct Staging {
     pub staging_guid: Uuid,
     pub app_guid: Uuid,
-    pub source_image: ImageReference,
+    pub source_image: location::StagingSource,
     pub platform: Platform,
     pub api: Api,
     pub completion_callback: Option<String>,

@@ -8,6 +8,7 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use super::Api;
+use super::location::{SourceLocations, StagingSource};
 use crate::code::Code;
 use crate::egress::{Egress, Purpose};
 use crate::platform::Platform;
@@ -41,6 +42,8 @@ pub struct Rules<'a> {
     pub accepts_credentials: bool,
     /// The deadline of a staging whose caller names none.
     pub default_timeout: Duration,
+    /// The OCI layouts a staging may name as its image (`TAILOR_SOURCE_LOCATIONS`).
+    pub source_locations: &'a SourceLocations,
 }
 
 /// Why a request cannot be a staging: a stable code and a message saying exactly what is wrong.
@@ -69,7 +72,7 @@ impl InvalidRequest {
 pub struct NewStaging {
     staging_guid: Uuid,
     app_guid: Uuid,
-    image: ImageReference,
+    image: StagingSource,
     platform: Platform,
     credentials: Option<Credentials>,
     completion_callback: Option<String>,
@@ -84,22 +87,21 @@ impl NewStaging {
     /// to tailor itself); what only name resolution reveals fails the staging later, with the
     /// same code.
     pub fn parse(requested: Requested<'_>, rules: &Rules<'_>) -> Result<Self, InvalidRequest> {
-        let image = ImageReference::parse_with_default(requested.image, rules.default_registry)
-            .map_err(|e| InvalidRequest::new(Code::InvalidReference, e.to_string()))?;
-        let default_port = if rules
-            .registries
-            .is_insecure(&image.registry, image.endpoint())
-        {
-            80
+        let image = if StagingSource::names_layout(requested.image) {
+            rules
+                .source_locations
+                .resolve(requested.image)
+                .map_err(|refused| InvalidRequest::new(refused.code(), refused.to_string()))?;
+            if requested.credentials.is_some() {
+                return Err(InvalidRequest::new(
+                    Code::InvalidCredentials,
+                    "an OCI layout takes no credentials; the workers reach it with their own",
+                ));
+            }
+            StagingSource::Layout(requested.image.to_owned())
         } else {
-            443
+            StagingSource::Image(Self::registry_image(requested.image, rules)?)
         };
-        rules
-            .egress
-            .check_literal(image.endpoint(), default_port, Purpose::Source)
-            .map_err(|denied| {
-                InvalidRequest::new(denied.code(), format!("image {image}: {denied}"))
-            })?;
         let platform = match requested.platform {
             Some(text) => Platform::parse(text)
                 .map_err(|e| InvalidRequest::new(Code::InvalidPlatform, e.to_string()))?,
@@ -154,7 +156,7 @@ impl NewStaging {
     pub fn imported(
         staging_guid: Uuid,
         app_guid: Uuid,
-        image: ImageReference,
+        image: StagingSource,
         platform: Platform,
     ) -> Self {
         Self {
@@ -169,6 +171,28 @@ impl NewStaging {
         }
     }
 
+    /// A registry's image: parsed, and refused at once where the egress policy obviously
+    /// denies it.
+    fn registry_image(text: &str, rules: &Rules<'_>) -> Result<ImageReference, InvalidRequest> {
+        let image = ImageReference::parse_with_default(text, rules.default_registry)
+            .map_err(|e| InvalidRequest::new(Code::InvalidReference, e.to_string()))?;
+        let default_port = if rules
+            .registries
+            .is_insecure(&image.registry, image.endpoint())
+        {
+            80
+        } else {
+            443
+        };
+        rules
+            .egress
+            .check_literal(image.endpoint(), default_port, Purpose::Source)
+            .map_err(|denied| {
+                InvalidRequest::new(denied.code(), format!("image {image}: {denied}"))
+            })?;
+        Ok(image)
+    }
+
     pub fn staging_guid(&self) -> Uuid {
         self.staging_guid
     }
@@ -177,7 +201,7 @@ impl NewStaging {
         self.app_guid
     }
 
-    pub fn image(&self) -> &ImageReference {
+    pub fn image(&self) -> &StagingSource {
         &self.image
     }
 
@@ -205,17 +229,25 @@ impl NewStaging {
     /// fleet's addresses are what it counts), pulls with credentials their account's, so one
     /// tenant's exhausted quota blocks only that tenant. The account is named by a hash, so
     /// no user name reaches metrics or logs through it.
+    /// A layout source has no rate limit; its key is its scheme (`oci:`, `s3:`), as the
+    /// `source_registry` column reads it.
     pub fn budget_key(&self) -> String {
+        let image = match &self.image {
+            StagingSource::Image(image) => image,
+            StagingSource::Layout(text) => {
+                return text.split('/').next().unwrap_or_default().to_owned();
+            }
+        };
         match &self.credentials {
-            None => self.image.registry.clone(),
+            None => image.registry.clone(),
             Some(credentials) => {
                 let account = Sha256::new()
                     .chain_update(b"tailor-budget\0")
-                    .chain_update(self.image.registry.as_bytes())
+                    .chain_update(image.registry.as_bytes())
                     .chain_update(b"\0")
                     .chain_update(credentials.username.as_bytes())
                     .finalize();
-                format!("{}#{}", self.image.registry, &hex::encode(account)[..16])
+                format!("{}#{}", image.registry, &hex::encode(account)[..16])
             }
         }
     }
@@ -281,6 +313,7 @@ mod tests {
     struct Stager {
         egress: Arc<Egress>,
         registries: Registries,
+        source_locations: SourceLocations,
     }
 
     /// A stager with the default egress policy (loopback, private and metadata addresses denied).
@@ -288,7 +321,11 @@ mod tests {
         let egress = Egress::new(EgressPolicy::new(Vec::new(), Vec::new()));
         let registries =
             Registries::new(Vec::<String>::new(), egress.clone(), Limits::default(), &[]).unwrap();
-        Stager { egress, registries }
+        Stager {
+            egress,
+            registries,
+            source_locations: SourceLocations::default(),
+        }
     }
 
     fn rules(stager: &Stager, accepts_credentials: bool) -> Rules<'_> {
@@ -298,6 +335,7 @@ mod tests {
             default_registry: "docker.io",
             accepts_credentials,
             default_timeout: Duration::from_secs(900),
+            source_locations: &stager.source_locations,
         }
     }
 

@@ -3,6 +3,7 @@
 use sqlx::{PgExecutor, PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
+use super::location::StagingSource;
 use super::{Api, NewStaging, Staging, StagingState, Waiting};
 use crate::code::Code;
 use crate::platform::Platform;
@@ -113,7 +114,7 @@ pub(crate) async fn read<'e>(
 ) -> Result<Vec<Staging>, sqlx::Error> {
     sqlx::query_as!(
         Staging,
-        r#"SELECT staging_guid, app_guid, source_image AS "source_image: ImageReference",
+        r#"SELECT staging_guid, app_guid, source_image AS "source_image: StagingSource",
                platform AS "platform: Platform", api AS "api: Api", completion_callback,
                state AS "state: StagingState", attempts, cancel_requested, error_code,
                error_message, last_error, source_digest,

@@ -25,15 +25,15 @@ use super::Shared;
 use super::decide::{Attempt, Circumstances, Next, StopReason, decide};
 use super::heartbeat::{Heartbeat, keep_alive};
 use crate::code::Code;
-use crate::copy::{CopyOptions, CopyReport, PlatformChoice, Progress, copy_image};
+use crate::copy::{CopyOptions, CopyReport, PlatformChoice, Progress, Source, Wanted, copy_from};
 use crate::error::CopyError;
 use crate::image_config::RunInfo;
 use crate::platform::Platform;
-use crate::reference::ImageReference;
 use crate::registry::{Credentials, Repository};
 use crate::staging::budget::Admission;
 use crate::staging::lease::{self, Leases};
 use crate::staging::ledger::PgLedger;
+use crate::staging::location::StagingSource;
 use crate::staging::queue::{self, Claimed, Outcome, RepositoryLease};
 
 /// How long a failing staging waits for the other stagings of its app before it removes the
@@ -176,7 +176,7 @@ fn circumstances(
 
 /// What the request says, parsed again from the record.
 struct Prepared {
-    src: ImageReference,
+    src: StagingSource,
     platform: Platform,
     credentials: Option<Credentials>,
 }
@@ -248,11 +248,17 @@ async fn attempt(run: &Run<'_>, claimed: &Claimed, beat: &Beat) -> (Next, Option
         }
     };
 
-    let probing = match shared
-        .budgets
-        .admit_staging(&staging.budget_key, run.leases.holder())
-        .await
-    {
+    // A layout has no rate limit: only a registry's image spends a budget.
+    let admission = match prepared.src {
+        StagingSource::Image(_) => {
+            shared
+                .budgets
+                .admit_staging(&staging.budget_key, run.leases.holder())
+                .await
+        }
+        StagingSource::Layout(_) => Ok(Admission::Go),
+    };
+    let probing = match admission {
         Ok(Admission::Go) => false,
         Ok(Admission::Probe) => {
             tracing::info!(registry = %staging.source_registry, "probing a rate-limited registry for the fleet");
@@ -278,18 +284,31 @@ async fn attempt(run: &Run<'_>, claimed: &Claimed, beat: &Beat) -> (Next, Option
         return (decide(Attempt::RepositoryBusy, &circumstances_now()), None);
     }
 
-    let registries = &shared.registries;
-    let observer = shared
-        .budgets
-        .for_staging(&staging.budget_key, run.leases.holder(), probing);
-    let source = registries
-        .source(
-            &prepared.src.registry,
-            prepared.src.endpoint(),
-            prepared.credentials,
-            Some(observer),
-        )
-        .repository(&prepared.src.repository);
+    let (source, wanted) = match &prepared.src {
+        StagingSource::Image(image) => {
+            let observer =
+                shared
+                    .budgets
+                    .for_staging(&staging.budget_key, run.leases.holder(), probing);
+            let repository = shared
+                .registries
+                .source(
+                    &image.registry,
+                    image.endpoint(),
+                    prepared.credentials,
+                    Some(observer),
+                )
+                .repository(&image.repository);
+            (Source::registry(repository), Wanted::image(image))
+        }
+        StagingSource::Layout(text) => match open_layout(shared, text).await {
+            Ok(opened) => opened,
+            Err(error) => {
+                tracing::warn!(code = %error.code(), %error, "the staging's layout cannot be read");
+                return (decide(Attempt::Failed(&error), &circumstances_now()), None);
+            }
+        },
+    };
 
     let progress = {
         let (done, total) = (beat.bytes_done.clone(), beat.bytes_total.clone());
@@ -321,7 +340,7 @@ async fn attempt(run: &Run<'_>, claimed: &Claimed, beat: &Beat) -> (Next, Option
     };
     let tag = run.guid.to_string();
     let result = tokio::select! {
-        result = copy_image(&source, &prepared.src, &run.dest, &tag, &options) => result,
+        result = copy_from(&source, &wanted, &run.dest, &tag, &options) => result,
         () = tokio::time::sleep_until(deadline) => {
             beat.stop_reason
                 .lock()
@@ -343,6 +362,18 @@ async fn attempt(run: &Run<'_>, claimed: &Claimed, beat: &Beat) -> (Next, Option
     };
     let next = decide(attempt_outcome, &circumstances_now());
     (next, result.ok())
+}
+
+/// Opens a staging's layout source, resolved against this worker's enabled locations.
+async fn open_layout(shared: &Shared, text: &str) -> Result<(Source, Wanted), CopyError> {
+    let resolved = shared
+        .settings
+        .source_locations
+        .resolve(text)
+        .map_err(|refused| CopyError::LocationRefused(refused.to_string()))?;
+    let (layout, tag) = resolved.open().await.map_err(CopyError::Layout)?;
+    let wanted = Wanted::in_layout(&layout, tag.as_deref());
+    Ok((Source::layout(layout), wanted))
 }
 
 /// Takes the repository lease, waiting a little while the pruner works there.

@@ -41,6 +41,8 @@ pub struct WorkerSettings {
     pub internal_credentials: Option<Credentials>,
     pub insecure_registries: Vec<String>,
     pub repo_prefix: String,
+    /// The OCI layouts stagings may read (resolved again by each worker).
+    pub source_locations: super::location::SourceLocations,
     pub credentials_key: Option<CredentialsKey>,
     /// Where stagings may reach.
     pub egress: EgressPolicy,
@@ -74,6 +76,7 @@ impl WorkerSettings {
             internal_credentials: None,
             insecure_registries: Vec::new(),
             repo_prefix: repo_prefix.to_owned(),
+            source_locations: Default::default(),
             credentials_key: None,
             egress: EgressPolicy::default(),
             limits: crate::registry::Limits::default(),
@@ -122,6 +125,7 @@ impl WorkerSettings {
             .as_ref()
             .map(|(user, password)| Credentials::new(user.clone(), password.expose()));
         worker.insecure_registries = settings.insecure_registries.clone();
+        worker.source_locations = settings.source_locations.clone();
         worker.credentials_key = credentials_key;
         worker.egress = settings.egress_policy();
         worker.limits = settings.limits.clone();
