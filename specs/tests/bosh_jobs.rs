@@ -100,6 +100,8 @@ fn custom_copying() -> Value {
         "min_transfer_rate": "1MiB",
         "min_transfer_window": "1m",
         "callback": { "timeout": "30s", "retry_for": "2d" },
+        "source_locations": ["oci:/var/vcap/store/images", "s3://images/site-a?endpoint=https://s3.example&region=r1"],
+        "source_locations_s3": { "access_key_id": "AKIA1", "secret_access_key": "s3cret" },
         "egress": {
             "allow": ["10.1.0.0/16", "registry.corp", "harbor.corp:8443", "[fd00::5]:5000", "127.0.0.1"],
             "deny": ["10.244.0.0/16", "192.168.50.7", " api.system.example.com:443 "],
@@ -313,6 +315,8 @@ fn limits_egress_and_trust_land_where_the_binaries_read_them() {
             "TAILOR_DATABASE_CONNECTIONS",
             "TAILOR_EGRESS_ALLOW",
             "TAILOR_EGRESS_DENY",
+            "TAILOR_SOURCE_LOCATIONS",
+            "AWS_ACCESS_KEY_ID",
         ] {
             assert_eq!(env_value(&env, unset), None, "{job}: {unset}");
         }
@@ -368,6 +372,12 @@ fn limits_egress_and_trust_land_where_the_binaries_read_them() {
             "{job}: entries trimmed"
         );
         for (setting, value) in [
+            (
+                "TAILOR_SOURCE_LOCATIONS",
+                "oci:/var/vcap/store/images,s3://images/site-a?endpoint=https://s3.example&region=r1",
+            ),
+            ("AWS_ACCESS_KEY_ID", "AKIA1"),
+            ("AWS_SECRET_ACCESS_KEY", "s3cret"),
             ("TAILOR_MIN_TRANSFER_RATE", "1MiB"),
             ("TAILOR_MIN_TRANSFER_WINDOW", "1m"),
             ("TAILOR_CALLBACK_TIMEOUT", "30s"),
