@@ -16,7 +16,7 @@ use tailor::copy::CopyOptions;
 use tailor::error::CopyError;
 use tailor::layout::Layout;
 use tailor::portable::{Entry, Imported, Importer, PortableError, Selection, Staged};
-use tailor::registry::{Credentials, Registry};
+use tailor::registry::Registry;
 use tailor::staging::lease::Leases;
 use uuid::Uuid;
 
@@ -57,14 +57,7 @@ struct PortableSettings {
 impl PortableSettings {
     fn from_env() -> Result<Self, ConfigError> {
         let settings = TailorSettings::from_lookup(|name| std::env::var(name).ok())?;
-        let registries = settings.registries(tailor::egress::Egress::unrestricted())?;
-        let internal = registries.internal(
-            &settings.internal_registry,
-            settings
-                .internal_registry_credentials
-                .as_ref()
-                .map(|(user, password)| Credentials::new(user.clone(), password.expose())),
-        );
+        let internal = super::operator_internal_registry(&settings)?;
         Ok(Self {
             connections: settings.database_pool(2, false)?,
             database_url: settings.database_url,

@@ -9,7 +9,7 @@ use clap::Args;
 use tailor::code::Code;
 use tailor::config::{ConfigError, Secret, TailorSettings};
 use tailor::prune::{PruneOptions, PruneOutcome, PruneReport};
-use tailor::registry::{Credentials, Registry};
+use tailor::registry::Registry;
 
 /// Exit status: images were (or, dry, would be) pruned.
 pub const EXIT_PRUNED: i32 = 0;
@@ -116,14 +116,7 @@ pub struct PruneSettings {
 impl PruneSettings {
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let settings = TailorSettings::from_lookup(lookup)?;
-        let registries = settings.registries(tailor::egress::Egress::unrestricted())?;
-        let internal = registries.internal(
-            &settings.internal_registry,
-            settings
-                .internal_registry_credentials
-                .as_ref()
-                .map(|(user, password)| Credentials::new(user.clone(), password.expose())),
-        );
+        let internal = super::operator_internal_registry(&settings)?;
         Ok(Self {
             connections: settings.database_pool(2, false)?,
             database_url: settings.database_url,

@@ -188,18 +188,7 @@ pub async fn finish(
             run,
             repository_lease,
         } => {
-            // The lease row is locked until this transaction ends: a pruner that would take the
-            // repository once the lease expires waits for the commit, and then sees the
-            // success (and the image it references) in its own reading of the stagings.
-            let held = sqlx::query_scalar!(
-                "SELECT 1 AS held FROM leases WHERE resource = $1 AND holder = $2 \
-                 AND expires_at > clock_timestamp() FOR UPDATE",
-                repository_lease.resource,
-                repository_lease.holder,
-            )
-            .fetch_optional(&mut *tx)
-            .await?;
-            if held.is_none() {
+            if !lock_held_lease(&mut tx, repository_lease).await? {
                 return Ok(None);
             }
             let start_command = store_safe(&run.start_command);
@@ -275,6 +264,24 @@ pub async fn finish(
     Ok(staging)
 }
 
+/// Whether `lease` is still held, locking its row until `tx` ends: a pruner that would take
+/// the repository once the lease expires waits for the commit, and then sees the success (and
+/// the image it references) in its own reading of the stagings.
+async fn lock_held_lease(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    lease: RepositoryLease<'_>,
+) -> Result<bool, sqlx::Error> {
+    let held = sqlx::query_scalar!(
+        "SELECT 1 AS held FROM leases WHERE resource = $1 AND holder = $2 \
+         AND expires_at > clock_timestamp() FOR UPDATE",
+        lease.resource,
+        lease.holder,
+    )
+    .fetch_optional(&mut **tx)
+    .await?;
+    Ok(held.is_some())
+}
+
 /// Records a staging `tailor import` copied into the internal registry as succeeded, with what
 /// its image is made of, in one transaction and only while `repository_lease` is held (as
 /// [`finish`] does). `None` if the lease was lost, or if a staging with this GUID appeared
@@ -287,15 +294,7 @@ pub async fn record_imported(
     repository_lease: RepositoryLease<'_>,
 ) -> Result<Option<Staging>, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    let held = sqlx::query_scalar!(
-        "SELECT 1 AS held FROM leases WHERE resource = $1 AND holder = $2 \
-         AND expires_at > clock_timestamp() FOR UPDATE",
-        repository_lease.resource,
-        repository_lease.holder,
-    )
-    .fetch_optional(&mut *tx)
-    .await?;
-    if held.is_none() {
+    if !lock_held_lease(&mut tx, repository_lease).await? {
         return Ok(None);
     }
     let start_command = store_safe(&run.start_command);
