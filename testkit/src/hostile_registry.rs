@@ -263,21 +263,16 @@ impl Content {
             }
             Self::File(path, _) => {
                 let path = path.clone();
-                stream::once(async move {
-                    let file = tokio::fs::File::open(&**path).await;
-                    (file, path)
-                })
-                .flat_map(|(file, path)| match file {
-                    // The path is kept alive (the file not deleted) until the stream ends.
-                    Ok(file) => tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024)
-                        .map(move |chunk| {
-                            let _keep = &path;
-                            chunk
-                        })
-                        .boxed_local(),
-                    Err(error) => stream::once(std::future::ready(Err(error))).boxed_local(),
-                })
-                .boxed_local()
+                // The path is held only until the file is open: an open file outlives its name,
+                // and a stream a client abandoned (its server thread may outlive the test) then
+                // keeps no temporary file on disk.
+                stream::once(async move { tokio::fs::File::open(&**path).await })
+                    .flat_map(|file| match file {
+                        Ok(file) => tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024)
+                            .boxed_local(),
+                        Err(error) => stream::once(std::future::ready(Err(error))).boxed_local(),
+                    })
+                    .boxed_local()
             }
         }
     }
@@ -605,6 +600,13 @@ impl Drop for HostileRegistry {
         self.state.shutdown.cancel();
         // Sends the stop command now; the returned future only waits for its completion.
         drop(self.handle.stop(false));
+        // The server's worker thread may outlive the test with the state: let go of the images
+        // now, so a layer built on disk (a temporary file) goes with its last handle.
+        self.state
+            .repositories
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
     }
 }
 
