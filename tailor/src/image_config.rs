@@ -21,6 +21,11 @@ pub const MAX_EXECUTION_METADATA_BYTES: usize = 16 * 1024;
 pub const MAX_PORTS: usize = 64;
 /// Most words in `Entrypoint` or `Cmd`.
 pub const MAX_COMMAND_WORDS: usize = 256;
+/// Most labels kept (the first by key); labels are for finding an image, not for running it,
+/// so an image with more still stages.
+pub const MAX_LABELS: usize = 64;
+/// Longest label key or value kept (cut at this many characters, then cleaned).
+pub const MAX_LABEL_CHARS: usize = 256;
 
 /// The run-time facts of an image.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,6 +34,8 @@ pub struct RunInfo {
     pub start_command: String,
     /// Diego's execution metadata, as the JSON *string* the Cloud Controller expects.
     pub execution_metadata: String,
+    /// The config's `Labels`, cleaned and bounded, by key (what search finds an image by).
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// Why an image config cannot be staged.
@@ -201,7 +208,31 @@ fn run_info(value: &Value) -> Result<RunInfo, ImageConfigError> {
     Ok(RunInfo {
         start_command,
         execution_metadata,
+        labels: labels(&config),
     })
+}
+
+/// The config's string labels: the first [`MAX_LABELS`] by key, keys and values cut to
+/// [`MAX_LABEL_CHARS`] and cleaned.
+fn labels(config: &Value) -> std::collections::BTreeMap<String, String> {
+    let Some(labels) = config.get("Labels").and_then(Value::as_object) else {
+        return Default::default();
+    };
+    let mut kept: Vec<(&String, &str)> = labels
+        .iter()
+        .filter_map(|(key, value)| Some((key, value.as_str()?)))
+        .collect();
+    kept.sort_unstable_by_key(|(key, _)| *key);
+    kept.into_iter()
+        .take(MAX_LABELS)
+        .map(|(key, value)| (bounded(key), bounded(value)))
+        .collect()
+}
+
+/// At most [`MAX_LABEL_CHARS`] characters of `text`, control characters escaped.
+fn bounded(text: &str) -> String {
+    let cut: String = text.chars().take(MAX_LABEL_CHARS).collect();
+    clean(&cut, MAX_LABEL_CHARS)
 }
 
 #[cfg(test)]
@@ -214,6 +245,31 @@ mod tests {
 
     fn config(inner: &str) -> Vec<u8> {
         format!(r#"{{"os":"linux","architecture":"amd64","config":{inner}}}"#).into_bytes()
+    }
+
+    #[test]
+    fn labels_are_kept_bounded_and_clean_and_never_stop_a_staging() {
+        let many: serde_json::Map<String, Value> = (0..100)
+            .map(|i| (format!("k{i:03}"), json!(format!("v{i}"))))
+            .collect();
+        let mut inner = json!({ "Labels": many });
+        inner["Labels"]["a.long"] = json!("x".repeat(10_000));
+        inner["Labels"]["a.nul"] = json!("bad\u{0}value\nsecond line");
+        inner["Labels"]["a.number"] = json!(7);
+        let run = inspect(&config(&inner.to_string()), &linux()).unwrap();
+        assert_eq!(run.labels.len(), MAX_LABELS);
+        assert_eq!(run.labels["a.long"].chars().count(), MAX_LABEL_CHARS);
+        assert!(
+            !run.labels["a.nul"].contains(['\0', '\n']),
+            "{:?}",
+            run.labels["a.nul"]
+        );
+        assert!(!run.labels.contains_key("a.number"), "only string values");
+        assert_eq!(
+            run.labels.keys().last().unwrap(),
+            "k061",
+            "the first by key: a.long, a.nul, then k000 to k061"
+        );
     }
 
     #[test]

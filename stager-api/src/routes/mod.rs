@@ -2,6 +2,7 @@
 
 mod diego;
 mod health;
+mod images;
 mod metrics;
 mod openapi;
 mod references;
@@ -27,6 +28,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         )
         .route("/apps/{app_guid}", web::delete().to(references::delete_app))
         .route("/references", web::put().to(references::sync))
+        .route("/images", web::get().to(images::search))
         .route("/v1/staging/{staging_guid}", web::put().to(diego::stage))
         .route("/v1/staging/{staging_guid}", web::delete().to(diego::stop));
 }

@@ -6,6 +6,7 @@ mod diego;
 mod fleet;
 mod health;
 mod helpers;
+mod images;
 mod maintenance;
 mod metadata;
 mod prune;

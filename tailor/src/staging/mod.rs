@@ -34,6 +34,7 @@ pub mod notify;
 pub mod queue;
 pub mod references;
 pub mod request;
+pub mod search;
 pub mod store;
 pub mod worker;
 

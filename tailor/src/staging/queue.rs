@@ -201,6 +201,7 @@ pub async fn finish(
                  source_digest = $3, pinned_image = $4, \
                  tagged_image = $5, bytes_copied = $6, bytes_mounted = $7, bytes_skipped = $8, blobs_copied = $9, \
                  blobs_mounted = $10, blobs_skipped = $11, start_command = $12, execution_metadata = $13, \
+                 image_labels = $14, \
                  bytes_done = $6::bigint + $7::bigint + $8::bigint, bytes_total = $6::bigint + $7::bigint + $8::bigint, error_code = NULL, error_message = NULL \
                  WHERE staging_guid = $1 AND lease_owner = $2 AND state = 'running' RETURNING staging_guid",
                 staging_guid,
@@ -216,6 +217,7 @@ pub async fn finish(
                 report.blobs.skipped as i32,
                 start_command.as_ref(),
                 execution_metadata.as_ref(),
+                labels_json(run),
             )
             .fetch_optional(&mut *tx)
             .await?
@@ -264,6 +266,11 @@ pub async fn finish(
     Ok(staging)
 }
 
+/// The image's labels as stored (`image_labels`, a JSON object), for search.
+fn labels_json(run: &RunInfo) -> serde_json::Value {
+    serde_json::to_value(&run.labels).expect("a map of strings serialises")
+}
+
 /// Whether `lease` is still held, locking its row until `tx` ends: a pruner that would take
 /// the repository once the lease expires waits for the commit, and then sees the success (and
 /// the image it references) in its own reading of the stagings.
@@ -303,10 +310,10 @@ pub async fn record_imported(
         "INSERT INTO stagings (staging_guid, app_guid, source_image, platform, request_fingerprint, \
          api, budget_key, state, started_at, finished_at, deadline_at, source_digest, pinned_image, \
          tagged_image, bytes_copied, bytes_mounted, bytes_skipped, blobs_copied, blobs_mounted, \
-         blobs_skipped, bytes_done, bytes_total, start_command, execution_metadata) \
+         blobs_skipped, bytes_done, bytes_total, start_command, execution_metadata, image_labels) \
          VALUES ($1, $2, $3, $4, $5, 'stage', $6, 'succeeded', now(), now(), now(), $7, $8, $9, \
          $10, $11, $12, $13, $14, $15, $10::bigint + $11::bigint + $12::bigint, \
-         $10::bigint + $11::bigint + $12::bigint, $16, $17) \
+         $10::bigint + $11::bigint + $12::bigint, $16, $17, $18) \
          ON CONFLICT (staging_guid) DO NOTHING RETURNING staging_guid",
         new.staging_guid(),
         new.app_guid(),
@@ -325,6 +332,7 @@ pub async fn record_imported(
         report.blobs.skipped as i32,
         start_command.as_ref(),
         execution_metadata.as_ref(),
+        labels_json(run),
     )
     .fetch_optional(&mut *tx)
     .await?;

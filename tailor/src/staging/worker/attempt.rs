@@ -430,6 +430,7 @@ impl Run<'_> {
                 let run = report.run.clone().unwrap_or(RunInfo {
                     start_command: String::new(),
                     execution_metadata: "{}".into(),
+                    labels: Default::default(),
                 });
                 tracing::info!(
                     pinned = %report.pinned,
