@@ -8,13 +8,17 @@ ALTER TABLE stagings ADD COLUMN image_labels jsonb
 
 -- The words, with the 'simple' configuration (no stemming or stop words: image names are not
 -- prose). A reference's separators become spaces, so `docker.io/library/redis:7` is found by
--- `redis`; a digest is found by its hex, whole or by prefix.
+-- `redis`; a digest is found by its hex, whole or by prefix. Label values are split the same
+-- way (`1.2.3`, `github.com/acme/app`, `ops@acme.io`); only `/`, `@` and `.` are turned into
+-- spaces there, which keeps the JSON valid (its keys and values are strings only).
 ALTER TABLE stagings ADD COLUMN search_words tsvector GENERATED ALWAYS AS (
     to_tsvector('simple'::regconfig,
         translate(source_image, '/:@.', '    ') || ' ' ||
         coalesce(replace(source_digest, 'sha256:', ''), '') || ' ' ||
         app_guid::text)
-    || coalesce(jsonb_to_tsvector('simple'::regconfig, image_labels, '["string"]'), ''::tsvector)
+    || coalesce(jsonb_to_tsvector('simple'::regconfig,
+                                  translate(image_labels::text, '/@.', '   ')::jsonb,
+                                  '["string"]'), ''::tsvector)
 ) STORED;
 
 -- Only what search answers: images that are staged and still kept.

@@ -179,7 +179,11 @@ async fn a_site_is_rebuilt_from_its_export_without_the_upstream_registry() {
         );
     }
     // Importing again changes nothing.
-    let twice = json_of(&rebuilt.tailor(&["import", "--json", &layout], &[]));
+    let again = rebuilt.tailor(&["import", "--json", &layout], &[]);
+    assert_eq!(again.status.code(), Some(0), "{again:?}");
+    let twice = json_of(&again);
+    assert_eq!(guids(&twice, "done"), all);
+    assert!(twice["failed"].as_array().unwrap().is_empty(), "{twice}");
     assert!(
         twice["done"]
             .as_array()

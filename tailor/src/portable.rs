@@ -271,6 +271,39 @@ impl Importer {
         let repository = format!("{}/{}", self.repo_prefix, new.app_guid());
         let resource = lease::repository(&repository);
         self.hold_repository(&resource).await?;
+        let dest = self.internal.repository(&repository);
+        let tag = new.staging_guid().to_string();
+        let result = self
+            .copy_and_record(layout, entry, &dest, &resource, options)
+            .await;
+        if result.is_err() {
+            // Nothing may stay tagged that no staging records (the pruner only knows stagings).
+            crate::staging::worker::attempt::remove_unrecorded_tag(
+                &self.pool,
+                &self.leases,
+                self.let_go.clone(),
+                &dest,
+                &resource,
+                &tag,
+            )
+            .await;
+        }
+        if let Err(error) = self.leases.let_go(&resource).await {
+            tracing::warn!(%error, %resource, "could not let go of the repository; the lease will expire");
+        }
+        result
+    }
+
+    /// The import of `entry` once the repository is held: the copy, then the record.
+    async fn copy_and_record(
+        &self,
+        layout: &Layout,
+        entry: &Entry,
+        dest: &crate::registry::Repository,
+        resource: &str,
+        options: &CopyOptions,
+    ) -> Result<Imported, PortableError> {
+        let new = &entry.staging;
         let options = CopyOptions {
             platforms: PlatformChoice::One(new.platform().clone()),
             runnable: Some(new.platform().clone()),
@@ -284,7 +317,7 @@ impl Importer {
         let report = copy_from(
             &Source::layout(layout.clone()),
             &Wanted::in_layout(layout, Some(&entry.tag)),
-            &self.internal.repository(&repository),
+            dest,
             &new.staging_guid().to_string(),
             &options,
         )
@@ -298,12 +331,11 @@ impl Importer {
             &report,
             &run,
             RepositoryLease {
-                resource: &resource,
+                resource,
                 holder: self.leases.holder(),
             },
         )
         .await?;
-        self.leases.let_go(&resource).await?;
         match recorded {
             Some(staging) => Ok(Imported::Recorded {
                 staging: Box::new(staging),

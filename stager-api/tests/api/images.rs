@@ -60,7 +60,8 @@ async fn staged_images_are_found_by_name_tag_digest_app_and_label() {
         blog,
         "library/nginx:1.27",
         7001,
-        json!({ "team": "web" }),
+        json!({ "team": "web", "org.opencontainers.image.version": "4.5.6-beta7",
+                "org.opencontainers.image.source": "https://github.com/nginx/nginx" }),
     )
     .await;
     let worker = staged(
@@ -79,6 +80,8 @@ async fn staged_images_are_found_by_name_tag_digest_app_and_label() {
         ("q=library/redis:7.2", vec![guid(&redis)]),
         ("q=nginx%201.27", vec![guid(&nginx)]),
         ("q=acme", vec![guid(&redis)]),
+        ("q=4.5.6-beta7", vec![guid(&nginx)]),
+        ("q=github.com/nginx", vec![guid(&nginx)]),
         ("q=payments", vec![guid(&worker), guid(&redis)]),
         ("q=payments%20worker", vec![guid(&worker)]),
         (&*format!("q={shop}"), vec![guid(&worker), guid(&redis)]),

@@ -58,7 +58,8 @@ impl OciArchive {
         };
         let mut archive = tar::Archive::new(std::io::BufReader::new(file));
         let mut members = HashMap::new();
-        for entry in archive.entries().map_err(not_a_tar)? {
+        // Seeking past each member's content: opening reads the headers, not the blobs.
+        for entry in archive.entries_with_seek().map_err(not_a_tar)? {
             let entry = entry.map_err(not_a_tar)?;
             if entry.header().entry_type() != tar::EntryType::Regular {
                 continue;

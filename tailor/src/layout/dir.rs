@@ -27,6 +27,25 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LayoutError + '_ {
     }
 }
 
+/// The `oci-layout` file's bytes, read only if it is a regular file and at most 4 KiB (what is
+/// not, a FIFO or a huge file, is refused with `InvalidData` before it can hang or fill memory).
+fn read_marker(marker: &Path) -> std::io::Result<Vec<u8>> {
+    const MAX_MARKER_BYTES: u64 = 4096;
+    let metadata = std::fs::metadata(marker)?;
+    if !metadata.is_file() || metadata.len() > MAX_MARKER_BYTES {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("not a regular file of at most {MAX_MARKER_BYTES} bytes"),
+        ));
+    }
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(
+        &mut std::io::Read::take(std::fs::File::open(marker)?, MAX_MARKER_BYTES),
+        &mut bytes,
+    )?;
+    Ok(bytes)
+}
+
 /// An OCI image layout directory.
 #[derive(Debug, Clone)]
 pub struct OciDir {
@@ -43,7 +62,7 @@ impl OciDir {
             root: root.to_owned(),
         };
         let marker = root.join("oci-layout");
-        match std::fs::read(&marker) {
+        match read_marker(&marker) {
             Ok(bytes) => super::check_marker(&marker, &bytes)?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let occupied = match std::fs::read_dir(root) {
@@ -78,7 +97,7 @@ impl OciDir {
     /// Opens an existing layout for reading.
     pub fn open(root: &Path) -> Result<Self, LayoutError> {
         let marker = root.join("oci-layout");
-        let bytes = std::fs::read(&marker).map_err(|e| match e.kind() {
+        let bytes = read_marker(&marker).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => LayoutError::Invalid {
                 path: root.to_owned(),
                 detail: "not an OCI image layout (no oci-layout file)".into(),

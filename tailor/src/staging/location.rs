@@ -16,6 +16,9 @@ use crate::code::Code;
 use crate::layout::{Layout, LayoutError, OciDir, S3Layout, S3Location};
 use crate::reference::ImageReference;
 
+/// Longest layout source accepted.
+pub const MAX_SOURCE_BYTES: usize = 1024;
+
 /// What a staging copies from: a registry's image, or an image in an enabled OCI layout.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StagingSource {
@@ -25,9 +28,11 @@ pub enum StagingSource {
 }
 
 impl StagingSource {
-    /// Whether `text` names a layout rather than a registry's image.
+    /// Whether `text` names a layout rather than a registry's image: `oci:` followed by an
+    /// absolute path (so a registry host named `oci`, as in `oci:5000/team/app`, stays a
+    /// registry), or `s3://`.
     pub fn names_layout(text: &str) -> bool {
-        text.starts_with("oci:") || text.starts_with("s3://")
+        text.starts_with("oci:/") || text.starts_with("s3://")
     }
 
     /// A stored source read back (it was checked when it was stored).
@@ -169,6 +174,12 @@ impl SourceLocations {
     /// Resolves a request's layout source, or says why it may not be read.
     pub fn resolve(&self, text: &str) -> Result<Resolved, LocationRefused> {
         let shown = crate::text::clean(text, 200);
+        if text.len() > MAX_SOURCE_BYTES || text.chars().any(char::is_control) {
+            return Err(LocationRefused::invalid(format!(
+                "{shown}: a layout source is at most {MAX_SOURCE_BYTES} bytes without control \
+                 characters"
+            )));
+        }
         if self.is_empty() {
             return Err(LocationRefused::not_allowed(format!(
                 "{shown}: this stager reads images from registries only (no \
@@ -233,6 +244,30 @@ impl SourceLocations {
     }
 }
 
+impl SourceLocations {
+    /// Where `dir` (resolved already) really is, symbolic links followed, refused unless that
+    /// too is under an enabled directory (really is): a link inside an enabled directory
+    /// cannot lead a staging elsewhere. A directory that cannot be resolved (it is missing)
+    /// is returned as it is, for opening it to say what is wrong. Blocking.
+    pub fn real_dir(&self, dir: &Path) -> Result<PathBuf, LocationRefused> {
+        let shown = dir.display();
+        let Ok(real) = std::fs::canonicalize(dir) else {
+            return Ok(dir.to_owned());
+        };
+        let allowed = self
+            .dirs
+            .iter()
+            .filter_map(|enabled| std::fs::canonicalize(enabled).ok())
+            .any(|enabled| real.starts_with(enabled));
+        if !allowed {
+            return Err(LocationRefused::not_allowed(format!(
+                "{shown}: leads outside the directories this stager reads from"
+            )));
+        }
+        Ok(real)
+    }
+}
+
 /// An absolute path of plain names only.
 fn plain_absolute(path: &Path) -> bool {
     path.is_absolute()
@@ -268,6 +303,11 @@ mod tests {
             ("images", "site-a/app", Some("v2"))
         );
         for (text, code) in [
+            ("oci:/srv/images/a\u{0}b", Code::InvalidReference),
+            (
+                &*format!("oci:/srv/images/{}", "a".repeat(2000)),
+                Code::InvalidReference,
+            ),
             ("oci:/srv/imagesX/app", Code::LocationNotAllowed),
             ("oci:/srv/images/../etc", Code::InvalidReference),
             ("oci:relative/app", Code::InvalidReference),
@@ -289,6 +329,28 @@ mod tests {
                 .code(),
             Code::LocationNotAllowed
         );
+    }
+
+    #[test]
+    fn a_symbolic_link_cannot_lead_out_of_an_enabled_directory() {
+        let (enabled, outside) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        std::fs::create_dir(enabled.path().join("real")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), enabled.path().join("escape")).unwrap();
+        let locations =
+            SourceLocations::parse(&format!("oci:{}", enabled.path().display())).unwrap();
+        let real = enabled.path().join("real");
+        assert_eq!(
+            locations.real_dir(&real).unwrap(),
+            std::fs::canonicalize(&real).unwrap()
+        );
+        assert_eq!(
+            locations
+                .real_dir(&enabled.path().join("escape"))
+                .unwrap_err()
+                .code(),
+            Code::LocationNotAllowed
+        );
+        assert!(!StagingSource::names_layout("oci:5000/team/app"));
     }
 
     #[test]

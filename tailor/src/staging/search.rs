@@ -99,9 +99,11 @@ impl Cursor {
     pub fn parse(text: &str) -> Result<Self, InvalidSearch> {
         let invalid = || InvalidSearch("cursor is not one a previous page gave".into());
         let (micros, guid) = text.split_once('.').ok_or_else(invalid)?;
+        // 1970 to 9999: what tailor writes, well inside what PostgreSQL can compare with.
         let created_at = micros
             .parse::<i64>()
             .ok()
+            .filter(|m| (0..=253_402_300_799_999_999).contains(m))
             .and_then(DateTime::from_timestamp_micros)
             .ok_or_else(invalid)?;
         let staging_guid = Uuid::parse_str(guid).map_err(|_| invalid())?;
@@ -221,8 +223,17 @@ mod tests {
             staging_guid: Uuid::new_v4(),
         };
         assert_eq!(Cursor::parse(&cursor.to_string()).unwrap(), cursor);
-        for bad in ["", "12", "x.y", "12.not-a-guid", "9999999999999999999.0"] {
-            assert!(Cursor::parse(bad).is_err(), "{bad:?}");
+        let guid = Uuid::new_v4();
+        for bad in [
+            "".to_owned(),
+            "12".into(),
+            "x.y".into(),
+            "12.not-a-guid".into(),
+            "9999999999999999999.0".into(),
+            format!("-8000000000000000000.{guid}"),
+            format!("253402300800000000.{guid}"),
+        ] {
+            assert!(Cursor::parse(&bad).is_err(), "{bad:?}");
         }
     }
 }

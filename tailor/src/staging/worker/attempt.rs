@@ -366,11 +366,21 @@ async fn attempt(run: &Run<'_>, claimed: &Claimed, beat: &Beat) -> (Next, Option
 
 /// Opens a staging's layout source, resolved against this worker's enabled locations.
 async fn open_layout(shared: &Shared, text: &str) -> Result<(Source, Wanted), CopyError> {
-    let resolved = shared
-        .settings
-        .source_locations
-        .resolve(text)
-        .map_err(|refused| CopyError::LocationRefused(refused.to_string()))?;
+    let locations = &shared.settings.source_locations;
+    let refused = |refused: crate::staging::location::LocationRefused| {
+        CopyError::LocationRefused(refused.to_string())
+    };
+    let resolved = match locations.resolve(text).map_err(refused)? {
+        crate::staging::location::Resolved::Dir { dir, tag } => {
+            let locations = locations.clone();
+            let dir = tokio::task::spawn_blocking(move || locations.real_dir(&dir))
+                .await
+                .expect("resolving a directory does not panic")
+                .map_err(refused)?;
+            crate::staging::location::Resolved::Dir { dir, tag }
+        }
+        bucket => bucket,
+    };
     let (layout, tag) = resolved.open().await.map_err(CopyError::Layout)?;
     let wanted = Wanted::in_layout(&layout, tag.as_deref());
     Ok((Source::layout(layout), wanted))
@@ -485,67 +495,86 @@ impl Run<'_> {
         }
     }
 
-    /// Removes the tag this staging may have pushed, unless its manifest is another
-    /// staging's image too (the registry deletes by digest, and with the digest every tag on
-    /// it). Done with the repository to itself, so no other staging's push of the same
-    /// manifest can race the deletion; if others keep copying there, the tag stays (and the
-    /// log says so).
+    /// Removes the tag this staging may have pushed ([`remove_unrecorded_tag`]).
     async fn remove_failed_tag(&self) {
-        let (shared, dest) = (self.shared, &self.dest);
-        let head = match dest.head_manifest(&self.guid.to_string()).await {
-            Ok(Some(head)) => head,
-            Ok(None) => return,
-            Err(error) => {
-                tracing::warn!(%error, "could not check for a tag to remove");
+        remove_unrecorded_tag(
+            &self.shared.pool,
+            &self.leases,
+            self.shared.hub.lease_let_go(),
+            &self.dest,
+            &self.repository_lease,
+            &self.guid.to_string(),
+        )
+        .await;
+    }
+}
+
+/// Removes `tag` from `dest` (a staging's tag whose success was never recorded: a failed
+/// attempt's, or an import's), unless its manifest is a recorded staging's image too (the
+/// registry deletes by digest, and with the digest every tag on it). Done with the repository
+/// to itself (`resource`, taken exclusively under `leases`, then handed back shared), so no
+/// other staging's push of the same manifest can race the deletion; if others keep copying
+/// there, the tag stays (and the log says so).
+pub(crate) async fn remove_unrecorded_tag(
+    pool: &sqlx::PgPool,
+    leases: &Leases,
+    mut released: tokio::sync::watch::Receiver<u64>,
+    dest: &Repository,
+    resource: &str,
+    tag: &str,
+) {
+    let head = match dest.head_manifest(tag).await {
+        Ok(Some(head)) => head,
+        Ok(None) => return,
+        Err(error) => {
+            tracing::warn!(%error, "could not check for a tag to remove");
+            return;
+        }
+    };
+    let deadline = tokio::time::Instant::now() + CLEANUP_WAIT;
+    loop {
+        match leases.acquire(resource, true).await {
+            Ok(true) => break,
+            Ok(false) if tokio::time::Instant::now() < deadline => {
+                tokio::select! {
+                    _ = released.changed() => {}
+                    () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+            }
+            Ok(false) => {
+                tracing::warn!(digest = %head.digest, "an unrecorded tag stays: other stagings of the app are copying into its repository");
                 return;
             }
-        };
-        let deadline = tokio::time::Instant::now() + CLEANUP_WAIT;
-        let mut released = shared.hub.lease_let_go();
-        loop {
-            match self.leases.acquire(&self.repository_lease, true).await {
-                Ok(true) => break,
-                Ok(false) if tokio::time::Instant::now() < deadline => {
-                    tokio::select! {
-                        _ = released.changed() => {}
-                        () = tokio::time::sleep(Duration::from_millis(500)) => {}
-                    }
-                }
-                Ok(false) => {
-                    tracing::warn!(digest = %head.digest, "a failed staging's tag stays: other stagings of the app are copying into its repository");
-                    return;
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "could not take the repository to remove a tag");
-                    return;
-                }
-            }
-        }
-        let manifest = format!("{}@{}", dest.name(), head.digest);
-        let shared_with_live: Result<bool, sqlx::Error> = sqlx::query_scalar!(
-            r#"SELECT EXISTS (SELECT 1 FROM stagings WHERE state = 'succeeded' AND pruned_at IS NULL
-               AND pinned_manifest = $1) AS "shared!""#,
-            &manifest
-        )
-        .fetch_one(&shared.pool)
-        .await;
-        match shared_with_live {
-            Ok(false) => match dest.delete_manifest(&head.digest).await {
-                Ok(_) => {
-                    tracing::info!(digest = %head.digest, "removed the tag the failed staging had pushed")
-                }
-                Err(error) => tracing::warn!(%error, "could not remove the failed staging's tag"),
-            },
-            Ok(true) => {
-                tracing::info!(digest = %head.digest, "the failed staging's tag stays: its manifest is another staging's image")
-            }
             Err(error) => {
-                tracing::warn!(%error, "could not check whether the tag's manifest is in use; it stays")
+                tracing::warn!(%error, "could not take the repository to remove a tag");
+                return;
             }
         }
-        // Shared again (the attempt's leases are all released when it ends).
-        if let Err(error) = self.leases.acquire(&self.repository_lease, false).await {
-            tracing::warn!(%error, "could not hand the repository back to other stagings; the lease will expire");
+    }
+    let manifest = format!("{}@{}", dest.name(), head.digest);
+    let shared_with_live: Result<bool, sqlx::Error> = sqlx::query_scalar!(
+        r#"SELECT EXISTS (SELECT 1 FROM stagings WHERE state = 'succeeded' AND pruned_at IS NULL
+           AND pinned_manifest = $1) AS "shared!""#,
+        &manifest
+    )
+    .fetch_one(pool)
+    .await;
+    match shared_with_live {
+        Ok(false) => match dest.delete_manifest(&head.digest).await {
+            Ok(_) => {
+                tracing::info!(digest = %head.digest, "removed the unrecorded tag")
+            }
+            Err(error) => tracing::warn!(%error, "could not remove the unrecorded tag"),
+        },
+        Ok(true) => {
+            tracing::info!(digest = %head.digest, "the unrecorded tag stays: its manifest is another staging's image")
         }
+        Err(error) => {
+            tracing::warn!(%error, "could not check whether the tag's manifest is in use; it stays")
+        }
+    }
+    // Shared again (the holder's leases are all released when it ends).
+    if let Err(error) = leases.acquire(resource, false).await {
+        tracing::warn!(%error, "could not hand the repository back to other stagings; the lease will expire");
     }
 }
