@@ -322,7 +322,8 @@ async fn a_run_terminated_while_collecting_stops_the_collection_and_restores_rea
         .stderr(Stdio::piped())
         .spawn()
         .expect("start scripts/registry-gc");
-    // Waiting for the collection to begin, however long the restart takes.
+    // Waiting for the collection to begin (the restart takes seconds; five minutes is a hang).
+    let begin_deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
     let gc_pid = loop {
         if let Some(pid) = std::fs::read_to_string(&gc_pid_file)
             .ok()
@@ -333,6 +334,10 @@ async fn a_run_terminated_while_collecting_stops_the_collection_and_restores_rea
         if let Some(status) = child.try_wait().expect("poll the script") {
             panic!("the script ended ({status}) before collecting");
         }
+        assert!(
+            std::time::Instant::now() < begin_deadline,
+            "the collection never began"
+        );
         std::thread::sleep(std::time::Duration::from_millis(20));
     };
     // SAFETY: kill(2) on our own child, not yet reaped.

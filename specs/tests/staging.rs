@@ -54,11 +54,16 @@ async fn a_worker_killed_mid_copy_is_replaced_and_the_staging_finishes() {
     )
     .await;
     let guid = staged["staging_guid"].as_str().unwrap().to_owned();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         let body = get(&api, &guid).await;
         if body["progress"]["bytes_done"].as_u64().unwrap_or(0) > 0 || body["state"] == "running" {
             break;
         }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the worker never started the copy: {body}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     first.kill().unwrap();
@@ -86,12 +91,17 @@ async fn a_worker_killed_mid_copy_is_replaced_and_the_staging_finishes() {
 
 /// Waits until a worker has claimed the staging (its copy starts at once).
 async fn wait_running(api: &Service, guid: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         let body = get(api, guid).await;
         if body["state"] == "running" {
             return;
         }
         assert_eq!(body["state"], "queued", "{body}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no worker claimed the staging: {body}"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
