@@ -144,6 +144,7 @@ fn custom(job: &str, dir: &Path) -> Value {
                         "api_tokens": [TOKEN, "another-token-abcdefghij"],
                         "workers": 0,
                         "staging_timeout": "1h30m",
+                        "default_mode": "pin",
                         "tls": { "certificate": cert, "private_key": key, "client_ca": cert },
                     },
                     "tailor": tailor,
@@ -343,6 +344,7 @@ fn limits_egress_and_trust_land_where_the_binaries_read_them() {
     let dir = tempfile::tempdir().unwrap();
     let env = render_job("stager-api", &minimal("stager-api"), dir.path());
     assert_eq!(env_value(&env, "TAILOR_STAGING_TIMEOUT"), Some("15m"));
+    assert_eq!(env_value(&env, "TAILOR_DEFAULT_MODE"), Some("copy"));
     assert_eq!(
         env_value(&env, "TAILOR_DRAIN_SECONDS"),
         Some("10"),
@@ -415,6 +417,7 @@ fn limits_egress_and_trust_land_where_the_binaries_read_them() {
     let dir = tempfile::tempdir().unwrap();
     let env = render_job("stager-api", &custom("stager-api", dir.path()), dir.path());
     assert_eq!(env_value(&env, "TAILOR_STAGING_TIMEOUT"), Some("1h30m"));
+    assert_eq!(env_value(&env, "TAILOR_DEFAULT_MODE"), Some("pin"));
     let dir = tempfile::tempdir().unwrap();
     let env = render_job(
         "tailor-worker",
@@ -955,6 +958,12 @@ fn missing_or_contradictory_properties_fail_at_render_time_with_their_names() {
             "stager_api.staging_timeout",
             json!("1.5h"),
             "stager_api.staging_timeout",
+        ),
+        (
+            "stager-api",
+            "stager_api.default_mode",
+            json!("mirror"),
+            "stager_api.default_mode must be copy or pin",
         ),
         (
             "tailor-pruner",

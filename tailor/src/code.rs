@@ -78,6 +78,7 @@ codes! {
     InvalidCallback = "INVALID_CALLBACK": "The completion callback is not an http(s) URL with a host, or it carries credentials.",
     InvalidGuid = "INVALID_GUID": "A GUID in the path or the body does not parse.",
     InvalidQuery = "INVALID_QUERY": "A query parameter is unknown or malformed.",
+    InvalidMode = "INVALID_MODE": "The staging mode is neither copy nor pin, or pin was asked for an OCI layout (which has no upstream reference to pin).",
     InvalidLifecycleData = "INVALID_LIFECYCLE_DATA": "The Cloud Controller's lifecycle_data is malformed.",
     UnsupportedLifecycle = "UNSUPPORTED_LIFECYCLE": "The Cloud Controller asked for a lifecycle other than docker.",
     CredentialsNotAccepted = "CREDENTIALS_NOT_ACCEPTED": "This stager has no key to hold credentials (TAILOR_CREDENTIALS_KEY).",

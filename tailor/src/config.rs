@@ -110,6 +110,10 @@ pub struct TailorSettings {
     pub ca_certificates: Vec<u8>,
     /// `TAILOR_STAGING_TIMEOUT`: how long a staging may take, queue time included.
     pub staging_timeout: std::time::Duration,
+    /// `TAILOR_DEFAULT_MODE`: `copy` (the default) or `pin`, for a staging whose request names
+    /// no mode: whether apps are copied into the internal registry unless they opt out, or
+    /// only pinned unless they opt in.
+    pub default_mode: crate::staging::Mode,
     /// `TAILOR_REQUEST_TIMEOUT`, `TAILOR_MIN_TRANSFER_RATE`, `TAILOR_MIN_TRANSFER_WINDOW`:
     /// the bounds on what one registry answer may cost.
     pub limits: crate::registry::Limits,
@@ -238,6 +242,14 @@ impl TailorSettings {
             duration_setting(setting, get(setting).as_deref(), default, min, max)
         };
         let staging_timeout = duration("TAILOR_STAGING_TIMEOUT", 15 * 60, 10, 24 * 3600)?;
+        let default_mode = get("TAILOR_DEFAULT_MODE")
+            .map(|text| crate::staging::Mode::parse(&text))
+            .transpose()
+            .map_err(|problem| ConfigError::Invalid {
+                setting: "TAILOR_DEFAULT_MODE",
+                problem,
+            })?
+            .unwrap_or_default();
         let mut limits = crate::registry::Limits {
             request_timeout: duration("TAILOR_REQUEST_TIMEOUT", 60, 1, 3600)?,
             ..Default::default()
@@ -280,6 +292,7 @@ impl TailorSettings {
             egress_deny,
             ca_certificates,
             staging_timeout,
+            default_mode,
             limits,
             database_connections,
             callback_timeout,
@@ -500,6 +513,7 @@ mod tests {
         assert_eq!(s.internal_registry_credentials, None);
         assert!(s.egress_allow.is_empty());
         assert_eq!(s.staging_timeout, std::time::Duration::from_secs(900));
+        assert_eq!(s.default_mode, crate::staging::Mode::Copy);
         assert_eq!(s.limits.floor.min_bytes_per_second, 16 * 1024);
         assert_eq!(s.callback_retry_for, std::time::Duration::from_secs(86_400));
     }
@@ -512,8 +526,10 @@ mod tests {
             ("TAILOR_REQUEST_TIMEOUT", "5"),
             ("TAILOR_MIN_TRANSFER_RATE", "1KiB"),
             ("TAILOR_EGRESS_ALLOW", "10.0.0.0/8, registry.local:5000"),
+            ("TAILOR_DEFAULT_MODE", "pin"),
         ]);
         let s = settings(&pairs).unwrap();
+        assert_eq!(s.default_mode, crate::staging::Mode::Pin);
         assert_eq!(s.staging_timeout, std::time::Duration::from_secs(1800));
         assert_eq!(s.limits.request_timeout, std::time::Duration::from_secs(5));
         assert_eq!(s.limits.floor.min_bytes_per_second, 1024);
@@ -523,6 +539,7 @@ mod tests {
             ("TAILOR_MIN_TRANSFER_RATE", "fast"),
             ("TAILOR_EGRESS_ALLOW", "http://x"),
             ("TAILOR_DATABASE_CONNECTIONS", "0"),
+            ("TAILOR_DEFAULT_MODE", "mirror"),
             ("TAILOR_CA_CERTIFICATES", "/no/such/file"),
         ] {
             let mut pairs = BASE.to_vec();

@@ -117,7 +117,8 @@ impl Staged {
 }
 
 /// The stagings `selection` names, oldest first. Live means succeeded, neither released nor
-/// pruned; a staging named by its own GUID is exported if it is merely released.
+/// pruned; a staging named by its own GUID is exported if it is merely released. Only copies
+/// are selected: a pinned-only staging has no image in the internal registry.
 pub async fn select(pool: &PgPool, selection: Selection) -> Result<Vec<Staged>, PortableError> {
     let (guid, all) = match selection {
         Selection::Guid(guid) => (guid, false),
@@ -128,7 +129,7 @@ pub async fn select(pool: &PgPool, selection: Selection) -> Result<Vec<Staged>, 
         r#"SELECT staging_guid, app_guid, source_image AS "source_image: StagingSource",
                platform AS "platform: Platform", pinned_image AS "pinned_image!: ImageReference"
            FROM stagings
-           WHERE state = 'succeeded' AND pruned_at IS NULL
+           WHERE state = 'succeeded' AND pruned_at IS NULL AND mode = 'copy'
              AND (staging_guid = $1
                   OR ((app_guid = $1 OR $2) AND released_at IS NULL))
            ORDER BY created_at, staging_guid"#,
@@ -142,7 +143,7 @@ pub async fn select(pool: &PgPool, selection: Selection) -> Result<Vec<Staged>, 
     {
         return Err(PortableError::NotFound(format!(
             "{guid} is neither a succeeded staging whose image is still kept nor an app with \
-             live stagings"
+             live stagings (a pinned-only staging keeps no image to export: it is upstream's)"
         )));
     }
     Ok(staged)

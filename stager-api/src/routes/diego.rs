@@ -15,8 +15,8 @@ use crate::auth::Authenticated;
 use crate::error::ApiError;
 use crate::state::AppState;
 
-/// StagingRequestFromCC. Fields tailor has no use for (memory, disk, environment, egress
-/// rules, log GUID, isolation segment) are accepted and ignored, as Diego's own stager would.
+/// StagingRequestFromCC. Fields tailor has no use for (memory, disk, egress rules, log GUID,
+/// isolation segment) are accepted and ignored, as Diego's own stager would.
 #[derive(Deserialize)]
 pub struct StagingRequestFromCc {
     pub app_id: String,
@@ -25,6 +25,20 @@ pub struct StagingRequestFromCc {
     pub completion_callback: Option<String>,
     /// Seconds the Cloud Controller gives the staging: its deadline.
     pub timeout: Option<u64>,
+    /// The app's staging environment; tailor reads one variable of it, `TAILOR_MODE` (set with
+    /// `cf set-env APP TAILOR_MODE pin`), and keeps nothing else (it may hold secrets).
+    pub environment: Option<serde_json::Value>,
+}
+
+/// The staging environment variable an app opts in or out of the internal registry with.
+pub const MODE_VARIABLE: &str = "TAILOR_MODE";
+
+/// An environment variable as the Cloud Controller sends it. Values other than strings (or
+/// entries of another shape) are not this variable's business and are left alone.
+#[derive(Deserialize)]
+struct EnvironmentVariable {
+    name: String,
+    value: serde_json::Value,
 }
 
 /// DockerStagingData. Not `Debug`: it carries a password.
@@ -49,6 +63,8 @@ struct DockerStaging {
     credentials: Option<Credentials>,
     completion_callback: Option<String>,
     timeout: Option<std::time::Duration>,
+    /// `TAILOR_MODE` from the environment, if set.
+    mode: Option<String>,
 }
 
 impl DockerStaging {
@@ -87,14 +103,46 @@ impl DockerStaging {
                 ));
             }
         };
+        let mode = mode_from(body.environment)?;
         Ok(Self {
             app_guid,
             image,
             credentials,
             completion_callback: body.completion_callback,
             timeout: body.timeout.map(std::time::Duration::from_secs),
+            mode,
         })
     }
+}
+
+/// `TAILOR_MODE`'s value in a StagingRequestFromCC's `environment` (`[{name, value}]`). Other
+/// variables are not read, let alone kept or logged, and an environment of another shape is
+/// ignored like the other fields tailor has no use for. A `TAILOR_MODE` whose value is not a
+/// string is refused: the app meant to choose, and something is wrong with how.
+fn mode_from(environment: Option<serde_json::Value>) -> Result<Option<String>, ApiError> {
+    let Some(serde_json::Value::Array(variables)) = environment else {
+        return Ok(None);
+    };
+    let mut mode = None;
+    for variable in variables {
+        let Ok(variable) = serde_json::from_value::<EnvironmentVariable>(variable) else {
+            continue;
+        };
+        if variable.name != MODE_VARIABLE {
+            continue;
+        }
+        // The last one wins, as in a shell's environment.
+        mode = Some(match variable.value {
+            serde_json::Value::String(value) => value,
+            _ => {
+                return Err(unprocessable(
+                    Code::InvalidMode,
+                    format!("{MODE_VARIABLE} must be a string: \"copy\" or \"pin\""),
+                ));
+            }
+        });
+    }
+    Ok(mode)
 }
 
 /// `PUT /v1/staging/{staging_guid}`
@@ -117,6 +165,7 @@ pub async fn stage(
             completion_callback: docker.completion_callback,
             api: Api::Diego,
             timeout: docker.timeout,
+            mode: docker.mode.as_deref(),
         },
     )?;
     accept(&state, &new).await
@@ -213,5 +262,44 @@ mod tests {
             assert_eq!(error.status, StatusCode::UNPROCESSABLE_ENTITY, "{what}");
             assert!(!error.message.contains("hunter2"), "{what}: {error}");
         }
+    }
+
+    #[test]
+    fn the_mode_comes_from_tailor_mode_in_the_environment_and_nothing_else_is_read() {
+        let with_environment = |environment: serde_json::Value| {
+            let mut body = docker(json!({ "docker_image": "redis" }));
+            body.environment = Some(environment);
+            DockerStaging::parse(body)
+        };
+        let mode = |environment| {
+            with_environment(environment)
+                .unwrap_or_else(|e| panic!("{e}"))
+                .mode
+        };
+        assert_eq!(mode(json!([])), None);
+        assert_eq!(
+            mode(json!([
+                { "name": "DATABASE_PASSWORD", "value": "hunter2" },
+                { "name": "TAILOR_MODE", "value": "copy" },
+                { "name": "TAILOR_MODE", "value": "pin" },
+                { "name": "PORT", "value": 8080 },
+                "not an object",
+            ])),
+            Some("pin".to_owned())
+        );
+        // Not a list: ignored, like the other fields tailor has no use for.
+        assert_eq!(mode(json!({ "TAILOR_MODE": "pin" })), None);
+        assert_eq!(
+            DockerStaging::parse(docker(json!({ "docker_image": "redis" })))
+                .ok()
+                .unwrap()
+                .mode,
+            None
+        );
+        let Err(refused) = with_environment(json!([{ "name": "TAILOR_MODE", "value": true }]))
+        else {
+            panic!("a TAILOR_MODE that is not a string was accepted");
+        };
+        assert_eq!(refused.code, Code::InvalidMode, "{refused}");
     }
 }

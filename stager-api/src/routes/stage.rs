@@ -24,6 +24,8 @@ pub struct StageRequest {
     pub platform: Option<String>,
     pub credentials: Option<CredentialsBody>,
     pub completion_callback: Option<String>,
+    /// `copy` or `pin`; the stager's `TAILOR_DEFAULT_MODE` when absent.
+    pub mode: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -67,6 +69,7 @@ pub fn new_staging(state: &AppState, requested: Requested<'_>) -> Result<NewStag
         accepts_credentials: state.credentials_key.is_some(),
         default_timeout: state.tailor.staging_timeout,
         source_locations: &state.tailor.source_locations,
+        default_mode: state.tailor.default_mode,
     };
     NewStaging::parse(requested, &rules).map_err(|e| unprocessable(e.code(), e.to_string()))
 }
@@ -86,7 +89,7 @@ pub async fn accept(state: &AppState, new: &NewStaging) -> Result<HttpResponse, 
         })?;
     let staging = match created {
         Created::New(staging) => {
-            tracing::info!(staging_guid = %staging.staging_guid, app_guid = %staging.app_guid, image = %staging.source_image, "staging queued");
+            tracing::info!(staging_guid = %staging.staging_guid, app_guid = %staging.app_guid, image = %staging.source_image, mode = staging.mode.as_str(), "staging queued");
             staging
         }
         Created::Existing(staging) => staging,
@@ -122,6 +125,7 @@ pub async fn create(
             completion_callback: body.completion_callback,
             api: Api::Stage,
             timeout: None,
+            mode: body.mode.as_deref(),
         },
     )?;
     accept(&state, &new).await

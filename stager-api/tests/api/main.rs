@@ -9,6 +9,7 @@ mod helpers;
 mod images;
 mod maintenance;
 mod metadata;
+mod pin;
 mod prune;
 mod references;
 mod stage;

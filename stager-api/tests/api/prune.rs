@@ -22,7 +22,7 @@ fn internal(app: &TestApp) -> std::sync::Arc<tailor::registry::Registry> {
     Registries::unrestricted([host.clone()]).internal(&host, None)
 }
 
-async fn prune(app: &TestApp, dry_run: bool) -> PruneReport {
+pub(crate) async fn prune(app: &TestApp, dry_run: bool) -> PruneReport {
     tailor::prune::prune(
         &app.pool,
         &internal(app),
@@ -49,7 +49,7 @@ async fn staged(app: &TestApp, app_guid: Uuid, image: &BuiltImage, repo_tag: &st
     done
 }
 
-async fn release(app: &TestApp, staging: &Value) {
+pub(crate) async fn release(app: &TestApp, staging: &Value) {
     let guid = staging["staging_guid"].as_str().unwrap();
     let response = app.delete(&format!("/stage/{guid}")).send().await.unwrap();
     assert_eq!(response.status(), 200);
@@ -63,7 +63,7 @@ fn pinned(staging: &Value) -> String {
 }
 
 /// Whether the registry still has the staging's manifest, by digest.
-async fn manifest_exists(app: &TestApp, staging: &Value) -> bool {
+pub(crate) async fn manifest_exists(app: &TestApp, staging: &Value) -> bool {
     let pinned = pinned(staging);
     let (name, digest) = pinned.split_once('@').unwrap();
     let repository = name.split_once('/').unwrap().1;

@@ -5,7 +5,8 @@
 //!
 //! A source is a registry repository or an OCI image layout ([`Source`]); a destination is a
 //! registry repository ([`copy_image`], [`copy_from`]) or a layout in a directory or a bucket
-//! ([`copy_to_layout`], see [`crate::layout`]).
+//! ([`copy_to_layout`], see [`crate::layout`]). [`pin`] checks an image as a staging's copy
+//! would, without copying it.
 //!
 //! It speaks to registries only through [`crate::registry::Repository`] handles, so every
 //! request it makes is bounded, deadlined and egress-checked there. With
@@ -13,6 +14,7 @@
 //! run on the platform: artifacts, other platforms' images, configs it cannot use.
 
 mod blob;
+mod pin;
 mod plan;
 mod source;
 
@@ -24,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use blob::BlobJob;
 pub use blob::BlobOutcome;
+pub use pin::{Pinned, pin};
 pub use plan::select_platform;
 pub use source::{Source, Wanted};
 
@@ -231,10 +234,10 @@ pub async fn copy_from(
 }
 
 /// Runs `copy` until it ends or the copy is cancelled.
-async fn cancellable(
+async fn cancellable<T>(
     options: &CopyOptions,
-    copy: impl std::future::Future<Output = Result<CopyReport, CopyError>>,
-) -> Result<CopyReport, CopyError> {
+    copy: impl std::future::Future<Output = Result<T, CopyError>>,
+) -> Result<T, CopyError> {
     tokio::select! {
         biased;
         () = options.cancel.cancelled() => Err(CopyError::Cancelled),

@@ -24,7 +24,9 @@ pub(super) struct Candidate {
     pub(super) reason: Reason,
 }
 
-/// The prunable stagings (of one app, or all): see the module docs for the rules. Their rows
+/// The prunable stagings (of one app, or all): see the module docs for the rules. Only copies
+/// are: a pinned-only staging has nothing in the internal registry (its reference is
+/// upstream's, whose repository path may even spell an internal one's). Their rows
 /// are locked until the transaction ends (the statement's end, outside one), so that a
 /// reference sync cannot change the verdict between this read and the deletion. One checked
 /// statement serves the locked reads and the plain ones (the listing, the dry run), so they
@@ -49,7 +51,7 @@ pub(super) async fn candidates<'e>(
                     WHEN s.released_at <= now() - make_interval(secs => $1) THEN 'released'
                     ELSE 'unreferenced' END AS "reason!: Reason"
            FROM stagings s LEFT JOIN deleted_apps d ON d.app_guid = s.app_guid
-           WHERE s.state = 'succeeded' AND s.pruned_at IS NULL
+           WHERE s.state = 'succeeded' AND s.pruned_at IS NULL AND s.mode = 'copy'
              AND ($2::uuid IS NULL OR s.app_guid = $2)
              AND least(s.released_at, s.unreferenced_at) <= now() - make_interval(secs => $1)
              AND (d.app_guid IS NOT NULL OR s.staging_guid NOT IN (SELECT staging_guid FROM newest))

@@ -94,6 +94,43 @@ impl Api {
     }
 }
 
+/// What a staging makes of its image: the opt-in to the internal registry, per request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, sqlx::Type, serde::Serialize)]
+#[sqlx(type_name = "text", rename_all = "lowercase")]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Copy the image into the internal registry and answer the internal reference pinned by
+    /// digest: what runs never depends on upstream again.
+    #[default]
+    Copy,
+    /// Resolve the tag upstream, check the manifest and the config as a copy would, and answer
+    /// upstream's reference pinned by digest; no blob is copied, and runtimes pull from
+    /// upstream (the Diego proposal's "apps that aren't [opted in] are fetched from the Hub",
+    /// still immune to a moving tag).
+    Pin,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Copy => "copy",
+            Self::Pin => "pin",
+        }
+    }
+
+    /// `copy` or `pin`, as a request or a setting spells it (any case, no padding).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text.to_ascii_lowercase().as_str() {
+            "copy" => Ok(Self::Copy),
+            "pin" => Ok(Self::Pin),
+            _ => Err(format!(
+                "mode {:?} is neither \"copy\" nor \"pin\"",
+                crate::text::clean(text, 40)
+            )),
+        }
+    }
+}
+
 /// Why a queued staging is waiting to run again (its `waiting_for`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type, serde::Serialize)]
 #[sqlx(type_name = "text", rename_all = "snake_case")]
@@ -126,6 +163,7 @@ pub struct Staging {
     pub app_guid: Uuid,
     pub source_image: location::StagingSource,
     pub platform: Platform,
+    pub mode: Mode,
     pub api: Api,
     pub completion_callback: Option<String>,
     pub state: StagingState,
@@ -197,6 +235,7 @@ impl Staging {
             "app_guid": self.app_guid,
             "image": self.source_image.to_string(),
             "platform": self.platform.to_string(),
+            "mode": self.mode,
             "state": self.state,
             "attempts": self.attempts,
             "progress": { "bytes_done": self.bytes_done, "bytes_total": self.bytes_total },

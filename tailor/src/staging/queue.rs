@@ -16,7 +16,7 @@ use super::request::NewStaging;
 use super::store::{self, enqueue_callback, notify, read_one, read_returned};
 use super::{Staging, StagingState};
 use crate::code::Code;
-use crate::copy::CopyReport;
+use crate::copy::{CopyReport, Pinned};
 use crate::image_config::RunInfo;
 use crate::text::store_safe;
 
@@ -135,6 +135,11 @@ pub enum Outcome<'a> {
         run: &'a RunInfo,
         repository_lease: RepositoryLease<'a>,
     },
+    /// A `pin` staging's success: upstream's reference pinned by digest, nothing in the
+    /// internal registry (so no repository lease to hold).
+    Pinned {
+        pinned: &'a Pinned,
+    },
     Failed {
         code: Code,
         message: &'a str,
@@ -222,6 +227,30 @@ pub async fn finish(
             .fetch_optional(&mut *tx)
             .await?
         }
+        Outcome::Pinned { pinned } => {
+            let start_command = store_safe(&pinned.run.start_command);
+            let execution_metadata = store_safe(&pinned.run.execution_metadata);
+            sqlx::query_scalar!(
+                "UPDATE stagings SET state = 'succeeded', lease_owner = NULL, lease_expires_at = NULL, \
+                 encrypted_credentials = NULL, waiting_for = NULL, finished_at = now(), updated_at = now(), \
+                 released_at = CASE WHEN EXISTS (SELECT 1 FROM deleted_apps d \
+                     WHERE d.app_guid = stagings.app_guid) THEN now() ELSE released_at END, \
+                 source_digest = $3, pinned_image = $4, tagged_image = NULL, start_command = $5, \
+                 execution_metadata = $6, image_labels = $7, bytes_done = 0, bytes_total = 0, \
+                 error_code = NULL, error_message = NULL \
+                 WHERE staging_guid = $1 AND lease_owner = $2 AND state = 'running' AND mode = 'pin' \
+                 RETURNING staging_guid",
+                staging_guid,
+                worker,
+                &pinned.source_digest,
+                &pinned.pinned,
+                start_command.as_ref(),
+                execution_metadata.as_ref(),
+                labels_json(&pinned.run),
+            )
+            .fetch_optional(&mut *tx)
+            .await?
+        }
         Outcome::Failed { code, message } => {
             end_unsuccessful(
                 &mut tx,
@@ -249,6 +278,10 @@ pub async fn finish(
     let staging = read_returned(&mut tx, ended).await?;
     if let (Some(staging), Outcome::Succeeded { report, .. }) = (&staging, &outcome) {
         record_objects(&mut tx, staging.staging_guid, report).await?;
+    }
+    if let (Some(staging), Outcome::Succeeded { .. } | Outcome::Pinned { .. }) =
+        (&staging, &outcome)
+    {
         sqlx::query!(
             "INSERT INTO staging_success_deltas (bytes_copied, bytes_mounted, bytes_skipped, seconds) \
              SELECT bytes_copied, bytes_mounted, bytes_skipped, \

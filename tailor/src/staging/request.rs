@@ -7,8 +7,8 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use super::Api;
 use super::location::{SourceLocations, StagingSource};
+use super::{Api, Mode};
 use crate::code::Code;
 use crate::egress::{Egress, Purpose};
 use crate::platform::Platform;
@@ -29,6 +29,9 @@ pub struct Requested<'a> {
     pub api: Api,
     /// The caller's deadline for it (the Diego request's `timeout`); the setting otherwise.
     pub timeout: Option<Duration>,
+    /// `copy` or `pin` as the caller spelled it (`mode`, the Diego request's `TAILOR_MODE`);
+    /// the setting otherwise.
+    pub mode: Option<&'a str>,
 }
 
 /// What this stager's configuration says a request may be.
@@ -44,6 +47,8 @@ pub struct Rules<'a> {
     pub default_timeout: Duration,
     /// The OCI layouts a staging may name as its image (`TAILOR_SOURCE_LOCATIONS`).
     pub source_locations: &'a SourceLocations,
+    /// The mode of a staging whose caller names none (`TAILOR_DEFAULT_MODE`).
+    pub default_mode: Mode,
 }
 
 /// Why a request cannot be a staging: a stable code and a message saying exactly what is wrong.
@@ -74,6 +79,7 @@ pub struct NewStaging {
     app_guid: Uuid,
     image: StagingSource,
     platform: Platform,
+    mode: Mode,
     credentials: Option<Credentials>,
     completion_callback: Option<String>,
     api: Api,
@@ -101,6 +107,25 @@ impl NewStaging {
             StagingSource::Layout(requested.image.to_owned())
         } else {
             StagingSource::Image(Self::registry_image(requested.image, rules)?)
+        };
+        let mode = match requested.mode {
+            Some(text) => {
+                Mode::parse(text).map_err(|e| InvalidRequest::new(Code::InvalidMode, e))?
+            }
+            None => rules.default_mode,
+        };
+        // A layout has no upstream reference a runtime could pull by digest: it is copied,
+        // or refused if the caller asked for pin (a default of pin does not apply to it).
+        let mode = match (&image, mode, requested.mode) {
+            (StagingSource::Layout(_), Mode::Pin, Some(_)) => {
+                return Err(InvalidRequest::new(
+                    Code::InvalidMode,
+                    "an OCI layout cannot be pinned: no runtime can pull from it, so it is \
+                     always copied (mode \"copy\")",
+                ));
+            }
+            (StagingSource::Layout(_), _, _) => Mode::Copy,
+            (StagingSource::Image(_), mode, _) => mode,
         };
         let platform = match requested.platform {
             Some(text) => Platform::parse(text)
@@ -142,6 +167,7 @@ impl NewStaging {
             app_guid: requested.app_guid,
             image,
             platform,
+            mode,
             credentials: requested.credentials,
             completion_callback: requested.completion_callback,
             api: requested.api,
@@ -164,6 +190,7 @@ impl NewStaging {
             app_guid,
             image,
             platform,
+            mode: Mode::Copy,
             credentials: None,
             completion_callback: None,
             api: Api::Stage,
@@ -207,6 +234,10 @@ impl NewStaging {
 
     pub fn platform(&self) -> &Platform {
         &self.platform
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
     }
 
     pub fn credentials(&self) -> Option<&Credentials> {
@@ -253,7 +284,8 @@ impl NewStaging {
     }
 
     /// What makes two requests "the same" for idempotency. The password is left out: a hash
-    /// of it at rest would be a way to guess it.
+    /// of it at rest would be a way to guess it. The mode counts only when it is `pin`, so a
+    /// request repeated across the upgrade that added modes is still the same request.
     pub fn fingerprint(&self) -> Vec<u8> {
         let mut hasher = Sha256::new();
         for part in [
@@ -266,7 +298,10 @@ impl NewStaging {
                 .as_ref()
                 .map(|c| c.username.clone())
                 .unwrap_or_default(),
-        ] {
+        ]
+        .into_iter()
+        .chain((self.mode != Mode::Copy).then(|| self.mode.as_str().to_owned()))
+        {
             hasher.update(part.len().to_le_bytes());
             hasher.update(part.as_bytes());
         }
@@ -336,6 +371,7 @@ mod tests {
             accepts_credentials,
             default_timeout: Duration::from_secs(900),
             source_locations: &stager.source_locations,
+            default_mode: Mode::Copy,
         }
     }
 
@@ -349,6 +385,7 @@ mod tests {
             completion_callback: None,
             api: Api::Stage,
             timeout: None,
+            mode: None,
         }
     }
 
@@ -457,6 +494,12 @@ mod tests {
                 "CREDENTIALS_NOT_ACCEPTED",
             ),
             (
+                "unknown mode",
+                with(&|r| r.mode = Some("mirror")),
+                false,
+                "INVALID_MODE",
+            ),
+            (
                 "zero timeout",
                 with(&|r| r.timeout = Some(Duration::ZERO)),
                 false,
@@ -484,5 +527,49 @@ mod tests {
         let new = NewStaging::parse(fine, &rules(&stager, true)).unwrap();
         assert_eq!(new.timeout(), MAX_TIMEOUT);
         assert_eq!(new.credentials().unwrap().username, "robot");
+    }
+
+    #[test]
+    fn the_mode_is_the_callers_or_the_settings_and_a_layout_is_always_copied() {
+        let mut stager = stager();
+        stager.source_locations = SourceLocations::parse("oci:/srv/layouts").unwrap();
+        let mut pin_by_default = rules(&stager, false);
+        pin_by_default.default_mode = Mode::Pin;
+        let parse = |image, mode, rules: &Rules<'_>| {
+            let mut request = requested(image);
+            request.mode = mode;
+            NewStaging::parse(request, rules)
+        };
+        let copy_by_default = rules(&stager, false);
+        let mode_of = |image, mode, rules| parse(image, mode, rules).unwrap().mode();
+        assert_eq!(mode_of("redis", None, &copy_by_default), Mode::Copy);
+        assert_eq!(mode_of("redis", None, &pin_by_default), Mode::Pin);
+        assert_eq!(mode_of("redis", Some("PIN"), &copy_by_default), Mode::Pin);
+        assert_eq!(mode_of("redis", Some("copy"), &pin_by_default), Mode::Copy);
+        // A layout under a pin default is copied; asked to pin, it is refused.
+        assert_eq!(
+            mode_of("oci:/srv/layouts/app", None, &pin_by_default),
+            Mode::Copy
+        );
+        let refused = parse("oci:/srv/layouts/app", Some("pin"), &copy_by_default).unwrap_err();
+        assert_eq!(refused.code(), "INVALID_MODE", "{refused}");
+        let unknown = parse("redis", Some(" pin"), &copy_by_default).unwrap_err();
+        assert_eq!(unknown.code(), "INVALID_MODE", "{unknown}");
+    }
+
+    #[test]
+    fn a_pin_request_is_another_request_than_the_same_copy() {
+        let stager = stager();
+        let guids = (Uuid::new_v4(), Uuid::new_v4());
+        let fingerprint = |mode| {
+            let mut request = requested("redis");
+            (request.staging_guid, request.app_guid, request.mode) = (guids.0, guids.1, mode);
+            NewStaging::parse(request, &rules(&stager, false))
+                .unwrap()
+                .fingerprint()
+        };
+        // Copy, named or by default, is what every request before modes was: the same bytes.
+        assert_eq!(fingerprint(None), fingerprint(Some("copy")));
+        assert_ne!(fingerprint(None), fingerprint(Some("pin")));
     }
 }

@@ -4,7 +4,7 @@ use sqlx::{PgExecutor, PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
 use super::location::StagingSource;
-use super::{Api, NewStaging, Staging, StagingState, Waiting};
+use super::{Api, Mode, NewStaging, Staging, StagingState, Waiting};
 use crate::code::Code;
 use crate::platform::Platform;
 use crate::reference::ImageReference;
@@ -57,8 +57,8 @@ pub async fn create(
     let mut tx = pool.begin().await?;
     let inserted = sqlx::query_scalar!(
         "INSERT INTO stagings (staging_guid, app_guid, source_image, platform, request_fingerprint, \
-         completion_callback, api, encrypted_credentials, deadline_at, budget_key) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now() + make_interval(secs => $9), $10) \
+         completion_callback, api, encrypted_credentials, deadline_at, budget_key, mode) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now() + make_interval(secs => $9), $10, $11) \
          ON CONFLICT (staging_guid) DO NOTHING RETURNING staging_guid",
         new.staging_guid(),
         new.app_guid(),
@@ -70,6 +70,7 @@ pub async fn create(
         sealed,
         new.timeout().as_secs_f64(),
         new.budget_key(),
+        new.mode() as Mode,
     )
     .fetch_optional(&mut *tx)
     .await?;
@@ -115,7 +116,8 @@ pub(crate) async fn read<'e>(
     sqlx::query_as!(
         Staging,
         r#"SELECT staging_guid, app_guid, source_image AS "source_image: StagingSource",
-               platform AS "platform: Platform", api AS "api: Api", completion_callback,
+               platform AS "platform: Platform", mode AS "mode: Mode", api AS "api: Api",
+               completion_callback,
                state AS "state: StagingState", attempts, cancel_requested, error_code,
                error_message, last_error, source_digest,
                pinned_image AS "pinned_image: ImageReference", tagged_image, bytes_total,

@@ -25,11 +25,14 @@ use super::Shared;
 use super::decide::{Attempt, Circumstances, Next, StopReason, decide};
 use super::heartbeat::{Heartbeat, keep_alive};
 use crate::code::Code;
-use crate::copy::{CopyOptions, CopyReport, PlatformChoice, Progress, Source, Wanted, copy_from};
+use crate::copy::{
+    CopyOptions, CopyReport, Pinned, PlatformChoice, Progress, Source, Wanted, copy_from,
+};
 use crate::error::CopyError;
 use crate::image_config::RunInfo;
 use crate::platform::Platform;
 use crate::registry::{Credentials, Repository};
+use crate::staging::Mode;
 use crate::staging::budget::Admission;
 use crate::staging::lease::{self, Leases};
 use crate::staging::ledger::PgLedger;
@@ -51,6 +54,13 @@ struct Run<'a> {
     leases: Leases,
     repository_lease: String,
     dest: Repository,
+}
+
+/// What a successful attempt made: a copy in the internal registry, or a pin of upstream's
+/// image.
+enum Done {
+    Copied(CopyReport),
+    Pinned(Pinned),
 }
 
 /// Aborts the heartbeat however the attempt ends (a spawned task outlives its handle).
@@ -117,7 +127,7 @@ pub(crate) async fn run_one(shared: &Shared, worker: &str, claimed: Claimed) {
         bytes_total: beat.bytes_total.clone(),
     })));
 
-    let (next, report) = match AssertUnwindSafe(attempt(&run, &claimed, &beat))
+    let (next, done) = match AssertUnwindSafe(attempt(&run, &claimed, &beat))
         .catch_unwind()
         .await
     {
@@ -132,7 +142,8 @@ pub(crate) async fn run_one(shared: &Shared, worker: &str, claimed: Claimed) {
             (next, None)
         }
     };
-    if let Err(panic) = AssertUnwindSafe(run.record(next, report.as_ref()))
+    let mode = claimed.staging.mode;
+    if let Err(panic) = AssertUnwindSafe(run.record(next, done.as_ref(), mode))
         .catch_unwind()
         .await
     {
@@ -210,8 +221,8 @@ fn prepare(shared: &Shared, claimed: &Claimed) -> Result<Prepared, (Code, String
 }
 
 /// Works the staging up to the decision of what its attempt means (recorded by the caller),
-/// with the report of the copy when it succeeded.
-async fn attempt(run: &Run<'_>, claimed: &Claimed, beat: &Beat) -> (Next, Option<CopyReport>) {
+/// with what it made when it succeeded.
+async fn attempt(run: &Run<'_>, claimed: &Claimed, beat: &Beat) -> (Next, Option<Done>) {
     let shared = run.shared;
     let staging = &claimed.staging;
     let deadline = tokio::time::Instant::now() + claimed.time_left;
@@ -279,6 +290,47 @@ async fn attempt(run: &Run<'_>, claimed: &Claimed, beat: &Beat) -> (Next, Option
             false
         }
     };
+
+    if staging.mode == Mode::Pin {
+        let StagingSource::Image(image) = &prepared.src else {
+            // NewStaging::parse never makes one; a row written by hand could be.
+            let next = Next::Fail {
+                code: Code::InvalidMode,
+                message: "an OCI layout cannot be pinned".into(),
+            };
+            return (next, None);
+        };
+        let observer =
+            shared
+                .budgets
+                .for_staging(&staging.budget_key, run.leases.holder(), probing);
+        let repository = shared
+            .registries
+            .source(
+                &image.registry,
+                image.endpoint(),
+                prepared.credentials,
+                Some(observer),
+            )
+            .repository(&image.repository);
+        let options = CopyOptions {
+            cancel: beat.cancel.clone(),
+            ..Default::default()
+        };
+        let result = tokio::select! {
+            result = crate::copy::pin(&repository, image, &prepared.platform, &options) => result,
+            () = tokio::time::sleep_until(deadline) => {
+                beat.stop_reason
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .get_or_insert(StopReason::Deadline);
+                beat.cancel.cancel();
+                Err(CopyError::Cancelled)
+            }
+        };
+        let next = decide(attempt_outcome(&result, beat), &circumstances_now());
+        return (next, result.ok().map(Done::Pinned));
+    }
 
     if !hold_repository(shared, &run.leases, &run.repository_lease).await {
         return (decide(Attempt::RepositoryBusy, &circumstances_now()), None);
@@ -350,18 +402,23 @@ async fn attempt(run: &Run<'_>, claimed: &Claimed, beat: &Beat) -> (Next, Option
             Err(CopyError::Cancelled)
         }
     };
+    let next = decide(attempt_outcome(&result, beat), &circumstances_now());
+    (next, result.ok().map(Done::Copied))
+}
+
+/// What the copy's (or the pin's) result says about the attempt: a cancellation is whatever
+/// stopped it (the deadline, a drain, a lost lease), or the tenant's request.
+fn attempt_outcome<'r, T>(result: &'r Result<T, CopyError>, beat: &Beat) -> Attempt<'r> {
     let stop = *beat
         .stop_reason
         .lock()
         .unwrap_or_else(PoisonError::into_inner);
-    let attempt_outcome = match (&result, stop) {
+    match (result, stop) {
         (Ok(_), _) => Attempt::Succeeded,
         (Err(CopyError::Cancelled), Some(reason)) => Attempt::Stopped(reason),
         (Err(CopyError::Cancelled), None) => Attempt::Stopped(StopReason::CancelRequested),
         (Err(error), _) => Attempt::Failed(error),
-    };
-    let next = decide(attempt_outcome, &circumstances_now());
-    (next, result.ok())
+    }
 }
 
 /// Opens a staging's layout source, resolved against this worker's enabled locations.
@@ -412,7 +469,7 @@ async fn hold_repository(shared: &Shared, leases: &Leases, resource: &str) -> bo
 impl Run<'_> {
     /// Records what `decide` decided. A failure or a cancellation first removes the tag the
     /// staging may have pushed (in this attempt or an earlier one), whichever path led here.
-    async fn record(&self, next: Next, report: Option<&CopyReport>) {
+    async fn record(&self, next: Next, done: Option<&Done>, mode: Mode) {
         let (pool, guid, worker) = (&self.shared.pool, self.guid, self.worker);
         match &next {
             Next::Fail { code, message } => tracing::warn!(%code, %message, "staging failed"),
@@ -428,12 +485,26 @@ impl Run<'_> {
             }
             Next::Succeed => {}
         }
-        if matches!(next, Next::Fail { .. } | Next::Cancel) {
+        // A pin pushes nothing, so it has no tag to remove.
+        if matches!(next, Next::Fail { .. } | Next::Cancel) && mode == Mode::Copy {
             self.remove_failed_tag().await;
         }
         let recorded = match next {
+            Next::Succeed if let Some(Done::Pinned(pinned)) = done => {
+                tracing::info!(
+                    pinned = %pinned.pinned,
+                    "staging succeeded: pinned upstream, nothing copied"
+                );
+                queue::finish(pool, guid, worker, Outcome::Pinned { pinned })
+                    .await
+                    .map(|ended| {
+                        if ended.is_none() {
+                            tracing::warn!("the staging's lease was lost before the pin was recorded; it will be retried");
+                        }
+                    })
+            }
             Next::Succeed => {
-                let Some(report) = report else {
+                let Some(Done::Copied(report)) = done else {
                     tracing::error!("a success without a copy report; not recorded");
                     return;
                 };
