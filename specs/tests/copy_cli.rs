@@ -394,3 +394,93 @@ async fn boots_an_empty_registry_from_an_oci_archive() {
     );
     assert_eq!(std::fs::read(&bogus).unwrap(), b"not a tar");
 }
+
+#[tokio::test]
+async fn referrers_travel_registry_to_registry_with_the_flag_only() {
+    use testkit::image::{ArtifactSpec, CosignKind, cosign_artifact};
+    let (hub, internal) = (TestRegistry::anonymous(), TestRegistry::anonymous());
+    let image = ImageSpec::seeded(ManifestFormat::Oci, 810, 1, 4096).build();
+    hub.push("cli/signed:v1", &image).await;
+    let signature = cosign_artifact(
+        &image,
+        &format!("{}/cli/signed", hub.host()),
+        CosignKind::Signature,
+    );
+    let signature_tag = CosignKind::Signature.tag(&image.digest);
+    hub.push(&format!("cli/signed:{signature_tag}"), &signature)
+        .await;
+    let sbom = ArtifactSpec::sbom("signed").about(&image).build();
+    hub.push_referrers("cli/signed", &image.digest, std::slice::from_ref(&sbom))
+        .await;
+    let insecure = format!("{},{}", hub.host(), internal.host());
+    let src = format!("{}/cli/signed:v1", hub.host());
+
+    // Without the flag, the image alone.
+    let plain = format!("{}/t/plain:v1", internal.host());
+    let (code, json, output) = tailor_copy(
+        &["--json", "--insecure", &insecure, &src, &plain],
+        None,
+        &[],
+    );
+    assert_eq!(code, 0, "{output}");
+    assert_eq!(json["referrers"], serde_json::json!([]));
+    assert!(
+        testkit::skopeo::digest(
+            &format!("{}/t/plain:{signature_tag}", internal.host()),
+            None
+        )
+        .is_err()
+    );
+
+    let dst = format!("{}/t/signed:v1", internal.host());
+    let (code, json, output) = tailor_copy(
+        &["--json", "--referrers", "--insecure", &insecure, &src, &dst],
+        None,
+        &[],
+    );
+    assert_eq!(code, 0, "{output}");
+    let mut digests: Vec<&str> = json["referrers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["digest"].as_str().unwrap())
+        .collect();
+    digests.sort();
+    let mut expected = vec![signature.digest.as_str(), sbom.digest.as_str()];
+    expected.sort();
+    assert_eq!(digests, expected, "{json}");
+    assert_eq!(
+        testkit::skopeo::digest(
+            &format!("{}/t/signed:{signature_tag}", internal.host()),
+            None
+        )
+        .unwrap(),
+        signature.digest
+    );
+    assert_eq!(
+        testkit::skopeo::digest(
+            &format!("{}/t/signed@{}", internal.host(), sbom.digest),
+            None
+        )
+        .unwrap(),
+        sbom.digest
+    );
+
+    // Into a layout, refused before anything is read.
+    let layout = tempfile::tempdir().unwrap();
+    let target = format!("oci:{}", layout.path().display());
+    let (code, json, _) = tailor_copy(
+        &[
+            "--json",
+            "--referrers",
+            "--insecure",
+            &insecure,
+            &src,
+            &target,
+        ],
+        None,
+        &[],
+    );
+    assert_eq!(code, 1);
+    assert_eq!(json["error"]["code"], "INVALID_ARGUMENT", "{json}");
+}

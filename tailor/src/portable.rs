@@ -286,6 +286,7 @@ impl Importer {
                 &dest,
                 &resource,
                 &tag,
+                new.app_guid(),
             )
             .await;
         }

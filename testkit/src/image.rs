@@ -611,6 +611,103 @@ impl ArtifactSpec {
     }
 }
 
+/// What `cosign sign` stores under the tag `sha256-<hex>.sig` (and `cosign attest` under
+/// `.att`): an OCI image manifest with cosign's placeholder config and one layer, the signed
+/// payload, whose signature rides in the layer's annotations. For a signature the payload is
+/// the simple-signing JSON naming `image`'s digest; for an attestation, an in-toto statement
+/// in a DSSE envelope. Nothing here is cryptographically valid: tailor copies signatures, it
+/// does not verify them.
+pub fn cosign_artifact(image: &BuiltImage, docker_reference: &str, kind: CosignKind) -> BuiltImage {
+    use base64::Engine;
+    let payload = match kind {
+        CosignKind::Signature => serde_json::to_vec(&json!({
+            "critical": {
+                "identity": { "docker-reference": docker_reference },
+                "image": { "docker-manifest-digest": image.digest },
+                "type": "cosign container image signature",
+            },
+            "optional": null,
+        })),
+        CosignKind::Attestation => {
+            let statement = serde_json::to_vec(&json!({
+                "_type": "https://in-toto.io/Statement/v0.1",
+                "predicateType": "https://slsa.dev/provenance/v0.2",
+                "subject": [{
+                    "name": docker_reference,
+                    "digest": { "sha256": image.digest.trim_start_matches("sha256:") },
+                }],
+                "predicate": { "builder": { "id": "https://testkit.invalid/builder" } },
+            }))
+            .expect("statement serialises");
+            serde_json::to_vec(&json!({
+                "payloadType": "application/vnd.in-toto+json",
+                "payload": base64::engine::general_purpose::STANDARD.encode(statement),
+                "signatures": [{ "keyid": "", "sig": "MEUCIQDtestkit" }],
+            }))
+        }
+    }
+    .expect("payload serialises");
+    let layer_type = match kind {
+        CosignKind::Signature => "application/vnd.dev.cosign.simplesigning.v1+json",
+        CosignKind::Attestation => "application/vnd.dsse.envelope.v1+json",
+    };
+    let layer = Blob::from_bytes(payload, layer_type);
+    let config = Blob::from_bytes(
+        serde_json::to_vec(&json!({
+            "architecture": "",
+            "created": "0001-01-01T00:00:00Z",
+            "history": [{ "created": "0001-01-01T00:00:00Z" }],
+            "os": "",
+            "rootfs": { "type": "layers", "diff_ids": [layer.digest] },
+            "config": {},
+        }))
+        .expect("config serialises"),
+        OCI_CONFIG,
+    );
+    let mut layer_descriptor = layer.descriptor();
+    layer_descriptor["annotations"] = match kind {
+        CosignKind::Signature => json!({
+            "dev.cosignproject.cosign/signature": "MEUCIQDtestkitsignature",
+        }),
+        CosignKind::Attestation => json!({ "predicateType": "https://slsa.dev/provenance/v0.2" }),
+    };
+    let manifest = json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": config.descriptor(),
+        "layers": [layer_descriptor],
+    });
+    let manifest = Bytes::from(serde_json::to_vec(&manifest).expect("manifest serialises"));
+    BuiltImage {
+        digest: crate::sha256_digest(&manifest),
+        media_type: OCI_MANIFEST,
+        manifest,
+        platform: Platform::parse("unknown/unknown"),
+        config,
+        layers: vec![layer],
+    }
+}
+
+/// Which cosign artifact [`cosign_artifact`] builds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CosignKind {
+    /// `cosign sign`: tag suffix `.sig`.
+    Signature,
+    /// `cosign attest`: tag suffix `.att`.
+    Attestation,
+}
+
+impl CosignKind {
+    /// The tag cosign stores it under for `subject` (`sha256-<hex>.sig`).
+    pub fn tag(self, subject: &str) -> String {
+        let suffix = match self {
+            Self::Signature => "sig",
+            Self::Attestation => "att",
+        };
+        format!("{}.{suffix}", subject.replacen(':', "-", 1))
+    }
+}
+
 /// Where a blob's bytes are.
 #[derive(Debug, Clone)]
 pub enum BlobData {

@@ -140,6 +140,59 @@ impl TestRegistry {
         .await
     }
 
+    /// Pushes `artifacts` (each naming `subject` as its `subject`) as a client does to a
+    /// registry without the referrers API (oras, regclient, cosign 2 with OCI 1.1 mode): each
+    /// by digest, and the `sha256-<hex>` index listing them (OCI distribution-spec 1.1's
+    /// fallback tag schema). Returns the index's digest.
+    pub async fn push_referrers(
+        &self,
+        repository: &str,
+        subject: &str,
+        artifacts: &[crate::BuiltImage],
+    ) -> String {
+        let auth = self.push_auth(repository);
+        let mut entries = Vec::new();
+        for artifact in artifacts {
+            crate::push_image(
+                &self.base_url(),
+                repository,
+                &artifact.digest,
+                artifact,
+                &auth,
+            )
+            .await;
+            let manifest: serde_json::Value = serde_json::from_slice(&artifact.manifest).unwrap();
+            let mut entry = serde_json::json!({
+                "mediaType": artifact.media_type,
+                "digest": artifact.digest,
+                "size": artifact.manifest.len(),
+            });
+            if let Some(artifact_type) = manifest.get("artifactType") {
+                entry["artifactType"] = artifact_type.clone();
+            }
+            entries.push(entry);
+        }
+        let index = bytes::Bytes::from(
+            serde_json::to_vec(&serde_json::json!({
+                "schemaVersion": 2,
+                "mediaType": crate::image::OCI_INDEX,
+                "manifests": entries,
+            }))
+            .unwrap(),
+        );
+        crate::push::push_manifest(
+            &reqwest::Client::new(),
+            &self.base_url(),
+            repository,
+            &subject.replacen(':', "-", 1),
+            &index,
+            crate::image::OCI_INDEX,
+            &auth,
+        )
+        .await;
+        crate::sha256_digest(&index)
+    }
+
     pub fn embedded(&self) -> &EmbeddedRegistry {
         &self.registry
     }

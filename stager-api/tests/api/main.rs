@@ -12,6 +12,7 @@ mod metadata;
 mod pin;
 mod prune;
 mod references;
+mod referrers;
 mod stage;
 mod tls;
 mod trust;

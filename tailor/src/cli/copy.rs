@@ -34,6 +34,11 @@ pub struct CopyArgs {
     /// Copy the whole index and every platform's image.
     #[arg(long)]
     pub all_platforms: bool,
+    /// Also copy what refers to the image: signatures, SBOMs and attestations, found through
+    /// the OCI referrers API, its `sha256-<hex>` fallback tag and cosign's `.sig`, `.att` and
+    /// `.sbom` tags, and written by the fallback tags (registry to registry only).
+    #[arg(long)]
+    pub referrers: bool,
     /// Registry (host:port) to speak plain HTTP to; repeatable.
     #[arg(
         long = "insecure",
@@ -92,6 +97,17 @@ pub async fn run(args: CopyArgs) -> i32 {
                     report.blobs.mounted,
                     report.blobs.skipped
                 );
+                for referrer in &report.referrers {
+                    println!(
+                        "referrer: {} {}",
+                        referrer.digest,
+                        referrer
+                            .tag
+                            .as_deref()
+                            .or(referrer.artifact_type.as_deref())
+                            .unwrap_or(&referrer.media_type)
+                    );
+                }
                 for warning in &report.warnings {
                     eprintln!("warning: {warning}");
                 }
@@ -357,9 +373,15 @@ async fn execute(args: &CopyArgs) -> Result<tailor::copy::CopyReport, CopyError>
         platforms,
         concurrency: usize::from(args.concurrency),
         progress: show_progress.then(progress_bars),
+        referrers: args.referrers,
         ..CopyOptions::default()
     };
     let (source, wanted) = src;
+    if args.referrers && source.repository().is_none() {
+        return Err(CopyError::InvalidArgument(
+            "--referrers copies between registries only; the source is a layout".into(),
+        ));
+    }
     match destination {
         Location::Registry(destination) => {
             // Reached like a source (by its endpoint), with its own credentials.

@@ -16,6 +16,7 @@
 mod blob;
 mod pin;
 mod plan;
+mod referrers;
 mod source;
 
 use std::sync::Arc;
@@ -28,6 +29,7 @@ use blob::BlobJob;
 pub use blob::BlobOutcome;
 pub use pin::{Pinned, pin};
 pub use plan::select_platform;
+pub use referrers::Referrer;
 pub use source::{Source, Wanted};
 
 use crate::error::CopyError;
@@ -150,6 +152,9 @@ pub struct CopyOptions {
     /// Copies into a layout: annotations for the image's `index.json` entry, beside its
     /// `org.opencontainers.image.ref.name` (`tailor export` records the staging there).
     pub layout_annotations: std::collections::BTreeMap<String, String>,
+    /// Also copy the artifacts that refer to the image (signatures, SBOMs, attestations:
+    /// [`referrers`]), between registries only.
+    pub referrers: bool,
 }
 
 impl Default for CopyOptions {
@@ -162,6 +167,7 @@ impl Default for CopyOptions {
             cancel: CancellationToken::new(),
             runnable: None,
             layout_annotations: Default::default(),
+            referrers: false,
         }
     }
 }
@@ -199,8 +205,34 @@ pub struct CopyReport {
     #[serde(skip)]
     pub run: Option<RunInfo>,
     /// What the copy did that may not be what was meant (an image for another platform than
-    /// the one asked for, when there was nothing to choose from).
+    /// the one asked for, when there was nothing to choose from; referrers left out).
     pub warnings: Vec<String>,
+    /// The artifacts copied because they refer to the image ([`CopyOptions::referrers`]).
+    pub referrers: Vec<Referrer>,
+}
+
+impl CopyReport {
+    /// Adds what copying the referrers did: their blobs, bytes and objects count as the
+    /// image's (the pruner weighs them with it).
+    fn fold_referrers(&mut self, copied: referrers::Copied) {
+        for nested in copied.reports {
+            self.blobs.copied += nested.blobs.copied;
+            self.blobs.mounted += nested.blobs.mounted;
+            self.blobs.skipped += nested.blobs.skipped;
+            self.bytes_copied += nested.bytes_copied;
+            self.bytes_mounted += nested.bytes_mounted;
+            self.bytes_skipped += nested.bytes_skipped;
+            for object in nested.objects {
+                if !self.objects.contains(&object) {
+                    self.objects.push(object);
+                }
+            }
+            self.warnings.extend(nested.warnings);
+        }
+        self.objects.extend(copied.index);
+        self.warnings.extend(copied.warnings);
+        self.referrers = copied.referrers;
+    }
 }
 
 /// One manifest or blob in the destination registry.
@@ -344,6 +376,12 @@ async fn copy_unguarded(
     let name = format!("{}/{}", dest.registry().name(), dest.name());
     let mut report = report(&plan, &name, tag, outcomes, run);
     report.warnings = warnings;
+    // After the tag: a referrer is about the image, and a failed copy of one fails the copy,
+    // whose cleanup removes the tag and the referrers with it (`referrers::remove`).
+    if options.referrers {
+        let copied = referrers::copy(source, dest, &plan.tagged.digest, options).await?;
+        report.fold_referrers(copied);
+    }
     Ok(report)
 }
 
@@ -361,6 +399,11 @@ pub async fn copy_to_layout(
     if options.runnable.is_some() {
         return Err(CopyError::InvalidArgument(
             "only copies into a registry check that the image runs here".into(),
+        ));
+    }
+    if options.referrers {
+        return Err(CopyError::InvalidArgument(
+            "referrers are copied between registries only".into(),
         ));
     }
     cancellable(options, layout_unguarded(source, src, dest, tag, options)).await
@@ -503,6 +546,7 @@ fn report(
         objects,
         run,
         warnings: Vec::new(),
+        referrers: Vec::new(),
     };
     for (blob, outcome) in outcomes {
         match outcome {

@@ -54,6 +54,15 @@ impl Wanted {
         }
     }
 
+    /// The manifest `digest` in the registry repository `repository` (a referrer).
+    pub(crate) fn digest(repository: &str, digest: &str) -> Self {
+        Self {
+            reference: Some(digest.to_owned()),
+            digest: Some(digest.to_owned()),
+            shown: format!("{repository}@{digest}"),
+        }
+    }
+
     /// In a layout: the image tagged `tag`, or with `None`, the layout's only image.
     pub fn in_layout(layout: &Layout, tag: Option<&str>) -> Self {
         let shown = match tag {

@@ -475,9 +475,28 @@ impl Run<'_> {
                 .await
                 .unwrap_or(false);
             let deleted = if still_held {
-                repo.delete_manifest(&digest)
+                let deleted = repo
+                    .delete_manifest(&digest)
                     .await
-                    .map_err(|e| format!("{}: {e}", e.code()))
+                    .map_err(|e| format!("{}: {e}", e.code()));
+                // Its signatures, SBOMs and attestations go with it (after it: while it is
+                // kept, so are they). A failure here leaves only artifacts about an image
+                // that is gone, and the run reports it.
+                if deleted.is_ok() {
+                    let app = stagings[0].app_guid;
+                    let removed = match crate::staging::store::objects_in_use(self.pool, app).await
+                    {
+                        Ok(keep) => crate::registry::referrers::remove(&repo, &digest, &keep)
+                            .await
+                            .map_err(|e| format!("{}: {e}", e.code())),
+                        Err(error) => Err(error.to_string()),
+                    };
+                    if let Err(error) = removed {
+                        self.errors
+                            .push(format!("{repository}@{digest}: its referrers: {error}"));
+                    }
+                }
+                deleted
             } else {
                 Err("the repository lease lapsed before the deletion".to_owned())
             };

@@ -27,6 +27,7 @@ pub mod auth;
 mod client;
 mod error;
 pub mod observe;
+pub mod referrers;
 mod repository;
 pub mod retry;
 mod transfer;

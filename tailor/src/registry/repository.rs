@@ -1,6 +1,6 @@
 //! One repository's part of the distribution API: blobs (HEAD, GET as a stream or bounded
 //! bytes, cross-repository mount, upload), manifests (GET bounded and verified, HEAD, PUT as
-//! the exact bytes, DELETE by digest) and tags.
+//! the exact bytes, DELETE by digest), tags, and the OCI 1.1 referrers API.
 
 use std::sync::Arc;
 
@@ -354,6 +354,30 @@ impl Repository {
                 .registry
                 .status_error(response, &format!("DELETE manifest {digest}"))
                 .await),
+        }
+    }
+
+    /// `GET /v2/<name>/referrers/<digest>` (OCI distribution-spec 1.1): the index of the
+    /// manifests whose `subject` is `digest`, bounded like a manifest. `None` when the registry
+    /// has no referrers API (404, which distribution 2.8 answers; then the fallback tag schema
+    /// applies). Only the first page is read: the bound on referrers is the caller's.
+    pub async fn referrers(&self, digest: &str) -> Result<Option<Bytes>, RegistryError> {
+        let path = format!("/v2/{}/referrers/{digest}", self.name);
+        let scopes = self.pull();
+        let response = self
+            .registry
+            .send(Request::new(Method::GET, &path, &scopes).header(ACCEPT, manifest::OCI_INDEX))
+            .await?;
+        let what = format!("referrers of {}@{digest}", self.name);
+        match response.status() {
+            StatusCode::NOT_FOUND => Ok(None),
+            s if s.is_success() => {
+                let limit = self.registry.limits().manifest_bytes;
+                Ok(Some(
+                    self.registry.read_bounded(response, limit, &what).await?,
+                ))
+            }
+            _ => Err(self.registry.status_error(response, &what).await),
         }
     }
 

@@ -201,6 +201,9 @@ pub struct Staging {
     pub run_after: DateTime<Utc>,
     pub waiting_for: Option<Waiting>,
     pub workers_lost: i32,
+    /// The artifacts copied with the image because they refer to it (a JSON list of
+    /// [`crate::copy::Referrer`]).
+    pub referrers: Value,
 }
 
 impl Staging {
@@ -214,6 +217,7 @@ impl Staging {
                 "blobs": { "copied": self.blobs_copied, "mounted": self.blobs_mounted, "skipped": self.blobs_skipped },
                 "bytes": { "copied": self.bytes_copied, "mounted": self.bytes_mounted, "skipped": self.bytes_skipped },
                 "process_types": { "web": self.start_command },
+                "referrers": self.referrers,
             })
         });
         let error = self

@@ -206,7 +206,7 @@ pub async fn finish(
                  source_digest = $3, pinned_image = $4, \
                  tagged_image = $5, bytes_copied = $6, bytes_mounted = $7, bytes_skipped = $8, blobs_copied = $9, \
                  blobs_mounted = $10, blobs_skipped = $11, start_command = $12, execution_metadata = $13, \
-                 image_labels = $14, \
+                 image_labels = $14, referrers = $15, \
                  bytes_done = $6::bigint + $7::bigint + $8::bigint, bytes_total = $6::bigint + $7::bigint + $8::bigint, error_code = NULL, error_message = NULL \
                  WHERE staging_guid = $1 AND lease_owner = $2 AND state = 'running' RETURNING staging_guid",
                 staging_guid,
@@ -223,6 +223,7 @@ pub async fn finish(
                 start_command.as_ref(),
                 execution_metadata.as_ref(),
                 labels_json(run),
+                serde_json::to_value(&report.referrers).expect("referrers serialise"),
             )
             .fetch_optional(&mut *tx)
             .await?

@@ -125,12 +125,29 @@ pub(crate) async fn read<'e>(
                blobs_mounted, blobs_skipped, start_command, execution_metadata, created_at,
                updated_at, started_at, finished_at, released_at, unreferenced_at, pruned_at,
                deadline_at, source_registry AS "source_registry!", budget_key, run_after,
-               waiting_for AS "waiting_for: Waiting", workers_lost
+               waiting_for AS "waiting_for: Waiting", workers_lost, referrers
            FROM stagings WHERE staging_guid = ANY($1) ORDER BY created_at DESC"#,
         guids
     )
     .fetch_all(executor)
     .await
+}
+
+/// Every manifest and blob the live images of `app_guid` are made of (their recorded
+/// objects, referrers included): what deleting referrers must leave alone.
+pub async fn objects_in_use<'e>(
+    executor: impl PgExecutor<'e>,
+    app_guid: Uuid,
+) -> Result<std::collections::HashSet<String>, sqlx::Error> {
+    let digests = sqlx::query_scalar!(
+        r#"SELECT DISTINCT o.digest AS "digest!" FROM staging_objects o
+           JOIN stagings s USING (staging_guid)
+           WHERE s.app_guid = $1 AND s.state = 'succeeded' AND s.pruned_at IS NULL"#,
+        app_guid
+    )
+    .fetch_all(executor)
+    .await?;
+    Ok(digests.into_iter().collect())
 }
 
 /// [`read`] for one GUID.

@@ -48,6 +48,7 @@ struct Run<'a> {
     shared: &'a Shared,
     worker: &'a str,
     guid: Uuid,
+    app_guid: Uuid,
     /// Attempts so far, this one included.
     attempts: i32,
     /// This attempt's leases (holder `<worker>#<nonce>`).
@@ -92,6 +93,7 @@ pub(crate) async fn run_one(shared: &Shared, worker: &str, claimed: Claimed) {
         shared,
         worker,
         guid,
+        app_guid: staging.app_guid,
         attempts,
         leases: Leases::new(
             shared.pool.clone(),
@@ -300,34 +302,13 @@ async fn attempt(run: &Run<'_>, claimed: &Claimed, beat: &Beat) -> (Next, Option
             };
             return (next, None);
         };
-        let observer =
-            shared
-                .budgets
-                .for_staging(&staging.budget_key, run.leases.holder(), probing);
-        let repository = shared
-            .registries
-            .source(
-                &image.registry,
-                image.endpoint(),
-                prepared.credentials,
-                Some(observer),
-            )
-            .repository(&image.repository);
+        let repository = upstream(run, staging, image, prepared.credentials, probing);
         let options = CopyOptions {
             cancel: beat.cancel.clone(),
             ..Default::default()
         };
-        let result = tokio::select! {
-            result = crate::copy::pin(&repository, image, &prepared.platform, &options) => result,
-            () = tokio::time::sleep_until(deadline) => {
-                beat.stop_reason
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .get_or_insert(StopReason::Deadline);
-                beat.cancel.cancel();
-                Err(CopyError::Cancelled)
-            }
-        };
+        let pin = crate::copy::pin(&repository, image, &prepared.platform, &options);
+        let result = until_deadline(pin, deadline, beat).await;
         let next = decide(attempt_outcome(&result, beat), &circumstances_now());
         return (next, result.ok().map(Done::Pinned));
     }
@@ -338,19 +319,7 @@ async fn attempt(run: &Run<'_>, claimed: &Claimed, beat: &Beat) -> (Next, Option
 
     let (source, wanted) = match &prepared.src {
         StagingSource::Image(image) => {
-            let observer =
-                shared
-                    .budgets
-                    .for_staging(&staging.budget_key, run.leases.holder(), probing);
-            let repository = shared
-                .registries
-                .source(
-                    &image.registry,
-                    image.endpoint(),
-                    prepared.credentials,
-                    Some(observer),
-                )
-                .repository(&image.repository);
+            let repository = upstream(run, staging, image, prepared.credentials, probing);
             (Source::registry(repository), Wanted::image(image))
         }
         StagingSource::Layout(text) => match open_layout(shared, text).await {
@@ -389,10 +358,49 @@ async fn attempt(run: &Run<'_>, claimed: &Claimed, beat: &Beat) -> (Next, Option
         cancel: beat.cancel.clone(),
         runnable: Some(prepared.platform.clone()),
         layout_annotations: Default::default(),
+        // Signatures, SBOMs and attestations travel with a registry's image.
+        referrers: source.repository().is_some(),
     };
     let tag = run.guid.to_string();
-    let result = tokio::select! {
-        result = copy_from(&source, &wanted, &run.dest, &tag, &options) => result,
+    let copy = copy_from(&source, &wanted, &run.dest, &tag, &options);
+    let result = until_deadline(copy, deadline, beat).await;
+    let next = decide(attempt_outcome(&result, beat), &circumstances_now());
+    (next, result.ok().map(Done::Copied))
+}
+
+/// The staging's repository upstream, reached with its own credentials and its rate-limit
+/// budget's observer.
+fn upstream(
+    run: &Run<'_>,
+    staging: &crate::staging::Staging,
+    image: &crate::reference::ImageReference,
+    credentials: Option<Credentials>,
+    probing: bool,
+) -> Repository {
+    let shared = run.shared;
+    let observer = shared
+        .budgets
+        .for_staging(&staging.budget_key, run.leases.holder(), probing);
+    shared
+        .registries
+        .source(
+            &image.registry,
+            image.endpoint(),
+            credentials,
+            Some(observer),
+        )
+        .repository(&image.repository)
+}
+
+/// Runs `work` (a copy or a pin) until it ends or the staging's deadline passes, which
+/// cancels it and is recorded as why it stopped.
+async fn until_deadline<T>(
+    work: impl std::future::Future<Output = Result<T, CopyError>>,
+    deadline: tokio::time::Instant,
+    beat: &Beat,
+) -> Result<T, CopyError> {
+    tokio::select! {
+        result = work => result,
         () = tokio::time::sleep_until(deadline) => {
             beat.stop_reason
                 .lock()
@@ -401,9 +409,7 @@ async fn attempt(run: &Run<'_>, claimed: &Claimed, beat: &Beat) -> (Next, Option
             beat.cancel.cancel();
             Err(CopyError::Cancelled)
         }
-    };
-    let next = decide(attempt_outcome(&result, beat), &circumstances_now());
-    (next, result.ok().map(Done::Copied))
+    }
 }
 
 /// What the copy's (or the pin's) result says about the attempt: a cancellation is whatever
@@ -575,6 +581,7 @@ impl Run<'_> {
             &self.dest,
             &self.repository_lease,
             &self.guid.to_string(),
+            self.app_guid,
         )
         .await;
     }
@@ -593,6 +600,7 @@ pub(crate) async fn remove_unrecorded_tag(
     dest: &Repository,
     resource: &str,
     tag: &str,
+    app_guid: Uuid,
 ) {
     let head = match dest.head_manifest(tag).await {
         Ok(Some(head)) => head,
@@ -633,7 +641,17 @@ pub(crate) async fn remove_unrecorded_tag(
     match shared_with_live {
         Ok(false) => match dest.delete_manifest(&head.digest).await {
             Ok(_) => {
-                tracing::info!(digest = %head.digest, "removed the unrecorded tag")
+                tracing::info!(digest = %head.digest, "removed the unrecorded tag");
+                // And the referrers copied with it, but nothing a live image is made of.
+                let removed = match crate::staging::store::objects_in_use(pool, app_guid).await {
+                    Ok(keep) => crate::registry::referrers::remove(dest, &head.digest, &keep)
+                        .await
+                        .map_err(|e| e.to_string()),
+                    Err(error) => Err(error.to_string()),
+                };
+                if let Err(error) = removed {
+                    tracing::warn!(%error, "could not remove the unrecorded tag's referrers");
+                }
             }
             Err(error) => tracing::warn!(%error, "could not remove the unrecorded tag"),
         },
