@@ -5,6 +5,8 @@
 //! - 100 concurrent `POST /stage` for 100 apps of one new 256 MiB image: all must succeed, and
 //!   the upstream registry's access log says how many bytes it served (target <= 1.05x image);
 //! - restaging an image already staged for the app, from POST to `succeeded` (p50 target < 100 ms);
+//! - pinning it (`mode: pin`) for new apps, from POST to `succeeded`, and the upstream bytes
+//!   the pins read (the config only);
 //! - `POST /stage` acceptance under load from wrk (target >= 1000 requests/s, p99 < 50 ms),
 //!   against a second stager with no workers so that only acceptance is measured.
 
@@ -112,7 +114,30 @@ async fn main() {
     }
     restage.sort();
 
-    // 3. Acceptance under load, on a stager without workers.
+    // 3. Pins for new apps: the manifest and the config upstream, nothing copied.
+    let served_before_pins = hub.blob_bytes_served();
+    let mut pins = Vec::new();
+    for _ in 0..30 {
+        let started = Instant::now();
+        let response = client
+            .post(format!("{}/stage", api.base_url))
+            .bearer_auth(TOKEN)
+            .json(&json!({ "app_guid": Uuid::new_v4(), "image": source, "mode": "pin" }))
+            .send()
+            .await
+            .unwrap();
+        let guid = response.json::<serde_json::Value>().await.unwrap()["staging_guid"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let result = wait_all(&api, std::slice::from_ref(&guid)).await;
+        assert_eq!(result[0]["state"], "succeeded");
+        pins.push(started.elapsed());
+    }
+    pins.sort();
+    let pin_bytes = hub.blob_bytes_served() - served_before_pins;
+
+    // 4. Acceptance under load, on a stager without workers.
     let acceptor = Service::start_quiet({
         let mut command = stager_api(
             &db.url,
@@ -189,6 +214,16 @@ end
         percentile(&restage, 0.5).as_secs_f64() * 1000.0,
         percentile(&restage, 0.9).as_secs_f64() * 1000.0,
         restage.last().unwrap().as_secs_f64() * 1000.0
+    );
+    println!(
+        "| pin of the same image for a new app (`mode: pin`), POST to succeeded (30 runs) | p50 {:.1} ms, p90 {:.1} ms, max {:.1} ms | |",
+        percentile(&pins, 0.5).as_secs_f64() * 1000.0,
+        percentile(&pins, 0.9).as_secs_f64() * 1000.0,
+        pins.last().unwrap().as_secs_f64() * 1000.0
+    );
+    println!(
+        "| upstream blob bytes the 30 pins read / 30 x the config's size | {pin_bytes} / {} | equal |",
+        30 * image.config.size
     );
     println!(
         "| POST /stage under wrk (2 threads, 32 connections, 10 s) | {wrk_line}; {accepted} rows written | >= 1000 rps, p99 < 50 ms |"
