@@ -29,6 +29,25 @@ async fn wait_all(api: &Service, guids: &[String]) -> Vec<serde_json::Value> {
     done
 }
 
+/// POSTs one staging and waits for it to succeed: how long that took.
+async fn staged_in(client: &reqwest::Client, api: &Service, body: serde_json::Value) -> Duration {
+    let started = Instant::now();
+    let response = client
+        .post(format!("{}/stage", api.base_url))
+        .bearer_auth(TOKEN)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let guid = response.json::<serde_json::Value>().await.unwrap()["staging_guid"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let result = wait_all(api, std::slice::from_ref(&guid)).await;
+    assert_eq!(result[0]["state"], "succeeded", "{}", result[0]);
+    started.elapsed()
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
@@ -96,21 +115,8 @@ async fn main() {
     let app_guid = done[0]["app_guid"].as_str().unwrap().to_owned();
     let mut restage = Vec::new();
     for _ in 0..30 {
-        let started = Instant::now();
-        let response = client
-            .post(format!("{}/stage", api.base_url))
-            .bearer_auth(TOKEN)
-            .json(&json!({ "app_guid": app_guid, "image": source }))
-            .send()
-            .await
-            .unwrap();
-        let guid = response.json::<serde_json::Value>().await.unwrap()["staging_guid"]
-            .as_str()
-            .unwrap()
-            .to_owned();
-        let result = wait_all(&api, std::slice::from_ref(&guid)).await;
-        assert_eq!(result[0]["state"], "succeeded");
-        restage.push(started.elapsed());
+        let body = json!({ "app_guid": app_guid, "image": source });
+        restage.push(staged_in(&client, &api, body).await);
     }
     restage.sort();
 
@@ -118,21 +124,8 @@ async fn main() {
     let served_before_pins = hub.blob_bytes_served();
     let mut pins = Vec::new();
     for _ in 0..30 {
-        let started = Instant::now();
-        let response = client
-            .post(format!("{}/stage", api.base_url))
-            .bearer_auth(TOKEN)
-            .json(&json!({ "app_guid": Uuid::new_v4(), "image": source, "mode": "pin" }))
-            .send()
-            .await
-            .unwrap();
-        let guid = response.json::<serde_json::Value>().await.unwrap()["staging_guid"]
-            .as_str()
-            .unwrap()
-            .to_owned();
-        let result = wait_all(&api, std::slice::from_ref(&guid)).await;
-        assert_eq!(result[0]["state"], "succeeded");
-        pins.push(started.elapsed());
+        let body = json!({ "app_guid": Uuid::new_v4(), "image": source, "mode": "pin" });
+        pins.push(staged_in(&client, &api, body).await);
     }
     pins.sort();
     let pin_bytes = hub.blob_bytes_served() - served_before_pins;

@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use crate::helpers::{spawn_app, spawn_app_with};
 
-fn staging_request(app_id: Uuid, image: &str, callback: &str) -> serde_json::Value {
+pub(crate) fn staging_request(app_id: Uuid, image: &str, callback: &str) -> serde_json::Value {
     // The shape of cc_messages.StagingRequestFromCC, with the fields tailor ignores filled in
     // as a real Cloud Controller would.
     json!({

@@ -246,19 +246,19 @@ async fn a_cloud_controller_app_pins_with_tailor_mode_in_its_environment() {
     app.hub.push("cc/app:v4", &image).await;
     let (app_id, staging_guid) = (Uuid::new_v4(), Uuid::new_v4());
     let callback_path = format!("/internal/v3/staging/{staging_guid}/build_completed");
+    // What a Cloud Controller sends, with the app's TAILOR_MODE among its variables.
+    let mut request = crate::diego::staging_request(
+        app_id,
+        &format!("{}/cc/app:v4", app.hub.host()),
+        &cc.url(&callback_path),
+    );
+    request["environment"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({ "name": "TAILOR_MODE", "value": "pin" }));
     let response = app
         .put(&format!("/v1/staging/{staging_guid}"))
-        .json(&json!({
-            "app_id": app_id,
-            "environment": [
-                { "name": "VCAP_APPLICATION", "value": "{}" },
-                { "name": "TAILOR_MODE", "value": "pin" },
-            ],
-            "timeout": 900,
-            "lifecycle": "docker",
-            "lifecycle_data": { "docker_image": format!("{}/cc/app:v4", app.hub.host()) },
-            "completion_callback": cc.url(&callback_path),
-        }))
+        .json(&request)
         .send()
         .await
         .unwrap();

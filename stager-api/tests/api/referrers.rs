@@ -41,6 +41,16 @@ async fn internal_manifest(app: &TestApp, repository: &str, reference: &str) -> 
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
+/// The app with workers, speaking plain HTTP to `hostile` as its upstream.
+async fn app_reading(hostile: &HostileRegistry) -> TestApp {
+    spawn(AppOptions {
+        workers: 2,
+        also_insecure: vec![hostile.host()],
+        ..AppOptions::default()
+    })
+    .await
+}
+
 fn fallback_tag(digest: &str) -> String {
     digest.replacen(':', "-", 1)
 }
@@ -198,12 +208,7 @@ async fn signatures_sboms_and_attestations_travel_with_the_image_and_go_with_it(
 #[tokio::test]
 async fn the_referrers_api_is_used_where_the_source_has_it() {
     let hostile = HostileRegistry::start();
-    let app = spawn(AppOptions {
-        workers: 2,
-        also_insecure: vec![hostile.host()],
-        ..AppOptions::default()
-    })
-    .await;
+    let app = app_reading(&hostile).await;
     let image = ImageSpec::seeded(ManifestFormat::Oci, 5200, 1, 8192).build();
     hostile.add_image("team/app", "v1", &image);
     let sbom = ArtifactSpec::sbom("app").about(&image).build();
@@ -291,12 +296,7 @@ async fn the_referrers_api_is_used_where_the_source_has_it() {
 #[tokio::test]
 async fn a_corrupt_referrer_fails_the_staging_and_leaves_nothing() {
     let hostile = HostileRegistry::start();
-    let app = spawn(AppOptions {
-        workers: 2,
-        also_insecure: vec![hostile.host()],
-        ..AppOptions::default()
-    })
-    .await;
+    let app = app_reading(&hostile).await;
     let image = ImageSpec::seeded(ManifestFormat::Oci, 5300, 1, 8192).build();
     hostile.add_image("team/signed", "v1", &image);
     let sbom = ArtifactSpec::sbom("signed").about(&image).build();
