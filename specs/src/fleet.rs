@@ -3,12 +3,12 @@
 //! its own; and a watch on the database server's connections.
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
-use crate::{Service, binary, stager_api};
+use crate::{Service, stager_api};
 
 /// How to start a fleet.
 #[derive(Clone, Debug, Default)]
@@ -66,18 +66,12 @@ impl Fleet {
     }
 
     fn spawn_worker(&self, n: usize) -> Child {
-        let mut command = Command::new(binary("tailor"));
-        command
-            .arg("work")
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("DATABASE_URL", &self.options.database_url)
-            .env("TAILOR_INTERNAL_REGISTRY", &self.options.internal)
-            .env(
-                "TAILOR_INSECURE_REGISTRIES",
-                self.options.insecure.join(","),
-            )
-            .env("TAILOR_EGRESS_ALLOW", crate::EGRESS_ALLOW_LOOPBACK);
+        let mut command = crate::tailor_work(
+            &self.options.database_url,
+            &self.options.internal,
+            &self.options.insecure,
+            &[],
+        );
         for (name, value) in &self.options.worker_env {
             command.env(name, value);
         }

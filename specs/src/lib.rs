@@ -61,6 +61,37 @@ pub fn stager_api(
     command
 }
 
+/// `tailor work` configured from a clean environment as [`stager_api`] is (without its token
+/// and listener), with `extra` settings.
+pub fn tailor_work(
+    database_url: &str,
+    internal: &str,
+    insecure: &[String],
+    extra: &[(&str, &str)],
+) -> Command {
+    let mut command = Command::new(binary("tailor"));
+    command
+        .arg("work")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("DATABASE_URL", database_url)
+        .env("TAILOR_INTERNAL_REGISTRY", internal)
+        .env("TAILOR_INSECURE_REGISTRIES", insecure.join(","))
+        .env("TAILOR_EGRESS_ALLOW", EGRESS_ALLOW_LOOPBACK);
+    for (key, value) in extra {
+        command.env(key, value);
+    }
+    command
+}
+
+/// A whole number from the environment (a benchmark's or a long test's size), or `default`.
+pub fn tunable(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// `POST /stage` with `body`; asserts 202 and returns the staging.
 pub async fn stage(api: &Service, body: serde_json::Value) -> serde_json::Value {
     let response = reqwest::Client::new()

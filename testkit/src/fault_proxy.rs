@@ -1,7 +1,8 @@
 //! A programmable HTTP proxy in front of a registry, for what a healthy registry never does:
-//! answer 429 with `Retry-After`, 403, 500, or serve a crafted manifest. Requests that match
-//! no rule are forwarded unchanged (bodies streamed both ways), so the rest of the protocol,
-//! auth included, is the real registry's.
+//! answer 429 with `Retry-After`, 403, 500, or serve a crafted manifest, or the network between
+//! does: cut a response part-way, or carry it at a limited rate. Requests that match no rule are
+//! forwarded unchanged (bodies streamed both ways), so the rest of the protocol, auth and
+//! ranges included, is the real registry's.
 
 use std::sync::{Arc, Mutex};
 
@@ -19,6 +20,9 @@ pub struct Rule {
     pub status: u16,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+    /// Instead of a canned answer: forward the request, and cut the connection after this
+    /// many bytes of the registry's response body.
+    pub cut_after: Option<u64>,
 }
 
 impl Rule {
@@ -30,6 +34,15 @@ impl Rule {
             status,
             headers: Vec::new(),
             body: Vec::new(),
+            cut_after: None,
+        }
+    }
+
+    /// Forwards matching requests, cutting each response after `bytes` bytes of body.
+    pub fn cut_after(path_contains: &str, bytes: u64) -> Self {
+        Self {
+            cut_after: Some(bytes),
+            ..Self::new(path_contains, 0)
         }
     }
 
@@ -59,6 +72,10 @@ struct State {
     rules: Mutex<Vec<Rule>>,
     answered: Mutex<Vec<(String, u16)>>,
     client: reqwest::Client,
+    /// Bytes per second of every forwarded response body (0: as fast as it comes).
+    rate: std::sync::atomic::AtomicU64,
+    /// Response body bytes forwarded to clients so far.
+    forwarded: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// The running proxy; stops with the test's runtime.
@@ -74,6 +91,8 @@ impl FaultProxy {
             upstream: upstream_base_url.trim_end_matches('/').to_owned(),
             rules: Mutex::new(Vec::new()),
             answered: Mutex::new(Vec::new()),
+            rate: Default::default(),
+            forwarded: Default::default(),
             client: reqwest::Client::builder()
                 .redirect(reqwest::redirect::Policy::none())
                 .build()
@@ -107,6 +126,21 @@ impl FaultProxy {
         self.state.rules.lock().unwrap().clear();
     }
 
+    /// Carries every forwarded response body at `bytes_per_second` from now on (0: unlimited),
+    /// as a slow link would.
+    pub fn throttle(&self, bytes_per_second: u64) {
+        self.state
+            .rate
+            .store(bytes_per_second, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Bytes of response bodies forwarded to clients so far (what crossed the "link").
+    pub fn forwarded_bytes(&self) -> u64 {
+        self.state
+            .forwarded
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// The requests a rule answered: (path, status).
     pub fn answered(&self) -> Vec<(String, u16)> {
         self.state.answered.lock().unwrap().clone()
@@ -137,7 +171,15 @@ async fn handle(
                 rule.clone()
             })
     };
-    if let Some(rule) = canned {
+    let mut cut_after = None;
+    if let Some(rule) = canned.as_ref().filter(|rule| rule.cut_after.is_some()) {
+        state
+            .answered
+            .lock()
+            .unwrap()
+            .push((path_and_query.clone(), 0));
+        cut_after = rule.cut_after;
+    } else if let Some(rule) = canned {
         state
             .answered
             .lock()
@@ -186,5 +228,34 @@ async fn handle(
     if let Some(length) = upstream.content_length() {
         response.no_chunking(length);
     }
-    response.streaming(upstream.bytes_stream())
+    let rate = state.rate.load(std::sync::atomic::Ordering::Relaxed);
+    let forwarded = state.forwarded.clone();
+    let mut left = cut_after.unwrap_or(u64::MAX);
+    let body = upstream
+        .bytes_stream()
+        .map(move |chunk| {
+            let mut chunk = chunk.map_err(std::io::Error::other)?;
+            if left == 0 {
+                return Err(std::io::Error::other("cut by the fault proxy"));
+            }
+            if chunk.len() as u64 > left {
+                chunk.truncate(left as usize);
+            }
+            left -= chunk.len() as u64;
+            Ok(chunk)
+        })
+        .then(move |item| {
+            let forwarded = forwarded.clone();
+            async move {
+                if let Ok(chunk) = &item {
+                    if rate > 0 {
+                        let seconds = chunk.len() as f64 / rate as f64;
+                        tokio::time::sleep(std::time::Duration::from_secs_f64(seconds)).await;
+                    }
+                    forwarded.fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                }
+                item
+            }
+        });
+    response.streaming(body)
 }
