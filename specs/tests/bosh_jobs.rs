@@ -334,6 +334,7 @@ fn limits_egress_and_trust_land_where_the_binaries_read_them() {
     for (setting, value) in [
         ("TAILOR_MAX_ATTEMPTS", "20"),
         ("TAILOR_RETRY_MAX_SECONDS", "300"),
+        ("TAILOR_UPLOAD_CHUNK_MIB", "16"),
         ("TAILOR_MIN_TRANSFER_RATE", "16KiB"),
         ("TAILOR_MIN_TRANSFER_WINDOW", "30s"),
         ("TAILOR_CALLBACK_TIMEOUT", "10s"),
@@ -1154,6 +1155,13 @@ fn the_templates_bounds_are_the_binaries_bounds() {
             "TAILOR_RETRY_MAX_SECONDS",
             &[json!(1), json!(86_400)],
             &[json!(0), json!(86_401)],
+        ),
+        (
+            "tailor-worker",
+            "tailor_worker.upload_chunk_mib",
+            "TAILOR_UPLOAD_CHUNK_MIB",
+            &[json!(0), json!(256), json!("32")],
+            &[json!(-1), json!(257), json!("16MiB")],
         ),
         (
             "tailor-worker",

@@ -152,3 +152,61 @@ async fn stagings_and_pulls_go_on_while_either_registry_instance_dies() {
         .collect();
     assert!(wanted.is_subset(&seen), "every blob is in the bucket");
 }
+
+/// A layer cut part-way resumes on the HA registry as on one instance: the session lives in the
+/// bucket, and whichever instance the load balancer picks for the status, the next chunks and
+/// the commit accepts the session's signed state (one `http.secret`). Chunks of 8 MiB: above
+/// S3's 5 MiB minimum part, which distribution's S3 driver appends by.
+#[tokio::test]
+async fn a_layer_cut_part_way_resumes_through_the_load_balancer_on_s3() {
+    const MIB: u64 = 1024 * KIB;
+    let db = TestDatabase::new().await;
+    let hub = TestRegistry::anonymous();
+    let ha = HaRegistry::start(2);
+    let image = ImageSpec::seeded(ManifestFormat::Oci, 9500, 1, 40 * MIB).build();
+    hub.push("ha/big:v1", &image).await;
+    let layer = &image.layers[0];
+    let link = testkit::fault_proxy::FaultProxy::start(&hub.base_url());
+    // Cut in the fourth chunk: three are checkpointed.
+    link.add(testkit::fault_proxy::Rule::cut_after(&layer.digest, 28 * MIB).times(1));
+    let ca = ha.ca_pem_path().to_str().unwrap().to_owned();
+    let tls = [("TAILOR_CA_CERTIFICATES".to_owned(), ca)];
+    let mut worker_env = tls.to_vec();
+    worker_env.push(("TAILOR_UPLOAD_CHUNK_MIB".into(), "8".into()));
+    let fleet = Fleet::start(FleetOptions {
+        database_url: db.url.clone(),
+        internal: ha.host(),
+        insecure: vec![link.host()],
+        worker_processes: 1,
+        api_env: tls.to_vec(),
+        worker_env,
+    });
+
+    let body = json!({ "app_guid": Uuid::new_v4(), "image": format!("{}/ha/big:v1", link.host()) });
+    let guid = stage(&fleet.api, body).await["staging_guid"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let done = wait_finished(&fleet.api, &guid, Duration::from_secs(300)).await;
+
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(link.answered().len(), 1, "the cut happened");
+    let ranged: Vec<u64> = hub
+        .access_log()
+        .iter()
+        .filter(|e| e.is_blob_get() && e.path.contains(&layer.digest) && e.status == 206)
+        .map(|e| e.bytes)
+        .collect();
+    assert_eq!(
+        ranged,
+        vec![layer.size - 24 * MIB],
+        "the rest after three chunks"
+    );
+    let pinned = done["result"]["pinned_image"].as_str().unwrap();
+    for instance in 0..2 {
+        let direct = pinned.replacen(&ha.host(), &ha.instance_host(instance), 1);
+        let layout = tempfile::tempdir().unwrap();
+        skopeo::copy_to_oci_layout(&direct, None, layout.path(), false)
+            .unwrap_or_else(|e| panic!("{direct}: {e}"));
+    }
+}

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use serde_json::json;
-use specs::{Service, TOKEN, binary, get, stage, stager_api, wait_finished};
+use specs::{Service, TOKEN, binary, get, stage, stager_api, tailor_work, wait_finished};
 use testkit::callback_sink::CallbackSink;
 use testkit::image::{ImageSpec, ManifestFormat};
 use testkit::{TestDatabase, TestRegistry, skopeo};
@@ -15,18 +15,143 @@ use uuid::Uuid;
 const KEY: &str = "q83vEjRWeJq83vEjRWeJq83vEjRWeJq83vEjRWeJq80=";
 
 fn worker(db: &TestDatabase, internal: &str, insecure: &[String]) -> std::process::Child {
-    Command::new(binary("tailor"))
-        .args(["work", "--workers", "1"])
-        .env("DATABASE_URL", &db.url)
-        .env("TAILOR_INTERNAL_REGISTRY", internal)
-        .env("TAILOR_INSECURE_REGISTRIES", insecure.join(","))
-        .env("TAILOR_EGRESS_ALLOW", specs::EGRESS_ALLOW_LOOPBACK)
-        .env("TAILOR_CREDENTIALS_KEY", KEY)
-        .env("TAILOR_LEASE_SECONDS", "3")
-        .env("TAILOR_POLL_SECONDS", "1")
+    worker_with(db, internal, insecure, &[])
+}
+
+/// One `tailor work` worker whose lease others may take over 3 s after it dies.
+fn worker_with(
+    db: &TestDatabase,
+    internal: &str,
+    insecure: &[String],
+    extra: &[(&str, &str)],
+) -> std::process::Child {
+    let mut settings = vec![
+        ("TAILOR_WORKERS", "1"),
+        ("TAILOR_CREDENTIALS_KEY", KEY),
+        ("TAILOR_LEASE_SECONDS", "3"),
+        ("TAILOR_POLL_SECONDS", "1"),
+    ];
+    settings.extend_from_slice(extra);
+    tailor_work(&db.url, internal, insecure, &settings)
         .stdout(Stdio::null())
         .spawn()
         .unwrap()
+}
+
+#[tokio::test]
+async fn a_worker_killed_mid_layer_is_resumed_and_upstream_serves_at_most_a_tenth_more() {
+    resumed_after(libc::SIGKILL).await;
+}
+
+/// A drain that hands the staging back at once (`TAILOR_DRAIN_SECONDS=0`) drops the copy in
+/// the middle of the layer: the checkpointed upload session is left for the next worker, not
+/// cancelled.
+#[tokio::test]
+async fn a_worker_drained_mid_layer_leaves_its_upload_to_resume() {
+    resumed_after(libc::SIGTERM).await;
+}
+
+/// Resuming inside a blob: one layer (96 MiB here; `TAILOR_RESUME_LAYER_MIB`) read from a real
+/// registry over a link of 16 MiB/s (`TAILOR_RESUME_LINK_MIB`), uploaded in chunks of 4 MiB
+/// (`TAILOR_RESUME_CHUNK_MIB`); the worker gets `signal` just after it checkpointed the
+/// layer's first half (so it is reading the next chunk, not sending one), and a second worker
+/// finishes the staging. Upstream's own access log must show at most 1.1x the image.
+/// (`cargo bench -p stager-api --bench resume` measures kills at any moment.)
+async fn resumed_after(signal: libc::c_int) {
+    const MIB: u64 = 1024 * 1024;
+    let layer_mib = specs::tunable("TAILOR_RESUME_LAYER_MIB", 96);
+    let chunk_mib = specs::tunable("TAILOR_RESUME_CHUNK_MIB", 4);
+    let link_mib = specs::tunable("TAILOR_RESUME_LINK_MIB", 16);
+    let db = TestDatabase::new().await;
+    let (hub, internal) = (TestRegistry::anonymous(), TestRegistry::anonymous());
+    let image = tokio::task::spawn_blocking(move || {
+        ImageSpec::seeded(ManifestFormat::Oci, 1400, 1, layer_mib * MIB).build()
+    })
+    .await
+    .unwrap();
+    hub.push("big/app:v1", &image).await;
+    let link = testkit::fault_proxy::FaultProxy::start(&hub.base_url());
+    link.throttle(link_mib * MIB);
+    let insecure = [link.host(), internal.host()];
+    let api = Service::start(stager_api(
+        &db.url,
+        &internal.host(),
+        &insecure,
+        &[("STAGER_WORKERS", "0")],
+    ));
+    let chunk_setting = chunk_mib.to_string();
+    let chunks = [
+        ("TAILOR_UPLOAD_CHUNK_MIB", chunk_setting.as_str()),
+        ("TAILOR_DRAIN_SECONDS", "0"),
+    ];
+
+    let started = std::time::Instant::now();
+    let mut first = worker_with(&db, &internal.host(), &insecure, &chunks);
+    let staged = stage(
+        &api,
+        json!({ "app_guid": Uuid::new_v4(), "image": format!("{}/big/app:v1", link.host()) }),
+    )
+    .await;
+    let guid = staged["staging_guid"].as_str().unwrap().to_owned();
+    // Just after a checkpoint past half the layer, the worker is reading the next chunk
+    // upstream (a chunk takes chunk/link seconds), not sending one: kill it then.
+    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+    let half = (image.layers[0].size / 2) as i64;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
+    let killed_at = loop {
+        let uploaded: Option<i64> = sqlx::query_scalar("SELECT max(uploaded) FROM blob_uploads")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        if let Some(uploaded) = uploaded.filter(|u| *u >= half) {
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(first.id() as libc::pid_t, signal) };
+            break uploaded as u64;
+        }
+        let now = get(&api, &guid).await;
+        assert_ne!(
+            now["state"], "succeeded",
+            "no checkpoint past half the layer"
+        );
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no checkpoint past half the layer: {now}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    first.wait().unwrap();
+
+    let mut second = worker_with(&db, &internal.host(), &insecure, &chunks);
+    let done = wait_finished(&api, &guid, Duration::from_secs(600)).await;
+    let elapsed = started.elapsed();
+    second.kill().ok();
+    second.wait().ok();
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let pinned = done["result"]["pinned_image"].as_str().unwrap();
+    assert_eq!(skopeo::digest(pinned, None).unwrap(), image.digest);
+    let layout = tempfile::tempdir().unwrap();
+    skopeo::copy_to_oci_layout(pinned, None, layout.path(), false).unwrap();
+
+    let read = hub.blob_bytes_served_settled();
+    let ratio = read as f64 / image.blob_bytes() as f64;
+    let resumed_from: Vec<u64> = hub
+        .access_log()
+        .iter()
+        .filter(|e| e.is_blob_get() && e.status == 206)
+        .map(|e| image.layers[0].size - e.bytes)
+        .collect();
+    println!(
+        "resume after signal {signal}: layer {layer_mib} MiB, chunk {chunk_mib} MiB, link {link_mib} MiB/s: killed after a \
+         checkpoint at {killed_at} bytes; resumed from {resumed_from:?}; upstream served {read} \
+         bytes = {ratio:.3}x the image; {:.1} s in all",
+        elapsed.as_secs_f64()
+    );
+    assert_eq!(
+        resumed_from,
+        vec![killed_at],
+        "resumed from the kill's checkpoint"
+    );
+    assert!(ratio <= 1.1, "upstream served {ratio:.3}x the image");
 }
 
 #[tokio::test]

@@ -13,6 +13,7 @@ mod pin;
 mod prune;
 mod references;
 mod referrers;
+mod resume;
 mod stage;
 mod tls;
 mod trust;

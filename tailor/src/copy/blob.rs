@@ -1,6 +1,7 @@
 //! Moving one blob into the destination: skip it if present, mount it from a repository that
 //! holds it (only one holding it verified from this copy's own source registry, which must
 //! prove it has the blob too), or stream it from the source while verifying its digest.
+//! Under a fetch claim, a large blob goes in checkpointed chunks instead ([`super::resume`]).
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -10,7 +11,7 @@ use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 
 use super::source::{Source, SourceBody};
-use super::{BlobLedger, FetchClaim, Progress, ProgressSink};
+use super::{BlobLedger, FetchClaim, Progress, ProgressSink, Resumable};
 use crate::digest::StreamingDigest;
 use crate::error::CopyError;
 use crate::layout::Layout;
@@ -45,11 +46,12 @@ pub(crate) struct BlobJob {
     pub ledger: Arc<dyn BlobLedger>,
     pub progress: Option<ProgressSink>,
     pub floor: Floor,
+    pub resumable: Option<Resumable>,
 }
 
 impl BlobJob {
     /// The origin recorded for blobs this copy verifies.
-    fn origin(&self) -> &str {
+    pub(super) fn origin(&self) -> &str {
         self.source.name()
     }
 
@@ -99,7 +101,7 @@ impl BlobJob {
                     return outcome;
                 }
                 FetchClaim::Busy | FetchClaim::Uncoordinated => {
-                    return self.fetch(blob, declined).await;
+                    return self.fetch(blob, declined, false).await;
                 }
             }
         }
@@ -198,7 +200,7 @@ impl BlobJob {
                     }
                     (earlier, later) => later.or(earlier),
                 };
-                self.fetch(blob, session).await
+                self.fetch(blob, session, true).await
             }
             Err(error) => {
                 if let Some(session) = declined {
@@ -222,11 +224,23 @@ impl BlobJob {
     }
 
     /// Streams the blob from the source into an upload session, verifying it on the way.
+    /// Under this copy's fetch claim (`claimed`), a resumable copy sends a large blob in
+    /// checkpointed chunks while it has a chunk buffer to spare.
     async fn fetch(
         &self,
         blob: &Blob,
         session: Option<UploadSession>,
+        claimed: bool,
     ) -> Result<BlobOutcome, CopyError> {
+        let session = match (&self.resumable, claimed) {
+            (Some(resumable), true) => {
+                match super::resume::fetch_resumably(self, blob, session, resumable).await {
+                    Ok(outcome) => return outcome,
+                    Err(declined) => declined,
+                }
+            }
+            _ => session,
+        };
         let session = match session {
             Some(session) => session,
             None => self
@@ -258,17 +272,28 @@ impl BlobJob {
 }
 
 /// `GET`s `blob` from `source`, refusing a body whose announced length is not the blob's size.
-async fn open_source(
+pub(super) async fn open_source(
     source: &Source,
     blob: &Blob,
     progress: &Option<ProgressSink>,
 ) -> Result<SourceBody, CopyError> {
     let body = source.open_blob(&blob.digest).await?;
+    started(body, blob, 0, progress)
+}
+
+/// Checks that `body`, the blob's bytes from `offset` on, announces that many, and reports the
+/// blob started (with `offset` bytes of it already done).
+pub(super) fn started(
+    body: SourceBody,
+    blob: &Blob,
+    offset: u64,
+    progress: &Option<ProgressSink>,
+) -> Result<SourceBody, CopyError> {
     if let Some(length) = body.content_length()
-        && length != blob.size
+        && length != blob.size - offset
     {
         let detail = format!(
-            "the source serves {length} bytes, the manifest says {}",
+            "the source serves {length} bytes from byte {offset}, the manifest says {} in all",
             blob.size
         );
         return Err(body.mismatch(&blob.digest, detail));
@@ -278,6 +303,12 @@ async fn open_source(
             digest: blob.digest.clone(),
             size: blob.size,
         });
+        if offset > 0 {
+            progress(Progress::BlobBytes {
+                digest: blob.digest.clone(),
+                bytes: offset,
+            });
+        }
     }
     Ok(body)
 }
@@ -349,7 +380,7 @@ async fn into_layout_once(
 
 /// The source body, passed through while hashed and counted. It fails the upload, before its
 /// last byte is sent, if the content is not exactly the `size` bytes hashing to `digest`.
-struct VerifyingStream {
+pub(super) struct VerifyingStream {
     inner: SourceBody,
     expected: String,
     size: u64,
@@ -358,6 +389,12 @@ struct VerifyingStream {
     failure: Arc<Mutex<Option<CopyError>>>,
     progress: Option<ProgressSink>,
     done: bool,
+    /// No chunk passed on crosses a multiple of this many bytes from where the stream started
+    /// (0: no cuts), so that the hash stands exactly at each chunk boundary of an upload.
+    cut_every: u64,
+    next_cut: u64,
+    /// The rest of a chunk cut at a boundary, passed on next.
+    carry: Option<Bytes>,
 }
 
 impl VerifyingStream {
@@ -376,7 +413,34 @@ impl VerifyingStream {
             failure,
             progress,
             done: false,
+            cut_every: 0,
+            next_cut: u64::MAX,
+            carry: None,
         }
+    }
+
+    /// The blob's bytes from `seen` on (`inner`), after a prefix that hashed to `hasher`, cut
+    /// at every `cut_every` bytes from there.
+    pub(super) fn resuming(
+        inner: SourceBody,
+        blob: &Blob,
+        (seen, hasher): (u64, StreamingDigest),
+        cut_every: u64,
+        failure: Arc<Mutex<Option<CopyError>>>,
+        progress: Option<ProgressSink>,
+    ) -> Self {
+        let mut stream = Self::new(inner, blob, failure, progress);
+        stream.seen = seen;
+        stream.hasher = Some(hasher);
+        stream.cut_every = cut_every;
+        stream.next_cut = seen.saturating_add(cut_every);
+        stream
+    }
+
+    /// How many bytes have passed, and the state of their hash (`None` once the last byte
+    /// passed).
+    pub(super) fn hashed(&self) -> (u64, Option<Vec<u8>>) {
+        (self.seen, self.hasher.as_ref().map(StreamingDigest::state))
     }
 
     fn fail(&mut self, error: CopyError) -> Poll<Option<Result<Bytes, std::io::Error>>> {
@@ -399,15 +463,25 @@ impl Stream for VerifyingStream {
         if self.done {
             return Poll::Ready(None);
         }
-        match Pin::new(&mut self.inner).poll_next(cx) {
+        let next = match self.carry.take() {
+            Some(rest) => Poll::Ready(Some(Ok(rest))),
+            None => Pin::new(&mut self.inner).poll_next(cx),
+        };
+        match next {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Some(Ok(chunk))) if chunk.is_empty() => {
                 // Nothing to hash or pass on (and the hasher is gone once the last byte came).
                 cx.waker().wake_by_ref();
                 Poll::Pending
             }
-            Poll::Ready(Some(Ok(chunk))) => {
+            Poll::Ready(Some(Ok(mut chunk))) => {
+                if self.cut_every > 0 && self.seen + chunk.len() as u64 > self.next_cut {
+                    self.carry = Some(chunk.split_off((self.next_cut - self.seen) as usize));
+                }
                 self.seen += chunk.len() as u64;
+                if self.seen == self.next_cut {
+                    self.next_cut = self.next_cut.saturating_add(self.cut_every);
+                }
                 if self.seen > self.size {
                     let detail = format!(
                         "the source sent more than the {} bytes the manifest declares",
@@ -506,6 +580,79 @@ mod tests {
         let (passed, error) = drain(vec![b"", b""], &empty).await;
         assert_eq!(error, None);
         assert!(passed.is_empty());
+    }
+
+    async fn drain_stream(mut stream: VerifyingStream) -> (Vec<Vec<u8>>, Option<String>) {
+        let mut passed = Vec::new();
+        let mut error = None;
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(chunk) => passed.push(chunk.to_vec()),
+                Err(e) => error = Some(e.to_string()),
+            }
+        }
+        (passed, error)
+    }
+
+    #[tokio::test]
+    async fn chunks_are_cut_at_every_boundary_so_the_hash_stands_there() {
+        let blob = blob(b"hello world");
+        let failure = Arc::new(Mutex::new(None));
+        let start = (0, StreamingDigest::default());
+        let mut stream = VerifyingStream::resuming(
+            body(vec![b"hello wor", b"ld"]),
+            &blob,
+            start,
+            4,
+            failure,
+            None,
+        );
+        let first = stream.next().await.unwrap().unwrap();
+        assert_eq!(&first[..], b"hell");
+        let (seen, state) = stream.hashed();
+        let mut expected = StreamingDigest::default();
+        expected.update(b"hell");
+        assert_eq!((seen, state), (4, Some(expected.state())));
+        let (rest, error) = drain_stream(stream).await;
+        assert_eq!(error, None);
+        assert_eq!(rest, vec![b"o wo".to_vec(), b"r".to_vec(), b"ld".to_vec()]);
+    }
+
+    #[tokio::test]
+    async fn a_resumed_stream_verifies_the_whole_blob_with_the_kept_prefix() {
+        let blob = blob(b"hello world");
+        let mut prefix = StreamingDigest::default();
+        prefix.update(b"hello ");
+        let failure = Arc::new(Mutex::new(None));
+        let resumed = VerifyingStream::resuming(
+            body(vec![b"world"]),
+            &blob,
+            (6, prefix.clone()),
+            4,
+            failure.clone(),
+            None,
+        );
+        let (passed, error) = drain_stream(resumed).await;
+        assert_eq!((passed.concat(), error), (b"world".to_vec(), None));
+
+        // A rest that does not continue the prefix: its last piece is withheld.
+        let failure = Arc::new(Mutex::new(None));
+        let wrong = VerifyingStream::resuming(
+            body(vec![b"wurld"]),
+            &blob,
+            (6, prefix),
+            4,
+            failure.clone(),
+            None,
+        );
+        let (passed, error) = drain_stream(wrong).await;
+        assert_eq!(
+            passed.concat(),
+            b"wurl",
+            "the piece completing the blob is withheld"
+        );
+        assert!(error.unwrap().contains("hashes to"));
+        assert!(failure.lock().unwrap().is_some());
     }
 
     #[tokio::test]

@@ -17,6 +17,7 @@ mod blob;
 mod pin;
 mod plan;
 mod referrers;
+mod resume;
 mod source;
 
 use std::sync::Arc;
@@ -30,6 +31,7 @@ pub use blob::BlobOutcome;
 pub use pin::{Pinned, pin};
 pub use plan::select_platform;
 pub use referrers::Referrer;
+pub use resume::{Resumable, UploadCheckpoint};
 pub use source::{Source, Wanted};
 
 use crate::error::CopyError;
@@ -98,6 +100,27 @@ pub trait BlobLedger: Send + Sync {
     fn wait_fetch<'a>(&'a self, _digest: &'a str, _origin: &'a str) -> BoxFuture<'a, ()> {
         Box::pin(async {})
     }
+    /// Where an interrupted upload of `blob` into `repository`, read from `origin`, stands.
+    /// Asked and recorded only under this copy's fetch claim on the blob.
+    fn checkpoint<'a>(
+        &'a self,
+        _blob: &'a Blob,
+        _repository: &'a str,
+        _origin: &'a str,
+    ) -> BoxFuture<'a, Option<UploadCheckpoint>> {
+        Box::pin(async { None })
+    }
+    /// Records where the upload stands now, or with `None`, that nothing is left to resume;
+    /// `true` if it was recorded (a ledger that keeps none, or a claim lost, says `false`).
+    fn set_checkpoint<'a>(
+        &'a self,
+        _blob: &'a Blob,
+        _repository: &'a str,
+        _origin: &'a str,
+        _checkpoint: Option<&'a UploadCheckpoint>,
+    ) -> BoxFuture<'a, bool> {
+        Box::pin(async { false })
+    }
 }
 
 /// A ledger that knows nothing (the CLI's default).
@@ -155,6 +178,9 @@ pub struct CopyOptions {
     /// Also copy the artifacts that refer to the image (signatures, SBOMs, attestations:
     /// [`referrers`]), between registries only.
     pub referrers: bool,
+    /// Upload large blobs in checkpointed chunks, so that a later try resumes inside them
+    /// (stagings; the ledger keeps the checkpoints). `None`: each blob in one request.
+    pub resumable: Option<Resumable>,
 }
 
 impl Default for CopyOptions {
@@ -168,6 +194,7 @@ impl Default for CopyOptions {
             runnable: None,
             layout_annotations: Default::default(),
             referrers: false,
+            resumable: None,
         }
     }
 }
@@ -312,6 +339,7 @@ async fn copy_unguarded(
         ledger: options.ledger.clone(),
         progress: options.progress.clone(),
         floor: source.floor(),
+        resumable: options.resumable.clone(),
     });
 
     // A staging's config comes first: it decides whether the image may run here at all,

@@ -208,6 +208,28 @@ impl Source {
         }
     }
 
+    /// The bytes of the blob `digest` (of `size` bytes) from byte `offset` on, if the source
+    /// serves ranges; a layout is read whole (it is local, or a bucket read in parts anyway).
+    pub(crate) async fn open_blob_from(
+        &self,
+        digest: &str,
+        offset: u64,
+        size: u64,
+    ) -> Result<Rest, CopyError> {
+        let Kind::Registry(repository) = &self.kind else {
+            return Ok(Rest::Whole(self.open_blob(digest).await?));
+        };
+        let answer = repository
+            .get_blob_from(digest, offset, size)
+            .await
+            .map_err(CopyError::Source)?;
+        Ok(match answer {
+            Some((body, true)) => Rest::From(SourceBody::registry(body)),
+            Some((body, false)) => Rest::Whole(SourceBody::registry(body)),
+            None => Rest::Unusable,
+        })
+    }
+
     /// The blob `digest`'s bytes, as they are read.
     pub(crate) async fn open_blob(&self, digest: &str) -> Result<SourceBody, CopyError> {
         match &self.kind {
@@ -239,6 +261,16 @@ impl Source {
             }
         }
     }
+}
+
+/// What a source answered when asked for a blob from a byte on ([`Source::open_blob_from`]).
+pub(crate) enum Rest {
+    /// The bytes from there on.
+    From(SourceBody),
+    /// The whole blob: the source serves no ranges (or is a layout, read whole).
+    Whole(SourceBody),
+    /// A range nothing can use; ask again for the whole blob.
+    Unusable,
 }
 
 /// A blob's bytes from a source, counted into a [`TransferMeter`].

@@ -349,6 +349,17 @@ impl Run<'_> {
                 self.errors.push(format!("{repository}: {error}"));
             }
         }
+        match store::forget_stale_checkpoints(self.pool).await {
+            Ok(0) => {}
+            Ok(forgotten) => {
+                tracing::info!(
+                    forgotten,
+                    "forgot upload checkpoints older than the registry keeps uploads"
+                );
+            }
+            // Housekeeping: the next run tries again; this run's deletions stand.
+            Err(error) => tracing::warn!(%error, "could not forget stale upload checkpoints"),
+        }
         Ok(())
     }
 

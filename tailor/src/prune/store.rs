@@ -115,6 +115,17 @@ pub(super) async fn reclaimable_bytes(pool: &PgPool, pruned: &[Uuid]) -> Result<
     Ok(bytes as u64)
 }
 
+/// Forgets checkpoints of chunked uploads nobody resumed for a week: distribution purges
+/// unfinished upload sessions after that long by default (`storage.maintenance.uploadpurging`),
+/// so there is nothing left to resume. Answers how many it forgot.
+pub(super) async fn forget_stale_checkpoints(pool: &PgPool) -> Result<u64, sqlx::Error> {
+    let deleted =
+        sqlx::query!("DELETE FROM blob_uploads WHERE updated_at < now() - interval '7 days'")
+            .execute(pool)
+            .await?;
+    Ok(deleted.rows_affected())
+}
+
 /// A real run's summary row, written as it starts.
 pub(super) async fn start_run(pool: &PgPool, grace: Duration) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar!(

@@ -123,6 +123,64 @@ impl Repository {
         ))
     }
 
+    /// `GET`s the blob `digest` of `size` bytes from byte `offset` on (`Range`), to resume it:
+    /// `Ok(Some(body, true))` for exactly that rest (206 with the matching `Content-Range`),
+    /// `Ok(Some(body, false))` for the whole blob (a registry that serves no ranges answers 200),
+    /// `Ok(None)` for any other range, or a refusal of the range itself (416, 400...), which
+    /// nothing here can use.
+    pub async fn get_blob_from(
+        &self,
+        digest: &str,
+        offset: u64,
+        size: u64,
+    ) -> Result<Option<(BlobBody, bool)>, RegistryError> {
+        let path = format!("/v2/{}/blobs/{digest}", self.name);
+        let scopes = self.pull();
+        let range = format!("bytes={offset}-");
+        let response = self
+            .registry
+            .send(
+                Request::new(Method::GET, &path, &scopes)
+                    .header(reqwest::header::RANGE, &range)
+                    .streaming(),
+            )
+            .await?;
+        let partial = match response.status() {
+            StatusCode::PARTIAL_CONTENT => true,
+            status if status.is_success() => false,
+            status
+                if status.is_client_error()
+                    && !matches!(
+                        status,
+                        StatusCode::UNAUTHORIZED
+                            | StatusCode::FORBIDDEN
+                            | StatusCode::NOT_FOUND
+                            | StatusCode::TOO_MANY_REQUESTS
+                    ) =>
+            {
+                tracing::info!(%digest, %status, "the source refused the range");
+                return Ok(None);
+            }
+            _ => {
+                return Err(self
+                    .registry
+                    .status_error(response, &format!("blob {digest}"))
+                    .await);
+            }
+        };
+        let wanted = format!("bytes {offset}-{}/{size}", size.saturating_sub(1));
+        let answered = response
+            .headers()
+            .get(reqwest::header::CONTENT_RANGE)
+            .and_then(|v| v.to_str().ok());
+        if partial && answered != Some(wanted.as_str()) {
+            tracing::info!(%digest, %wanted, answered = ?answered.map(|a| crate::text::clean(a, 100)), "the source answered another range");
+            return Ok(None);
+        }
+        let body = BlobBody::new(response, self.registry.name(), self.registry.is_insecure());
+        Ok(Some((body, partial)))
+    }
+
     /// `GET` a small blob (an image config) whole, refusing more than `limit` bytes, and
     /// verifying it against `digest`.
     pub async fn get_blob_bytes(&self, digest: &str, limit: u64) -> Result<Bytes, RegistryError> {
@@ -177,6 +235,21 @@ impl Repository {
                 .registry
                 .protocol("a plain upload POST answered 201 Created".into())),
         }
+    }
+
+    /// Picks up an upload session of this repository at `location`, as a chunked upload left
+    /// it ([`UploadSession::resume`]): the session and the bytes it holds, or `None`.
+    pub async fn resume_upload(
+        &self,
+        location: &str,
+    ) -> Result<Option<(UploadSession, u64)>, RegistryError> {
+        let uploads = format!("/v2/{}/blobs/uploads/", self.name);
+        if !self.registry.url(location)?.path().starts_with(&uploads) {
+            return Err(self
+                .registry
+                .protocol(format!("an upload location outside {uploads}")));
+        }
+        UploadSession::resume(&self.registry, location, self.push().to_vec()).await
     }
 
     /// Sends an upload POST (plain or mount) from a task of its own: if the caller is dropped

@@ -1,7 +1,8 @@
 //! The blob index in PostgreSQL as the copy engine's [`BlobLedger`]: where each blob lives in
 //! the internal registry and which upstream registry it was verified from (mount sources are
 //! only locations of the copy's own origin), and the fetch lease that makes concurrent stagings
-//! needing one blob wait for a single fetch and then mount it.
+//! needing one blob wait for a single fetch and then mount it; and the checkpoints of chunked
+//! uploads (`blob_uploads`), which the holder of that lease writes and the next one resumes.
 //!
 //! Nothing here holds a connection while a blob moves: the fetch lease is a row renewed by the
 //! worker's heartbeat, and waiters sleep on the lease notifications (or poll).
@@ -13,7 +14,7 @@ use sqlx::PgPool;
 use tokio::sync::watch;
 
 use super::lease::{self, Leases};
-use crate::copy::{BlobLedger, FetchClaim, FetchGuard};
+use crate::copy::{BlobLedger, FetchClaim, FetchGuard, UploadCheckpoint};
 use crate::manifest::Blob;
 
 /// How often a waiter looks again without a notification.
@@ -105,6 +106,95 @@ impl BlobLedger for PgLedger {
                 Err(error) => {
                     tracing::warn!(%digest, %error, "fetch lease unavailable; fetching uncoordinated");
                     FetchClaim::Uncoordinated
+                }
+            }
+        })
+    }
+
+    fn checkpoint<'a>(
+        &'a self,
+        blob: &'a Blob,
+        repository: &'a str,
+        origin: &'a str,
+    ) -> BoxFuture<'a, Option<UploadCheckpoint>> {
+        Box::pin(async move {
+            let row = sqlx::query!(
+                "SELECT location, uploaded, hash_state FROM blob_uploads \
+                 WHERE repository = $1 AND digest = $2 AND origin_registry = $3 AND size = $4",
+                repository,
+                &blob.digest,
+                origin,
+                blob.size as i64
+            )
+            .fetch_optional(&self.pool)
+            .await;
+            match row {
+                Ok(row) => row.map(|row| UploadCheckpoint {
+                    location: row.location,
+                    uploaded: row.uploaded as u64,
+                    hash_state: row.hash_state,
+                }),
+                Err(error) => {
+                    tracing::warn!(digest = %blob.digest, %error, "upload checkpoints unavailable; starting the blob from its first byte");
+                    None
+                }
+            }
+        })
+    }
+
+    fn set_checkpoint<'a>(
+        &'a self,
+        blob: &'a Blob,
+        repository: &'a str,
+        origin: &'a str,
+        checkpoint: Option<&'a UploadCheckpoint>,
+    ) -> BoxFuture<'a, bool> {
+        Box::pin(async move {
+            // Only while this worker holds the blob's fetch lease: one whose lease expired
+            // (and whose blob another worker may be resuming now) changes nothing.
+            let (lease, holder) = (lease::blob(origin, &blob.digest), self.leases.holder());
+            let result = match checkpoint {
+                Some(checkpoint) => sqlx::query!(
+                    "INSERT INTO blob_uploads \
+                         (repository, digest, origin_registry, size, location, uploaded, hash_state) \
+                     SELECT $1, $2, $3, $4, $5, $6, $7 WHERE EXISTS (SELECT 1 FROM leases \
+                         WHERE resource = $8 AND holder = $9 AND expires_at > now()) \
+                     ON CONFLICT (repository, digest, origin_registry) DO UPDATE SET \
+                         size = excluded.size, location = excluded.location, \
+                         uploaded = excluded.uploaded, hash_state = excluded.hash_state, \
+                         updated_at = now()",
+                    repository,
+                    &blob.digest,
+                    origin,
+                    blob.size as i64,
+                    &checkpoint.location,
+                    checkpoint.uploaded as i64,
+                    &checkpoint.hash_state,
+                    lease,
+                    holder
+                )
+                .execute(&self.pool)
+                .await,
+                None => sqlx::query!(
+                    "DELETE FROM blob_uploads \
+                     WHERE repository = $1 AND digest = $2 AND origin_registry = $3 \
+                       AND EXISTS (SELECT 1 FROM leases \
+                           WHERE resource = $4 AND holder = $5 AND expires_at > now())",
+                    repository,
+                    &blob.digest,
+                    origin,
+                    lease,
+                    holder
+                )
+                .execute(&self.pool)
+                .await,
+            };
+            match result {
+                Ok(done) => done.rows_affected() > 0,
+                Err(error) => {
+                    // A lost checkpoint costs a resume, not correctness: the blob is verified.
+                    tracing::warn!(digest = %blob.digest, %error, "could not record an upload checkpoint");
+                    false
                 }
             }
         })

@@ -360,6 +360,7 @@ async fn attempt(run: &Run<'_>, claimed: &Claimed, beat: &Beat) -> (Next, Option
         layout_annotations: Default::default(),
         // Signatures, SBOMs and attestations travel with a registry's image.
         referrers: source.repository().is_some(),
+        resumable: shared.resumable.clone(),
     };
     let tag = run.guid.to_string();
     let copy = copy_from(&source, &wanted, &run.dest, &tag, &options);

@@ -29,9 +29,17 @@ use super::budget::Budgets;
 use super::notify::Hub;
 use super::queue;
 use crate::config::ConfigError;
+use crate::copy::Resumable;
 use crate::egress::{Egress, EgressPolicy};
 use crate::registry::{Credentials, Registries};
 use crate::secrets::CredentialsKey;
+
+/// The default chunk of a resumable upload, in MiB: a killed worker costs at most about this
+/// much of a blob read again upstream.
+const DEFAULT_UPLOAD_CHUNK_MIB: u64 = 16;
+/// Chunk buffers a worker process holds at most (memory: this many chunks); a large blob that
+/// finds none free is uploaded in one streaming request, unresumable.
+const CHUNK_BUFFERS: usize = 8;
 
 /// How workers behave.
 #[derive(Debug, Clone)]
@@ -59,6 +67,9 @@ pub struct WorkerSettings {
     pub max_backoff: Duration,
     /// Parallel blob transfers per staging.
     pub concurrency: usize,
+    /// Blobs larger than this go to the internal registry in checkpointed chunks of this many
+    /// bytes, so that a later attempt resumes inside them (0: each blob in one request).
+    pub upload_chunk: u64,
     pub drain_timeout: Duration,
     /// How long a staging waits before trying again when the internal registry is read-only.
     pub read_only_retry: Duration,
@@ -86,6 +97,7 @@ impl WorkerSettings {
             max_attempts: 20,
             max_backoff: Duration::from_secs(300),
             concurrency: crate::copy::DEFAULT_CONCURRENCY,
+            upload_chunk: DEFAULT_UPLOAD_CHUNK_MIB << 20,
             drain_timeout: Duration::from_secs(60),
             read_only_retry: Duration::from_secs(15),
             repository_wait: Duration::from_secs(30),
@@ -97,7 +109,8 @@ impl WorkerSettings {
     /// Settings for workers of a deployment configured by `settings`, with the tunables
     /// `TAILOR_LEASE_SECONDS` (30), `TAILOR_POLL_SECONDS` (5), `TAILOR_MAX_ATTEMPTS` (20),
     /// `TAILOR_RETRY_MAX_SECONDS` (300), `TAILOR_COPY_CONCURRENCY` (8), `TAILOR_DRAIN_SECONDS`
-    /// (60) and `TAILOR_READ_ONLY_RETRY_SECONDS` (15) read through `lookup`.
+    /// (60), `TAILOR_READ_ONLY_RETRY_SECONDS` (15) and `TAILOR_UPLOAD_CHUNK_MIB` (16) read
+    /// through `lookup`.
     pub fn from_settings(
         settings: &crate::config::TailorSettings,
         credentials_key: Option<CredentialsKey>,
@@ -137,6 +150,9 @@ impl WorkerSettings {
         worker.max_attempts = number("TAILOR_MAX_ATTEMPTS", 20, 1000)? as i32;
         worker.max_backoff = Duration::from_secs(number("TAILOR_RETRY_MAX_SECONDS", 300, 86_400)?);
         worker.concurrency = number("TAILOR_COPY_CONCURRENCY", 8, 64)? as usize;
+        // 0: no chunks, no resuming inside a blob.
+        worker.upload_chunk =
+            ranged("TAILOR_UPLOAD_CHUNK_MIB", DEFAULT_UPLOAD_CHUNK_MIB, 0, 256)? << 20;
         // 0: on shutdown, hand in-flight stagings back at once.
         worker.drain_timeout = Duration::from_secs(ranged("TAILOR_DRAIN_SECONDS", 60, 0, 3600)?);
         worker.read_only_retry =
@@ -170,6 +186,28 @@ pub(crate) struct Shared {
     /// One set of HTTP connection pools for every copy this process runs.
     pub registries: Registries,
     pub budgets: Arc<Budgets>,
+    /// The process's chunk buffers for resumable uploads (`None`: chunks are off).
+    pub resumable: Option<Resumable>,
+}
+
+impl Shared {
+    fn new(
+        pool: PgPool,
+        settings: WorkerSettings,
+        shutdown: CancellationToken,
+    ) -> Result<Self, ConfigError> {
+        Ok(Self {
+            registries: settings.registries()?,
+            budgets: Budgets::new(pool.clone()),
+            resumable: (settings.upload_chunk > 0)
+                .then(|| Resumable::new(settings.upload_chunk, CHUNK_BUFFERS)),
+            hub: Hub::new(),
+            running: Mutex::new(HashMap::new()),
+            pool,
+            shutdown,
+            settings,
+        })
+    }
 }
 
 /// Runs `count` workers and a callback deliverer until `shutdown` is cancelled and every
@@ -180,24 +218,14 @@ pub async fn run(
     count: usize,
     shutdown: CancellationToken,
 ) {
-    let registries = match settings.registries() {
-        Ok(registries) => registries,
+    let shared = match Shared::new(pool.clone(), settings, shutdown.clone()) {
+        Ok(shared) => Arc::new(shared),
         Err(error) => {
             tracing::error!(%error, "workers cannot start");
             return;
         }
     };
-    let hub = Hub::new();
-    let budgets = Budgets::new(pool.clone());
-    let shared = Arc::new(Shared {
-        pool: pool.clone(),
-        shutdown: shutdown.clone(),
-        hub: hub.clone(),
-        running: Mutex::new(HashMap::new()),
-        registries,
-        budgets: budgets.clone(),
-        settings,
-    });
+    let (hub, budgets) = (shared.hub.clone(), shared.budgets.clone());
     let listener = tokio::spawn(hub.clone().listen(
         pool.clone(),
         shared.settings.poll_interval,
@@ -247,15 +275,7 @@ pub async fn run_one(
     settings: &WorkerSettings,
     worker: &str,
 ) -> Result<Option<Uuid>, RunOneError> {
-    let shared = Shared {
-        pool: pool.clone(),
-        shutdown: CancellationToken::new(),
-        hub: Hub::new(),
-        running: Mutex::new(HashMap::new()),
-        registries: settings.registries()?,
-        budgets: Budgets::new(pool.clone()),
-        settings: settings.clone(),
-    };
+    let shared = Shared::new(pool.clone(), settings.clone(), CancellationToken::new())?;
     let Some(claimed) = queue::claim(pool, worker, settings.lease).await? else {
         return Ok(None);
     };
@@ -321,6 +341,33 @@ async fn work(shared: Arc<Shared>, worker_id: String) {
             () = shared.shutdown.cancelled() => break,
             _ = new_work.changed() => {}
             () = tokio::time::sleep(shared.settings.poll_interval) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(chunk: Option<&str>) -> Result<WorkerSettings, ConfigError> {
+        let lookup = |name: &str| match name {
+            "DATABASE_URL" => Some("postgres://u:p@127.0.0.1:5432/db".to_owned()),
+            "TAILOR_INTERNAL_REGISTRY" => Some("127.0.0.1:5000".to_owned()),
+            "TAILOR_UPLOAD_CHUNK_MIB" => chunk.map(str::to_owned),
+            _ => None,
+        };
+        let tailor = crate::config::TailorSettings::from_lookup(lookup)?;
+        WorkerSettings::from_settings(&tailor, None, lookup)
+    }
+
+    #[test]
+    fn the_upload_chunk_is_16_mib_unless_set_and_0_turns_chunks_off() {
+        assert_eq!(settings(None).unwrap().upload_chunk, 16 << 20);
+        assert_eq!(settings(Some("32")).unwrap().upload_chunk, 32 << 20);
+        assert_eq!(settings(Some("0")).unwrap().upload_chunk, 0);
+        for refused in ["257", "-1", "16MiB"] {
+            let error = settings(Some(refused)).unwrap_err().to_string();
+            assert!(error.contains("TAILOR_UPLOAD_CHUNK_MIB"), "{error}");
         }
     }
 }
