@@ -232,14 +232,18 @@ async fn a_rest_that_does_not_continue_the_uploaded_bytes_is_caught_and_the_laye
     let layout = tempfile::tempdir().unwrap();
     skopeo::copy_to_oci_layout(pinned, None, layout.path(), false).unwrap();
     let layer = &image.layers[0];
-    let whole_reads = app
+    // The registry saw the cut read and one more from byte 0 (the wrong rest was the proxy's).
+    // How many bytes it logged for the cut one depends on socket buffers, so statuses count.
+    let reads: Vec<u16> = app
         .hub
         .access_log()
         .into_iter()
-        .filter(|e| e.is_blob_get() && e.path.contains(&layer.digest) && e.bytes == layer.size)
-        .count();
+        .filter(|e| e.is_blob_get() && e.path.contains(&layer.digest))
+        .map(|e| e.status)
+        .collect();
     assert_eq!(
-        whole_reads, 1,
+        reads,
+        vec![200, 200],
         "after the rest failed to verify, one read from byte 0"
     );
     assert_eq!(checkpoints(&app).await, 0);
