@@ -146,10 +146,12 @@ async fn resumed_after(signal: libc::c_int) {
          bytes = {ratio:.3}x the image; {:.1} s in all",
         elapsed.as_secs_f64()
     );
-    assert_eq!(
-        resumed_from,
-        vec![killed_at],
-        "resumed from the kill's checkpoint"
+    // From the checkpoint seen before the signal, or the next one if the worker got a chunk
+    // further before the signal reached it (a chunk takes chunk/link seconds to read).
+    let chunk = chunk_mib * MIB;
+    assert!(
+        matches!(resumed_from[..], [from] if from == killed_at || from == killed_at + chunk),
+        "resumed once, from the kill's checkpoint: {resumed_from:?}"
     );
     assert!(ratio <= 1.1, "upstream served {ratio:.3}x the image");
 }
