@@ -574,8 +574,7 @@ impl ArtifactSpec {
         self
     }
 
-    /// An OCI image manifest for the artifact. It has no platform; `platform` says
-    /// `unknown/unknown`, as BuildKit marks attestations in an index.
+    /// An OCI image manifest for the artifact ([`artifact_manifest`]).
     pub fn build(&self) -> BuiltImage {
         let config = Blob::from_bytes(self.config.bytes.clone(), &self.config.media_type);
         let layers: Vec<Blob> = self
@@ -598,16 +597,22 @@ impl ArtifactSpec {
         if let Some(subject) = &self.subject {
             manifest["subject"] = subject.clone();
         }
-        let manifest =
-            Bytes::from(serde_json::to_vec_pretty(&manifest).expect("manifest serialises"));
-        BuiltImage {
-            digest: crate::sha256_digest(&manifest),
-            media_type: OCI_MANIFEST,
-            manifest,
-            platform: Platform::parse("unknown/unknown"),
-            config,
-            layers,
-        }
+        let manifest = serde_json::to_vec_pretty(&manifest).expect("manifest serialises");
+        artifact_manifest(manifest, config, layers)
+    }
+}
+
+/// An artifact's OCI image manifest, as `bytes`: it has no platform, so `platform` says
+/// `unknown/unknown`, as BuildKit marks attestations in an index.
+fn artifact_manifest(bytes: Vec<u8>, config: Blob, layers: Vec<Blob>) -> BuiltImage {
+    let manifest = Bytes::from(bytes);
+    BuiltImage {
+        digest: crate::sha256_digest(&manifest),
+        media_type: OCI_MANIFEST,
+        manifest,
+        platform: Platform::parse("unknown/unknown"),
+        config,
+        layers,
     }
 }
 
@@ -677,15 +682,8 @@ pub fn cosign_artifact(image: &BuiltImage, docker_reference: &str, kind: CosignK
         "config": config.descriptor(),
         "layers": [layer_descriptor],
     });
-    let manifest = Bytes::from(serde_json::to_vec(&manifest).expect("manifest serialises"));
-    BuiltImage {
-        digest: crate::sha256_digest(&manifest),
-        media_type: OCI_MANIFEST,
-        manifest,
-        platform: Platform::parse("unknown/unknown"),
-        config,
-        layers: vec![layer],
-    }
+    let manifest = serde_json::to_vec(&manifest).expect("manifest serialises");
+    artifact_manifest(manifest, config, vec![layer])
 }
 
 /// Which cosign artifact [`cosign_artifact`] builds.

@@ -16,7 +16,7 @@ use crate::digest::StreamingDigest;
 use crate::error::CopyError;
 use crate::layout::Layout;
 use crate::manifest::Blob;
-use crate::registry::{Floor, Mount, Repository, UploadSession};
+use crate::registry::{Floor, Mount, Repository, TransferMeter, UploadSession};
 
 /// How many repositories a mount is tried from before falling back to an upload.
 const MAX_MOUNT_TRIES: usize = 3;
@@ -253,17 +253,11 @@ impl BlobJob {
         let meter = body.meter();
         let failure = Arc::new(Mutex::new(None));
         let stream = VerifyingStream::new(body, blob, failure.clone(), self.progress.clone());
-        let what = format!("blob {}", blob.digest);
-        let result = tokio::select! {
-            result = session.put(&blob.digest, blob.size, stream) => result.map_err(CopyError::Destination),
-            // The floor covers both ends: a trickling source, or a destination that stalls.
-            error = meter.watch(self.floor, self.source.name(), &what) => Err(CopyError::Source(error)),
+        let put = async {
+            let put = session.put(&blob.digest, blob.size, stream).await;
+            put.map_err(CopyError::Destination)
         };
-        // The stream's own verdict beats whatever the failed request reported.
-        if let Some(error) = failure.lock().expect("not poisoned").take() {
-            return Err(error);
-        }
-        result?;
+        watched(put, (&meter, self.floor), &self.source, blob, &failure).await?;
         self.ledger
             .record(blob, self.dest.name(), self.origin())
             .await;
@@ -358,24 +352,38 @@ async fn into_layout_once(
         .begin_blob(&blob.digest, blob.size)
         .await
         .map_err(CopyError::Layout)?;
-    let what = format!("blob {}", blob.digest);
     let write = async {
         while let Some(Ok(chunk)) = stream.next().await {
             sink.write(&chunk).await.map_err(CopyError::Layout)?;
         }
         Ok::<_, CopyError>(())
     };
-    let result = tokio::select! {
-        result = write => result,
-        error = meter.watch(source.floor(), source.name(), &what) => Err(CopyError::Source(error)),
-    };
-    // The stream's own verdict first; a sink dropped uncommitted leaves nothing behind.
-    if let Some(error) = failure.lock().expect("not poisoned").take() {
-        return Err(error);
-    }
-    result?;
+    // On failure, a sink dropped uncommitted leaves nothing behind.
+    watched(write, (&meter, source.floor()), source, blob, &failure).await?;
     sink.commit().await.map_err(CopyError::Layout)?;
     Ok(BlobOutcome::Copied)
+}
+
+/// Runs `transfer` (of `blob`'s bytes from `source`, counted by `meter`) until it ends or a
+/// window passes under `floor`; the verifying stream's own verdict, left in `failure`, beats
+/// whatever the transfer reported (a request failed because the stream refused to go on).
+pub(super) async fn watched<T>(
+    transfer: impl Future<Output = Result<T, CopyError>>,
+    (meter, floor): (&TransferMeter, Floor),
+    source: &Source,
+    blob: &Blob,
+    failure: &Mutex<Option<CopyError>>,
+) -> Result<T, CopyError> {
+    let what = format!("blob {}", blob.digest);
+    let result = tokio::select! {
+        result = transfer => result,
+        // The floor covers both ends: a trickling source, or a destination that stalls.
+        error = meter.watch(floor, source.name(), &what) => Err(CopyError::Source(error)),
+    };
+    match failure.lock().expect("not poisoned").take() {
+        Some(verdict) => Err(verdict),
+        None => result,
+    }
 }
 
 /// The source body, passed through while hashed and counted. It fails the upload, before its

@@ -23,7 +23,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::blob::{BlobJob, BlobOutcome, VerifyingStream, open_source, started};
+use super::blob::{BlobJob, BlobOutcome, VerifyingStream, open_source, started, watched};
 use super::source::Rest;
 use crate::digest::StreamingDigest;
 use crate::error::CopyError;
@@ -162,18 +162,15 @@ async fn fetch_in_chunks(
     if checkpointed {
         session.keep_when_dropped();
     }
-    let what = format!("blob {}", blob.digest);
-    let result = tokio::select! {
-        result = send_chunks(job, blob, &mut session, &mut stream, (resumable.chunk, &failure), &mut checkpointed) => result,
-        // The floor covers both ends: a trickling source, or a destination that stalls.
-        error = meter.watch(job.floor, job.source.name(), &what) => Err(CopyError::Source(error)),
-    };
-    // The stream's own verdict beats whatever the failed request reported.
-    let result = match failure.lock().expect("not poisoned").take() {
-        Some(error) => Err(error),
-        None => result,
-    };
-    match result {
+    let send = send_chunks(
+        job,
+        blob,
+        &mut session,
+        &mut stream,
+        (resumable.chunk, &failure),
+        &mut checkpointed,
+    );
+    match watched(send, (&meter, job.floor), &job.source, blob, &failure).await {
         Ok(()) => {
             forget(job, blob).await;
             job.ledger.record(blob, job.dest.name(), job.origin()).await;
